@@ -1,0 +1,67 @@
+// Implementation of common.h: the tile GEMM and input staging shared by the CPU kernels.
+#include "common.h"
+
+#include <atomic>
+
+// The Fortran BLAS symbol that torch's CPU library exports (MKL on x86-64 wheels, OpenBLAS
+// on others). Declared weak so that a torch without it still loads; gemm_rm then falls back
+// to at::mm on tensors that wrap the tile buffers (slower: allocation + dispatch per tile).
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
+                       const int* k, const float* alpha, const float* a, const int* lda,
+                       const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc) __attribute__((weak));
+
+namespace fastssl {
+
+void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+             const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
+             int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (sgemm_ != nullptr) {
+    // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
+    const char ta = trans_b ? 'T' : 'N';
+    const char tb = trans_a ? 'T' : 'N';
+    const int im = static_cast<int>(n), in = static_cast<int>(m), ik = static_cast<int>(k);
+    const int ilda = static_cast<int>(ldb), ildb = static_cast<int>(lda),
+              ildc = static_cast<int>(ldc);
+    sgemm_(&ta, &tb, &im, &in, &ik, &alpha, b, &ilda, a, &ildb, &beta, c, &ildc);
+    return;
+  }
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor A = trans_a ? at::from_blob(const_cast<float*>(a), {k, m}, {lda, 1}, opts).t()
+                         : at::from_blob(const_cast<float*>(a), {m, k}, {lda, 1}, opts);
+  at::Tensor B = trans_b ? at::from_blob(const_cast<float*>(b), {n, k}, {ldb, 1}, opts).t()
+                         : at::from_blob(const_cast<float*>(b), {k, n}, {ldb, 1}, opts);
+  at::Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+  at::Tensor prod = at::mm(A, B);
+  if (beta == 0.0f) {
+    C.copy_(prod.mul_(alpha));
+  } else {
+    C.mul_(beta).add_(prod, alpha);
+  }
+}
+
+std::string blas_info() {
+  return sgemm_ != nullptr ? " + BLAS sgemm_ from torch (tile GEMM)"
+                           : " + at::mm tile GEMM (no sgemm_ symbol: slower)";
+}
+
+bool copy_rows_to_f32(const at::Tensor& z, float* dst, int64_t row0) {
+  const int64_t rows = z.size(0), d = z.size(1);
+  at::Tensor out = at::from_blob(dst + row0 * d, {rows, d}, at::TensorOptions().dtype(at::kFloat));
+  out.copy_(z);  // handles strides and bf16/fp16 -> fp32
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
+    bool ok = true;
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* p = dst + (row0 + r) * d;
+      float acc = 0.0f;
+      for (int64_t j = 0; j < d; ++j) acc += p[j] * 0.0f;  // NaN/inf survive x*0
+      ok = ok && (acc == 0.0f);
+    }
+    if (!ok) finite.store(false);
+  });
+  return finite.load();
+}
+
+}  // namespace fastssl

@@ -1,0 +1,71 @@
+// Shared building blocks of fastssl's CPU kernels.
+//
+//  * FASTSSL_SIMD_CLONES: compiles a hot function for AVX-512 (x86-64-v4), AVX2+FMA
+//    (x86-64-v3) and the baseline, picked at load time by the dynamic loader (GCC ifunc).
+//    Wheels stay portable (no -march=native) and still use the widest vectors available.
+//  * exp_f32: a branch-free expf that GCC auto-vectorises inside those clones.
+//  * gemm_rm: row-major single-threaded SGEMM on top of the BLAS torch ships (MKL on x86
+//    wheels). The fused kernels call it on cache-sized tiles from inside at::parallel_for,
+//    where MKL runs sequentially, and do the softmax work between calls.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <bit>
+#include <cstring>
+#include <limits>
+#include <string>
+
+#if defined(FASTSSL_X86) && defined(__GNUC__) && !defined(__clang__)
+#define FASTSSL_SIMD_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTSSL_SIMD_CLONES
+#endif
+
+namespace fastssl {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// expf for x in [-87, 88] (inputs outside are clamped: exp(-87) ~ 1.6e-38 stands in for 0,
+// which is below fp32 resolution of any sum it joins, since every row sum holds a term of 1).
+// Cody-Waite range reduction + Cephes degree-6 polynomial: max relative error ~2 ulp.
+// Written without branches, library calls or type punning through pointers, so GCC
+// vectorises the loops that call it.
+static inline float exp_f32(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float t = x * 1.44269504088896341f;
+  // Round to nearest by the 1.5 * 2^23 trick (exact for |t| < 2^22; no fast-math here).
+  const float fn = (t + 12582912.0f) - 12582912.0f;
+  const int n = static_cast<int>(fn);
+  float r = x - fn * 0.693359375f;
+  r = r - fn * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  // 2^n from its bit pattern, n in [-126, 127] after the clamp.
+  return p * std::bit_cast<float>(static_cast<int32_t>((n + 127) << 23));
+}
+
+// C = alpha * op(A) * op(B) + beta * C, all row-major, single-threaded.
+// trans_a: A is stored (k x m) and used transposed; trans_b: B is stored (n x k).
+void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+             const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
+             int64_t ldc);
+
+// " + BLAS: <name>" for build_info().
+std::string blas_info();
+
+// Writes `z` (any float dtype, any strides) into dst (rows x d, fp32, contiguous) starting at
+// row `row0`. Returns false if any element is non-finite.
+bool copy_rows_to_f32(const at::Tensor& z, float* dst, int64_t row0);
+
+}  // namespace fastssl

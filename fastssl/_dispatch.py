@@ -1,0 +1,107 @@
+"""The one place that picks a backend for an op.
+
+Backends:
+
+* ``"triton"``   -- fused Triton kernels (``fastssl/ops``): CUDA tensors, or CPU tensors when
+  ``TRITON_INTERPRET=1`` was set before Triton was imported (tests only: slow).
+* ``"cpp"``      -- fused C++ kernels (``fastssl._C``, ``csrc/cpu``): CPU tensors.
+* ``"reference"``-- pure PyTorch (``fastssl.reference``): the spec, any device.
+* ``"auto"``     -- ``FASTSSL_BACKEND`` if set, else triton on CUDA, cpp on CPU. If the C++
+  extension is missing, CPU ops run the reference after **one** warning that says why;
+  an explicitly requested backend that cannot run raises instead (never a silent fallback).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("auto", "cpp", "triton", "reference")
+
+
+def triton_interpret() -> bool:
+    """True when Triton runs in interpreter mode (kernels execute on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> tuple[bool, str | None]:
+    try:
+        import triton  # noqa: F401
+        return True, None
+    except Exception as exc:  # pragma: no cover - triton is a dependency
+        return False, f"{type(exc).__name__}: {exc}"
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def resolve(backend: str, device: torch.device, *, op: str, cpp_op: str | None,
+            has_triton: bool = True) -> str:
+    """Returns the backend that will run ``op`` on ``device``.
+
+    Args:
+        backend: what the caller asked for, one of :data:`BACKENDS`.
+        device: the device of the op's tensors.
+        op: the public op name, for messages.
+        cpp_op: the ``torch.ops.fastssl`` name of its C++ kernel, or None if it has none.
+        has_triton: whether ``fastssl/ops`` has a Triton kernel for it.
+    Raises:
+        ValueError: unknown backend name (argument or ``FASTSSL_BACKEND``), or a backend that
+            does not fit the device.
+        RuntimeError: the requested backend is not available in this installation.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        env = os.environ.get("FASTSSL_BACKEND", "auto") or "auto"
+        if env not in BACKENDS:
+            raise ValueError(f"FASTSSL_BACKEND must be one of {BACKENDS}, got {env!r}")
+        backend = env
+    if backend == "auto":
+        if device.type == "cuda" and has_triton and triton_available()[0]:
+            return "triton"
+        if device.type == "cpu" and cpp_op is not None:
+            if _ext.has_op(cpp_op):
+                return "cpp"
+            _warn_once(f"noext:{op}", f"fastssl.{op}: running the pure-PyTorch reference on "
+                       f"CPU because {_ext.why_unavailable() or 'the C++ op is missing'}")
+            return "reference"
+        if device.type == "cuda":
+            _warn_once(f"notriton:{op}", f"fastssl.{op}: running the pure-PyTorch reference on "
+                       f"CUDA: {triton_available()[1] or 'no Triton kernel for this op'}")
+        return "reference"
+    if backend == "cpp":
+        if device.type != "cpu":
+            raise ValueError(f"{op}: backend='cpp' runs on CPU tensors, got {device.type} "
+                             "tensors (use backend='triton' or 'auto' on CUDA)")
+        if cpp_op is None:
+            raise RuntimeError(f"{op}: there is no C++ kernel for this op")
+        if not _ext.has_op(cpp_op):
+            raise RuntimeError(f"{op}: backend='cpp' is unavailable: "
+                               f"{_ext.why_unavailable() or f'op {cpp_op} is not registered'}")
+        return "cpp"
+    if backend == "triton":
+        if not has_triton:
+            raise RuntimeError(f"{op}: there is no Triton kernel for this op")
+        ok, why = triton_available()
+        if not ok:
+            raise RuntimeError(f"{op}: backend='triton' is unavailable: {why}")
+        if device.type == "cpu" and not triton_interpret():
+            raise ValueError(f"{op}: backend='triton' with CPU tensors needs the Triton "
+                             "interpreter: set TRITON_INTERPRET=1 before importing fastssl "
+                             "(tests only; use backend='cpp' for speed on CPU)")
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{op}: backend='triton' needs CUDA tensors, got {device.type}")
+        return "triton"
+    return "reference"

@@ -1,0 +1,100 @@
+"""Argument checks shared by every public op: clear ``TypeError``/``ValueError`` before any
+kernel runs. Messages name the argument and show what was received."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _is_compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover
+        return False
+
+
+def tensor(name: str, t, *, ndim: int | None = None, floating: bool = True) -> torch.Tensor:
+    """Checks that ``t`` is a tensor (of ``ndim`` dims, of a floating dtype)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if floating and t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float32, bfloat16, float16 "
+                        f"or float64), got {t.dtype}")
+    return t
+
+
+def embeddings(name: str, t) -> torch.Tensor:
+    """A (N, D) floating embedding matrix with N >= 1 and D >= 1."""
+    tensor(name, t, ndim=2)
+    if t.shape[0] < 1 or t.shape[1] < 1:
+        raise ValueError(f"{name} must have N >= 1 rows and D >= 1 columns, got shape "
+                         f"{tuple(t.shape)}")
+    return t
+
+
+def same_shape(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
+    first = tensors[0]
+    for n, t in zip(names[1:], tensors[1:]):
+        if t.shape != first.shape:
+            raise ValueError(f"{names[0]} and {n} must have the same shape, got "
+                             f"{tuple(first.shape)} and {tuple(t.shape)}")
+
+
+def same_device_dtype(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
+    first = tensors[0]
+    for n, t in zip(names[1:], tensors[1:]):
+        if t.device != first.device:
+            raise ValueError(f"{names[0]} and {n} must be on the same device, got "
+                             f"{first.device} and {t.device}")
+        if t.dtype != first.dtype:
+            raise TypeError(f"{names[0]} and {n} must have the same dtype, got "
+                            f"{first.dtype} and {t.dtype}")
+
+
+def positive_scalar(name: str, value, device: torch.device) -> torch.Tensor:
+    """A float or a one-element floating tensor, > 0 and finite; returned as a 0-dim tensor
+    (the caller's tensor itself when it is one, so its gradient flows).
+
+    The value check reads a tensor's value on the host (a sync on CUDA); it is skipped while
+    ``torch.compile`` traces, where the value is not known.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must have exactly one element, got shape "
+                             f"{tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        if value.device != device and value.device.type != "cpu":
+            raise ValueError(f"{name} is on {value.device} but the embeddings are on {device}")
+        if not _is_compiling():
+            v = float(value.detach())
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be > 0 and finite, got {v}")
+        return value.reshape(())
+    v = float(value)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be > 0 and finite, got {v}")
+    return torch.tensor(v, dtype=torch.float32)
+
+
+def reduction(value: str) -> str:
+    if value not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {value!r}")
+    return value
+
+
+def reduce(rows: torch.Tensor, how: str) -> torch.Tensor:
+    if how == "mean":
+        return rows.mean()
+    if how == "sum":
+        return rows.sum()
+    return rows

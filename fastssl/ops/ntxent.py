@@ -48,21 +48,20 @@ Grid: (cdiv(M, BLOCK_M), splits). When the row blocks alone are fewer than the S
 column tiles are split across ``splits`` programs (partials: (splits, M) stats forward,
 (splits, M, D) fp32 backward, bounded by ~num_sms * BLOCK_M * D * 4 bytes); reductions of
 partials run in a fixed order. No atomics anywhere: results are bitwise reproducible for a
-given shape and GPU. 2N = 512 -> 8 x 16 = 128 programs (BLOCK 64 x 32); 2N = 131,072 ->
-1024 x 1 programs (BLOCK 128 x 64).
+given shape and GPU. On an H100 (132 SMs), bf16: 2N = 512 -> 8 x 16 = 128 programs (64 x 32
+tiles, forward and backward); 2N = 131,072 -> 1024 x 1 programs (128-row blocks).
 
 Precision: fp32 accumulation everywhere; the dot operands are Zhat in the input dtype (bf16 /
 fp16 / fp32). fp32 inputs use ``tl.dot(input_precision=...)`` from ``FASTSSL_FP32_DOT``
-(default ``"tf32x3"``: tensor cores at ~fp32 accuracy; ``"tf32"`` faster and ~1e-3;
-``"ieee"`` no tensor cores), see :mod:`fastssl.ops._triton_utils`. fp16 backward: g is
+(default ``"bf16x3"``: tensor cores, ~1e-5 relative, 3x the products; ``"tf32"`` faster and
+~1e-3; ``"tf32x3"`` ~1e-6 but spills; ``"ieee"`` no tensor cores), see
+:mod:`fastssl.ops._triton_utils`; fp32's FLOP counts below are 3x. fp16 backward: g is
 pre-scaled by a power of two (2^14 / max|g|) so that K (~ g / M per entry) stays in fp16's
 normal range; the epilogue undoes it exactly.
 
 Limits: D <= 256 (one register/shared-memory block of columns per row; larger D raises).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
@@ -71,9 +70,10 @@ import triton.language as tl
 from ._triton_utils import (INTERPRET, TL_TYPE, dot_in_fp32, fp32_dot_precision, next_pow2,
                             num_sms)
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-NORM_EPS = 1e-12
+# Globals read inside kernels must be constexpr.
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+NORM_EPS = tl.constexpr(1e-12)  # F.normalize's eps, on the fp32 norm
 MAX_D = 256
 # fp16 backward: g is scaled so that max |g| * scale = 2^14, keeping K = g p well inside fp16's
 # normal range (|K| <= 2 max|g|, so <= 2^15 < 65504 after scaling).
@@ -318,46 +318,67 @@ def ntxent_bwd_epilogue_kernel(dpart_ptr, z1_ptr, z2_ptr, rinv_ptr, temp_ptr, gs
 # Launch configuration
 # ---------------------------------------------------------------------------------------
 
-# Tile configs. "large": 128 x 64 tiles, 8 warps (two warpgroups on sm_90): each column tile
-# loaded from L2 feeds 128 rows (128 FLOP per L2 byte in bf16). "small": 64 x 32 tiles, 4 warps,
-# used when even a full column split of the large tiles gives fewer programs than SMs
-# (2N = 512: 4 x 8 = 32 programs large vs 8 x 16 = 128 small). D > 128 halves BLOCK_M to keep
-# the backward accumulator (BLOCK_M x BLOCK_D fp32) in registers without spills.
+# Tile configs, (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass, each checked with
+# `fastssl gpu-report` for 0 spills and tensor-core instructions on sm_80 and sm_90 at D = 128:
+# * "large" (bf16/fp16): 128-row blocks, 8 warps (two warpgroups on sm_90): each column tile
+#   loaded from L2 feeds 128 rows (128 FLOP per L2 byte). The backward's 128 x 64 tile spilled
+#   36-44 bytes on sm_80 (255 registers: a 128 x 128 fp32 accumulator + the S/K tile), so its
+#   BLOCK_N is 32 (0 spills, 239 registers on sm_90).
+# * "small" (bf16/fp16): when even a full column split of the large tiles gives fewer programs
+#   than SMs (2N = 512: 4 x 8 = 32 programs large, 8 x 16 = 128 small).
+# * "fp32": bf16x3 splits each fp32 operand in two bf16 halves (3 products), so operands take
+#   twice the registers and shared memory: 64-row blocks, backward 64 x 16 (0 spills; tf32x3
+#   spilled 232-864 bytes at every tile size that fits in shared memory).
+# * "wide" (bf16/fp16, 128 < D <= 256): 64-row blocks, 8 warps.
 CONFIGS = {
-    "large": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    "small": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
-    "wide": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),  # 128 < D <= 256
-    "interpret": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),  # tests: BM != BN
+    "large": dict(fwd=(128, 64, 8, 3), bwd=(128, 32, 8, 3)),
+    "small": dict(fwd=(64, 32, 4, 3), bwd=(64, 32, 4, 3)),
+    "fp32": dict(fwd=(64, 32, 4, 2), bwd=(64, 16, 4, 2)),
+    "wide": dict(fwd=(64, 64, 8, 2), bwd=(64, 32, 8, 2)),
+    # interpreter (tests): BLOCK_M != BLOCK_N on purpose, and cheap in Python
+    "interpret": dict(fwd=(64, 32, 4, 1), bwd=(64, 32, 4, 1)),
 }
-ROW_BLOCK = 32  # prologue / combine / epilogue rows per program
+ROW_BLOCK = 8  # prologue / epilogue rows per program (memory-bound; 0 spills at D = 128)
+COMBINE_BLOCK = 256
 
 
-def pick_config(m: int, d: int, sms: int, interpret: bool = INTERPRET) -> dict:
-    """The tile config and column split for 2N = ``m`` rows on a GPU with ``sms`` SMs.
-
-    Returns the config dict plus ``BLOCK_D``, ``splits`` and ``tiles_per_split``; the grid of
-    the forward and backward kernels is ``(cdiv(m, BLOCK_M), splits)``.
-    """
-    block_d = max(16, next_pow2(d))
+def config_name(m: int, d: int, dtype: torch.dtype, sms: int, interpret: bool = INTERPRET) -> str:
     if interpret:
-        name = "interpret"
-    elif block_d > 128:
-        name = "wide"
-    else:
-        lg = CONFIGS["large"]
-        full = triton.cdiv(m, lg["BLOCK_M"]) * triton.cdiv(m, lg["BLOCK_N"])
-        name = "large" if full >= sms else "small"
-    cfg = dict(CONFIGS[name], name=name, BLOCK_D=block_d)
-    row_blocks = triton.cdiv(m, cfg["BLOCK_M"])
-    tiles = triton.cdiv(m, cfg["BLOCK_N"])
-    splits = 1 if row_blocks >= sms else min(tiles, triton.cdiv(sms, row_blocks))
-    per = triton.cdiv(tiles, splits)
-    cfg.update(splits=triton.cdiv(tiles, per), tiles_per_split=per, row_blocks=row_blocks)
-    return cfg
+        return "interpret"
+    if dtype == torch.float32:
+        return "fp32"
+    if next_pow2(d) > 128:
+        return "wide"
+    bm, bn = CONFIGS["large"]["fwd"][:2]
+    return "large" if triton.cdiv(m, bm) * triton.cdiv(m, bn) >= sms else "small"
+
+
+def pick_config(m: int, d: int, sms: int, dtype: torch.dtype = torch.bfloat16,
+                interpret: bool = INTERPRET) -> dict:
+    """Tile sizes and column split of both passes for 2N = ``m`` on a GPU with ``sms`` SMs.
+
+    Returns ``{"name", "BLOCK_D", "fwd": {...}, "bwd": {...}}``; each pass dict holds
+    ``BLOCK_M, BLOCK_N, num_warps, num_stages, row_blocks, splits, tiles_per_split``, and its
+    grid is ``(row_blocks, splits)``. Columns are split only when the row blocks alone are
+    fewer than the SMs; every split is non-empty.
+    """
+    name = config_name(m, d, dtype, sms, interpret)
+    out = dict(name=name, BLOCK_D=max(16, next_pow2(d)))
+    for pass_ in ("fwd", "bwd"):
+        bm, bn, warps, stages = CONFIGS[name][pass_]
+        row_blocks, tiles = triton.cdiv(m, bm), triton.cdiv(m, bn)
+        splits = 1 if row_blocks >= sms else min(tiles, triton.cdiv(sms, row_blocks))
+        per = triton.cdiv(tiles, splits)
+        out[pass_] = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+                          row_blocks=row_blocks, splits=triton.cdiv(tiles, per),
+                          tiles_per_split=per)
+    return out
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    return fp32_dot_precision() if dtype == torch.float32 else "ieee"
+    if dtype != torch.float32 or INTERPRET:  # the interpreter multiplies fp32 exactly
+        return "ieee"
+    return fp32_dot_precision()
 
 
 # ---------------------------------------------------------------------------------------
@@ -390,23 +411,24 @@ def ntxent_forward(z1: torch.Tensor, z2: torch.Tensor, temperature: torch.Tensor
     n, d = z1.shape
     m = 2 * n
     dev, dtype = z1.device, z1.dtype
-    cfg = pick_config(m, d, num_sms(dev))
+    cfg = pick_config(m, d, num_sms(dev), dtype)
     zhat = torch.empty((m, d), device=dev, dtype=dtype)
     rinv = torch.empty((m,), device=dev, dtype=torch.float32)
     ntxent_prologue_kernel[(triton.cdiv(m, ROW_BLOCK),)](
         z1, z2, zhat, rinv, n, d, z1.stride(0), z1.stride(1), z2.stride(0), z2.stride(1),
         NORMALIZE=normalize, BLOCK_R=ROW_BLOCK, BLOCK_D=cfg["BLOCK_D"])
-    splits = cfg["splits"]
+    fc = cfg["fwd"]
+    splits = fc["splits"]
     part = torch.empty((3, splits, m), device=dev, dtype=torch.float32)
-    ntxent_fwd_kernel[(cfg["row_blocks"], splits)](
-        zhat, temperature, part[0], part[1], part[2], n, d, cfg["tiles_per_split"],
+    ntxent_fwd_kernel[(fc["row_blocks"], splits)](
+        zhat, temperature, part[0], part[1], part[2], n, d, fc["tiles_per_split"],
         DECOUPLED=decoupled, DOT_FP32=dot_in_fp32(dtype), INPUT_PRECISION=_dot_precision(dtype),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        BLOCK_M=fc["BLOCK_M"], BLOCK_N=fc["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+        num_warps=fc["num_warps"], num_stages=fc["num_stages"])
     lse = torch.empty((m,), device=dev, dtype=torch.float32)
     loss = torch.empty((m,), device=dev, dtype=dtype)
-    ntxent_fwd_combine_kernel[(triton.cdiv(m, 256),)](
-        part[0], part[1], part[2], lse, loss, m, splits, BLOCK=256)
+    ntxent_fwd_combine_kernel[(triton.cdiv(m, COMBINE_BLOCK),)](
+        part[0], part[1], part[2], lse, loss, m, splits, BLOCK=COMBINE_BLOCK)
     return loss, lse, zhat, rinv
 
 
@@ -418,7 +440,7 @@ def ntxent_backward(grad_rows: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor,
     n, d = z1.shape
     m = 2 * n
     dev, dtype = z1.device, z1.dtype
-    cfg = pick_config(m, d, num_sms(dev))
+    cfg = pick_config(m, d, num_sms(dev), dtype)
     g = grad_rows.to(torch.float32).contiguous()
     unscale = dtype == torch.float16
     gscale = None
@@ -426,13 +448,14 @@ def ntxent_backward(grad_rows: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor,
         gmax = g.abs().amax().clamp_min(1e-30)
         gscale = torch.exp2(torch.floor(torch.log2(FP16_G_TARGET / gmax))).reshape(1)
         g = g * gscale
-    splits = cfg["splits"]
+    bc = cfg["bwd"]
+    splits = bc["splits"]
     dpart = torch.empty((splits, m, d), device=dev, dtype=torch.float32)
-    ntxent_bwd_kernel[(cfg["row_blocks"], splits)](
-        zhat, temperature, lse, g, dpart, n, d, cfg["tiles_per_split"],
+    ntxent_bwd_kernel[(bc["row_blocks"], splits)](
+        zhat, temperature, lse, g, dpart, n, d, bc["tiles_per_split"],
         DECOUPLED=decoupled, DOT_FP32=dot_in_fp32(dtype), INPUT_PRECISION=_dot_precision(dtype),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        BLOCK_M=bc["BLOCK_M"], BLOCK_N=bc["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+        num_warps=bc["num_warps"], num_stages=bc["num_stages"])
     dz1 = torch.empty((n, d), device=dev, dtype=dtype)
     dz2 = torch.empty((n, d), device=dev, dtype=dtype)
     dots = torch.empty((m,), device=dev, dtype=torch.float32)
@@ -504,28 +527,33 @@ def nt_xent_rows(z1: torch.Tensor, z2: torch.Tensor, temperature: torch.Tensor,
 
 
 def _aot_entries() -> list:
+    """One entry per (kernel, dtype, config) the launchers use on a GPU, at D = 128 (and the
+    wide config at D = 256)."""
     entries = []
     i32 = "i32"
+    plans = [(torch.bfloat16, "large", 128), (torch.bfloat16, "small", 128),
+             (torch.bfloat16, "wide", 256), (torch.float16, "large", 128),
+             (torch.float16, "small", 128), (torch.float32, "fp32", 128)]
+    for dtype, cname, block_d in plans:
+        ty = TL_TYPE[dtype]
+        prec = "bf16x3" if dtype == torch.float32 else "ieee"
+        for pass_, fn, sig in (
+                ("fwd", ntxent_fwd_kernel,
+                 {"zhat_ptr": f"*{ty}", "temp_ptr": "*fp32", "mpart_ptr": "*fp32",
+                  "lpart_ptr": "*fp32", "ppart_ptr": "*fp32", "N": i32, "D": i32,
+                  "TILES_PER_SPLIT": i32}),
+                ("bwd", ntxent_bwd_kernel,
+                 {"zhat_ptr": f"*{ty}", "temp_ptr": "*fp32", "lse_ptr": "*fp32",
+                  "g_ptr": "*fp32", "dpart_ptr": "*fp32", "N": i32, "D": i32,
+                  "TILES_PER_SPLIT": i32})):
+            bm, bn, warps, stages = CONFIGS[cname][pass_]
+            entries.append(dict(
+                name=f"{fn.__name__}[{ty},{cname},D{block_d}]", fn=fn, signature=sig,
+                constexprs=dict(DECOUPLED=False, DOT_FP32=False, INPUT_PRECISION=prec,
+                                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d),
+                tensor_cores=True, num_warps=warps, num_stages=stages))
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         ty = TL_TYPE[dtype]
-        prec = "tf32x3" if dtype == torch.float32 else "ieee"
-        for cname in ("large", "small"):
-            cfg = CONFIGS[cname]
-            common = dict(DECOUPLED=False, DOT_FP32=False, INPUT_PRECISION=prec,
-                          BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=128)
-            launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-            entries.append(dict(
-                name=f"ntxent_fwd_kernel[{ty},{cname}]", fn=ntxent_fwd_kernel,
-                signature={"zhat_ptr": f"*{ty}", "temp_ptr": "*fp32", "mpart_ptr": "*fp32",
-                           "lpart_ptr": "*fp32", "ppart_ptr": "*fp32", "N": i32, "D": i32,
-                           "TILES_PER_SPLIT": i32},
-                constexprs=dict(common), tensor_cores=True, **launch))
-            entries.append(dict(
-                name=f"ntxent_bwd_kernel[{ty},{cname}]", fn=ntxent_bwd_kernel,
-                signature={"zhat_ptr": f"*{ty}", "temp_ptr": "*fp32", "lse_ptr": "*fp32",
-                           "g_ptr": "*fp32", "dpart_ptr": "*fp32", "N": i32, "D": i32,
-                           "TILES_PER_SPLIT": i32},
-                constexprs=dict(common), tensor_cores=True, **launch))
         entries.append(dict(
             name=f"ntxent_prologue_kernel[{ty}]", fn=ntxent_prologue_kernel,
             signature={"z1_ptr": f"*{ty}", "z2_ptr": f"*{ty}", "zhat_ptr": f"*{ty}",
@@ -537,7 +565,8 @@ def _aot_entries() -> list:
             name=f"ntxent_fwd_combine_kernel[{ty}]", fn=ntxent_fwd_combine_kernel,
             signature={"mpart_ptr": "*fp32", "lpart_ptr": "*fp32", "ppart_ptr": "*fp32",
                        "lse_ptr": "*fp32", "loss_ptr": f"*{ty}", "M": i32, "SPLITS": i32},
-            constexprs=dict(BLOCK=256), tensor_cores=False, num_warps=4, num_stages=1))
+            constexprs=dict(BLOCK=COMBINE_BLOCK), tensor_cores=False, num_warps=4,
+            num_stages=1))
         entries.append(dict(
             name=f"ntxent_bwd_epilogue_kernel[{ty}]", fn=ntxent_bwd_epilogue_kernel,
             signature={"dpart_ptr": "*fp32", "z1_ptr": f"*{ty}", "z2_ptr": f"*{ty}",

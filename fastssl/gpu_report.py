@@ -46,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="recompile everything (ignore ~/.cache/fastssl/gpu_report)")
     parser.add_argument("--only", default=None,
                         help="only kernels whose name contains this string")
+    parser.add_argument("--cuda-dir", default=None,
+                        help="folder of .cu sources (default: csrc/cuda of this checkout)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -181,12 +183,15 @@ def compile_cuda(path: str, cap: int, use_cache: bool = True) -> list:
         import sysconfig
         includes += ["-I", sysconfig.get_paths()["include"]]
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [nvcc, "-cubin", f"-arch=sm_{cap}", "-O3", "-std=c++17", "-Xptxas", "-v",
-               "-I", os.path.join(REPO, "csrc"), *includes, path, "-o",
-               os.path.join(tmp, "k.cubin")]
+        cubin = os.path.join(tmp, "k.cubin")
+        cmd = [nvcc, "-cubin", f"-arch=sm_{cap}", "-O3", "-std=c++20", "-Xptxas", "-v",
+               "-I", os.path.join(REPO, "csrc"), *includes, path, "-o", cubin]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"nvcc failed on {path} for sm_{cap}:\n{proc.stderr[-2000:]}")
+        if proc.returncode != 0:
+            raise RuntimeError(f"nvcc failed on {path} for sm_{cap}:\n{proc.stderr[-2000:]}")
+        # tensor cores: HGMMA (sm_90 wgmma) / HMMA, IMMA (mma) in the SASS
+        sass = subprocess.run([_cuobjdump(), "-sass", cubin], capture_output=True,
+                              text=True).stdout
     rows, current = [], None
     for line in (proc.stdout + proc.stderr).splitlines():
         m = _NVCC_FN.search(line)
@@ -206,22 +211,12 @@ def compile_cuda(path: str, cap: int, use_cache: bool = True) -> list:
             current["registers"] = int(r.group(1))
             sh = _NVCC_SHARED.search(line)
             current["shared_bytes"] = int(sh.group(1)) if sh else 0
-    # tensor cores: mma / wgmma in the SASS of the cubin
-    if rows:
-        cuobjdump = _cuobjdump()
-        with tempfile.TemporaryDirectory() as tmp:
-            cubin = os.path.join(tmp, "k.cubin")
-            subprocess.run([nvcc, "-cubin", f"-arch=sm_{cap}", "-O3", "-std=c++17", "-I",
-                            os.path.join(REPO, "csrc"), *includes, path, "-o", cubin],
-                           capture_output=True, check=True)
-            sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True,
-                                  text=True).stdout
-        for fn_sass in re.split(r"\n\s*Function : ", sass)[1:]:
-            name = _demangle(fn_sass.split("\n", 1)[0].strip())
-            uses = bool(re.search(r"\b(HGMMA|HMMA|IMMA|BMMA)\b", fn_sass))
-            for row in rows:
-                if row["kernel"].endswith(":" + name):
-                    row["tensor_cores"] = uses
+    for fn_sass in re.split(r"\n\s*Function : ", sass)[1:]:
+        name = _demangle(fn_sass.split("\n", 1)[0].strip())
+        uses = bool(re.search(r"\b(HGMMA|HMMA|IMMA|BMMA)\b", fn_sass))
+        for row in rows:
+            if row["kernel"].endswith(":" + name):
+                row["tensor_cores"] = uses
     os.makedirs(CACHE_DIR, exist_ok=True)
     with open(cache, "w") as f:
         json.dump(rows, f)
@@ -264,19 +259,43 @@ def estimates() -> list:
 # ---------------------------------------------------------------------------------------
 
 
-def collect(use_cache: bool = True, only: str | None = None) -> dict:
-    """The whole report as the ``--json`` dict."""
+def collect(use_cache: bool = True, only: str | None = None,
+            cuda_dir: str | None = None) -> dict:
+    """The whole report as the ``--json`` dict.
+
+    Under ``TRITON_INTERPRET=1`` (e.g. inside the test suite) ``@triton.jit`` functions are
+    interpreter objects that cannot be compiled, so the report then runs in a subprocess
+    without that variable, importing this same checkout.
+    """
+    from fastssl.ops._triton_utils import INTERPRET
+
+    if INTERPRET:
+        return _collect_in_subprocess(use_cache, only, cuda_dir)
     jobs = [(entry, cap) for _mod, entry in discover_aot_kernels() for cap in ARCHS
             if only is None or only in entry["name"]]
     # Two workers: compiles are mostly ptxas/LLVM in C++, and this box is shared.
     with ThreadPoolExecutor(max_workers=2) as pool:
         kernels = list(pool.map(lambda job: compile_triton(job[0], job[1], use_cache), jobs))
-    for path in sorted(glob.glob(os.path.join(REPO, "csrc", "cuda", "*.cu"))):
+    cuda_dir = cuda_dir or os.path.join(REPO, "csrc", "cuda")
+    for path in sorted(glob.glob(os.path.join(cuda_dir, "*.cu"))):
         if only is not None and only not in os.path.basename(path):
             continue
         for cap in ARCHS:
             kernels.extend(compile_cuda(path, cap, use_cache))
     return {"kernels": kernels, "estimates": estimates()}
+
+
+def _collect_in_subprocess(use_cache: bool, only: str | None, cuda_dir: str | None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    cmd = [sys.executable, "-m", "fastssl.gpu_report", "--json"]
+    cmd += ["--no-cache"] if not use_cache else []
+    cmd += ["--only", only] if only is not None else []
+    cmd += ["--cuda-dir", cuda_dir] if cuda_dir is not None else []
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"gpu-report subprocess failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout)
 
 
 def format_table(report: dict) -> str:
@@ -304,7 +323,7 @@ def run(args) -> int:
         print(f"gpu-report needs Triton: {exc}", file=sys.stderr)
         return 1
     warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
-    report = collect(use_cache=not args.no_cache, only=args.only)
+    report = collect(use_cache=not args.no_cache, only=args.only, cuda_dir=args.cuda_dir)
     if args.json:
         print(json.dumps(report, indent=1))
     else:

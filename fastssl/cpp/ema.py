@@ -12,6 +12,11 @@ _ext.available()  # runs the C++ registrations before the Python ones below
 
 @torch.library.register_fake("fastssl::ema_update_")
 def _ema_update_fake(target, online, weight) -> None:
+    # A list that mixes devices dispatches here when one of them is "meta": say so, as the
+    # device kernels do.
+    devices = {t.device for t in target} | {o.device for o in online}
+    if len(devices) > 1:
+        raise RuntimeError(f"ema_update_: tensors on several devices: {sorted(map(str, devices))}")
     return None
 
 

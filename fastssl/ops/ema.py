@@ -21,6 +21,7 @@ The arithmetic is PyTorch's two-sided lerp with a single fma (``csrc/common/moco
 """
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 
 import torch
@@ -42,47 +43,64 @@ _SIG = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
 @triton.jit
 def ema_multi_tensor_kernel(target_ptrs, online_ptrs, numels, first_chunk, chunk_owner, weight,
                             CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                            TARGET: tl.constexpr, ONLINE: tl.constexpr, COMPUTE: tl.constexpr):
+                            TARGET: tl.constexpr, ONLINE: tl.constexpr, COMPUTE: tl.constexpr,
+                            ALIGNED: tl.constexpr):
     pid = tl.program_id(0)
     # 1. Which tensor and which chunk of it: 1 int32 + 4 int64 scalar loads (L2-resident).
     k = tl.load(chunk_owner + pid)
     t_ptr = tl.load(target_ptrs + k).to(tl.pointer_type(TARGET))
     o_ptr = tl.load(online_ptrs + k).to(tl.pointer_type(ONLINE))
+    if ALIGNED:
+        # Addresses read from a table carry no alignment information; the launcher checked
+        # that every base is 16-byte aligned, which (chunks start at multiples of CHUNK)
+        # lets the full chunks use 16-byte vector loads and stores.
+        t_ptr = tl.multiple_of(t_ptr, 16)
+        o_ptr = tl.multiple_of(o_ptr, 16)
     n = tl.load(numels + k)
     begin = (pid - tl.load(first_chunk + k)) * CHUNK  # int64: tensors may exceed 2^31
     # 2. [PyTorch lerp, two-sided] pick the end the fma starts from once per program.
     w = tl.cast(weight, COMPUTE)
     small = w < 0.5
     coeff = tl.where(small, w, w - 1.0)
-    # 3. Stream the chunk: read 2 x CHUNK elements, write CHUNK elements.
-    for off in tl.range(0, CHUNK, BLOCK):
-        idx = begin + off + tl.arange(0, BLOCK)
-        mask = idx < n
-        t = tl.load(t_ptr + idx, mask=mask).to(COMPUTE)
-        o = tl.load(o_ptr + idx, mask=mask).to(COMPUTE)
-        out = tl.fma(coeff, o - t, tl.where(small, t, o))
-        tl.store(t_ptr + idx, out.to(TARGET), mask=mask)
+    # 3. Stream the chunk: read 2 x CHUNK elements, write CHUNK elements. Full chunks (all
+    #    but each tensor's last) run without a mask, so the loads vectorise.
+    if begin + CHUNK <= n:
+        for off in tl.range(0, CHUNK, BLOCK):
+            idx = begin + off + tl.arange(0, BLOCK)
+            t = tl.load(t_ptr + idx).to(COMPUTE)
+            o = tl.load(o_ptr + idx).to(COMPUTE)
+            out = tl.fma(coeff, o - t, tl.where(small, t, o))
+            tl.store(t_ptr + idx, out.to(TARGET))
+    else:
+        for off in tl.range(0, CHUNK, BLOCK):
+            idx = begin + off + tl.arange(0, BLOCK)
+            mask = idx < n
+            t = tl.load(t_ptr + idx, mask=mask).to(COMPUTE)
+            o = tl.load(o_ptr + idx, mask=mask).to(COMPUTE)
+            out = tl.fma(coeff, o - t, tl.where(small, t, o))
+            tl.store(t_ptr + idx, out.to(TARGET), mask=mask)
 
 
 # Configurations the launcher uses, for `fastssl gpu-report` (compiled for sm_80 / sm_90).
-def _aot(target: torch.dtype, online: torch.dtype) -> dict:
+def _aot(target: torch.dtype, online: torch.dtype, aligned: bool = True) -> dict:
     compute = torch.float64 if target == torch.float64 else torch.float32
     return {
-        "name": f"ema_multi_tensor_kernel[{_SIG[target]}<-{_SIG[online]}]",
+        "name": f"ema_multi_tensor_kernel[{_SIG[target]}<-{_SIG[online]}"
+                f"{'' if aligned else ',unaligned'}]",
         "fn": ema_multi_tensor_kernel,
         "signature": {"target_ptrs": "*i64", "online_ptrs": "*i64", "numels": "*i64",
                       "first_chunk": "*i64", "chunk_owner": "*i32", "weight": "fp32",
                       "CHUNK": "constexpr", "BLOCK": "constexpr", "TARGET": "constexpr",
-                      "ONLINE": "constexpr", "COMPUTE": "constexpr"},
+                      "ONLINE": "constexpr", "COMPUTE": "constexpr", "ALIGNED": "constexpr"},
         "constexprs": {"CHUNK": CHUNK, "BLOCK": BLOCK, "TARGET": _TL[target],
-                       "ONLINE": _TL[online], "COMPUTE": _TL[compute]},
+                       "ONLINE": _TL[online], "COMPUTE": _TL[compute], "ALIGNED": aligned},
         "num_warps": NUM_WARPS,
         "tensor_cores": False,
     }
 
 
 AOT_KERNELS = [_aot(torch.float32, torch.float32), _aot(torch.float32, torch.bfloat16),
-               _aot(torch.bfloat16, torch.bfloat16)]
+               _aot(torch.bfloat16, torch.bfloat16), _aot(torch.float32, torch.float32, False)]
 
 # Device tables per tensor set, keyed by the tensors' addresses, sizes and dtypes: a model
 # updated every step hits the cache and the launch needs no host-to-device copy.
@@ -131,25 +149,18 @@ def ema_update_(targets: list, onlines: list, weight: float) -> None:
         if t.numel() == 0:
             continue
         if t.is_contiguous() and o.is_contiguous():
-            groups.setdefault((t.dtype, o.dtype), ([], []))
-            g = groups[(t.dtype, o.dtype)]
+            aligned = (t.data_ptr() | o.data_ptr()) % 16 == 0
+            g = groups.setdefault((t.dtype, o.dtype, aligned), ([], []))
             g[0].append(t)
             g[1].append(o)
         else:
             t.lerp_(o.to(t.dtype), weight)
-    for (tdt, odt), (ts, os_) in groups.items():
+    for (tdt, odt, aligned), (ts, os_) in groups.items():
         device = ts[0].device
         tp, op, numels, first, owner, n_chunks = _tables(ts, os_, device)
         compute = tl.float64 if tdt == torch.float64 else tl.float32
-        with torch.cuda.device(device) if device.type == "cuda" else _nullcontext():
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             ema_multi_tensor_kernel[(n_chunks,)](
                 tp, op, numels, first, owner, float(weight), CHUNK=CHUNK, BLOCK=BLOCK,
-                TARGET=_TL[tdt], ONLINE=_TL[odt], COMPUTE=compute, num_warps=NUM_WARPS)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+                TARGET=_TL[tdt], ONLINE=_TL[odt], COMPUTE=compute, ALIGNED=aligned,
+                num_warps=NUM_WARPS)

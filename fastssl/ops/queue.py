@@ -31,20 +31,26 @@ _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl
 
 
 @triton.jit
-def moco_enqueue_kernel(buffer, ptr, counter, keys, batch, size, dim, first, stride_k,
-                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def moco_enqueue_kernel(buffer, ptr, counter, keys, batch, size, first,
+                        DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     # 1. Read the write pointer (every program, before any program can advance it).
     p = tl.load(ptr)
-    rows = first + pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = (first + pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     row_ok = rows < batch
-    slots = (p + rows.to(tl.int64)) % size
-    # 2. Copy the rows: read BLOCK_R x dim keys, write them to their ring-buffer slots.
-    for d0 in range(0, dim, BLOCK_D):
+    slots = (p + rows) % size
+    # 2. Copy the rows: read BLOCK_R x DIM keys, write them to their ring-buffer slots. The
+    #    queue's dim is a constexpr (one compile per queue), so when BLOCK_D divides it the
+    #    mask is per row only and stays constant along a row: with the 16-byte alignment that
+    #    Triton specialises pointer arguments on, the copies use 16-byte vectors.
+    for d0 in tl.range(0, DIM, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
-        m = row_ok[:, None] & (cols[None, :] < dim)
-        k = tl.load(keys + rows.to(tl.int64)[:, None] * stride_k + cols[None, :], mask=m)
-        tl.store(buffer + slots[:, None] * dim + cols[None, :], k, mask=m)
+        if DIM % BLOCK_D == 0:
+            m = row_ok[:, None]
+        else:
+            m = row_ok[:, None] & (cols[None, :] < DIM)
+        k = tl.load(keys + rows[:, None] * DIM + cols[None, :], mask=m)
+        tl.store(buffer + slots[:, None] * DIM + cols[None, :], k, mask=m)
     # 3. Last program done advances the pointer: all reads of `ptr` happened before the
     #    tickets were taken (barrier + acq_rel atomic).
     tl.debug_barrier()
@@ -54,40 +60,44 @@ def moco_enqueue_kernel(buffer, ptr, counter, keys, batch, size, dim, first, str
         tl.store(counter, 0)
 
 
-def _aot(buf: torch.dtype, key: torch.dtype) -> dict:
+def _aot(buf: torch.dtype, key: torch.dtype, dim: int = 128, aligned: bool = True) -> dict:
     name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
     return {
-        "name": f"moco_enqueue_kernel[{name[buf]}<-{name[key]},D=128]",
+        "name": f"moco_enqueue_kernel[{name[buf]}<-{name[key]},D={dim}"
+                f"{'' if aligned else ',unaligned'}]",
         "fn": moco_enqueue_kernel,
         "signature": {"buffer": f"*{name[buf]}", "ptr": "*i64", "counter": "*i32",
-                      "keys": f"*{name[key]}", "batch": "i32", "size": "i32", "dim": "i32",
-                      "first": "i32", "stride_k": "i32", "BLOCK_R": "constexpr",
-                      "BLOCK_D": "constexpr"},
-        "constexprs": {"BLOCK_R": BLOCK_R, "BLOCK_D": MAX_BLOCK_D},
+                      "keys": f"*{name[key]}", "batch": "i32", "size": "i32", "first": "i32",
+                      "DIM": "constexpr", "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"},
+        "constexprs": {"DIM": dim, "BLOCK_R": BLOCK_R,
+                       "BLOCK_D": min(MAX_BLOCK_D, triton.next_power_of_2(dim))},
+        # What the JIT specialises a launch on: 16-byte aligned buffer and keys (torch's
+        # allocations are). ASTSource(attrs=...) format, keyed by argument index.
+        "attrs": ({(0,): [["tt.divisibility", 16]], (3,): [["tt.divisibility", 16]]}
+                  if aligned else {}),
         "num_warps": NUM_WARPS,
         "tensor_cores": False,
     }
 
 
-AOT_KERNELS = [_aot(torch.float32, torch.float32), _aot(torch.bfloat16, torch.bfloat16)]
+AOT_KERNELS = [_aot(torch.float32, torch.float32), _aot(torch.bfloat16, torch.bfloat16),
+               _aot(torch.float32, torch.float32, dim=130, aligned=False)]
 
 
 def moco_enqueue(buffer: torch.Tensor, ptr: torch.Tensor, counter: torch.Tensor,
                  keys: torch.Tensor) -> None:
     """Launches the enqueue. ``buffer`` (size, dim) contiguous, ``ptr`` 0-dim int64,
-    ``counter`` (1,) int32 holding 0, ``keys`` (B, dim) with unit stride along dim, all on
-    one device (CUDA, or CPU under the interpreter)."""
+    ``counter`` (1,) int32 holding 0, ``keys`` (B, dim), all on one device (CUDA, or CPU under
+    the interpreter)."""
     batch, dim = keys.shape
     size = buffer.shape[0]
     if batch == 0:
         return
-    if keys.stride(1) != 1:
-        keys = keys.contiguous()
+    keys = keys.contiguous()
     first = batch - size if batch > size else 0
     grid = (triton.cdiv(batch - first, BLOCK_R),)
-    block_d = min(MAX_BLOCK_D, triton.next_power_of_2(dim))
-    moco_enqueue_kernel[grid](buffer, ptr, counter, keys, batch, size, dim, first,
-                              keys.stride(0), BLOCK_R=BLOCK_R, BLOCK_D=block_d,
+    moco_enqueue_kernel[grid](buffer, ptr, counter, keys, batch, size, first, DIM=dim,
+                              BLOCK_R=BLOCK_R, BLOCK_D=min(MAX_BLOCK_D, triton.next_power_of_2(dim)),
                               num_warps=NUM_WARPS)
 
 

@@ -90,9 +90,12 @@ def test_ema_low_precision(backend, dtype):
 
 @pytest.mark.parametrize("backend", EMA_BACKENDS)
 def test_ema_non_contiguous(backend):
+    # transposed, channels_last, strided, and contiguous views at odd offsets (unaligned)
     target = [torch.randn(33, 17).t(), torch.randn(64, 3, 5, 5).to(
-        memory_format=torch.channels_last), torch.randn(40, 40)[:, ::3]]
-    online = [torch.randn(17, 33), torch.randn(64, 3, 5, 5), torch.randn(40, 14)]
+        memory_format=torch.channels_last), torch.randn(40, 40)[:, ::3],
+        torch.randn(40_000)[1:35_000], torch.randn(999)[3:]]
+    online = [torch.randn(17, 33), torch.randn(64, 3, 5, 5), torch.randn(40, 14),
+              torch.randn(35_001)[2:], torch.randn(996)]
     truth = _foreach_truth(target, online, 0.7)
     fastssl.ema_update_(target, online, 0.7, backend=backend)
     assert rel_err(_flat(target), _flat(truth)) <= 1e-6

@@ -39,6 +39,11 @@ def main() -> None:
     n = sum(t.numel() for t in inp["target"])
     print(f"EMA of {len(inp['target'])} tensors, {n:,} fp32 params, {args.reps} interleaved reps, "
           f"{torch.get_num_threads()} threads")
+    # Paired ratios: providers run back to back within a rep, so the ratio of two times of one
+    # rep cancels most of the load the other processes put on the machine at that moment.
+    def paired(a, b):
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
     print(f"{'provider':<14}{'best ms':>9}{'median ms':>11}{'GB/s(best)':>12}"
           f"{'best/flat':>11}{'med/flat':>10}{'best/fe':>9}{'med/fe':>8}")
     fb, fm = min(times["flat_lerp"]), statistics.median(times["flat_lerp"])
@@ -47,6 +52,9 @@ def main() -> None:
         b, m = min(ts), statistics.median(ts)
         print(f"{name:<14}{b * 1e3:9.2f}{m * 1e3:11.2f}{12 * n / b / 1e9:12.1f}"
               f"{b / fb:11.3f}{m / fm:10.3f}{b / eb:9.3f}{m / em:8.3f}")
+    print(f"paired median ratios: fused/flat_lerp {paired('fused', 'flat_lerp'):.3f}, "
+          f"fused/foreach_lerp {paired('fused', 'foreach_lerp'):.3f}, "
+          f"foreach_lerp/flat_lerp {paired('foreach_lerp', 'flat_lerp'):.3f}")
 
 
 if __name__ == "__main__":

@@ -42,24 +42,36 @@ struct Compute { using type = float; };
 template <>
 struct Compute<double> { using type = double; };
 
+// Elements per unrolled step: 4 AVX-512 vectors of fp32 in flight per operand (a single
+// vector per iteration ran ~10% below torch's lerp_ on one core: too few loads in flight).
+constexpr int64_t kUnroll = 64;
+
+template <typename T, typename O, bool kFromOnline>
+inline __attribute__((always_inline)) void ema_loop(T* __restrict t, const O* __restrict o,
+                                                    int64_t n, typename Compute<T>::type coeff) {
+  using C = typename Compute<T>::type;
+  int64_t i = 0;
+  for (; i + kUnroll <= n; i += kUnroll) {
+#pragma omp simd
+    for (int64_t j = i; j < i + kUnroll; ++j)
+      t[j] = static_cast<T>(
+          lerp_hoisted<C>(static_cast<C>(t[j]), static_cast<C>(o[j]), coeff, kFromOnline));
+  }
+  for (; i < n; ++i)
+    t[i] = static_cast<T>(
+        lerp_hoisted<C>(static_cast<C>(t[i]), static_cast<C>(o[i]), coeff, kFromOnline));
+}
+
 template <typename T, typename O>
 inline __attribute__((always_inline)) void ema_span(T* __restrict t, const O* __restrict o,
                                                     int64_t n, double weight) {
   using C = typename Compute<T>::type;
   const C w = static_cast<C>(weight);
-  const C coeff = lerp_coeff(w);
   // Two copies of the loop so the select between the two ends is not per element.
-  if (lerp_weight_is_small(w)) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i)
-      t[i] = static_cast<T>(
-          lerp_hoisted<C>(static_cast<C>(t[i]), static_cast<C>(o[i]), coeff, false));
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i)
-      t[i] = static_cast<T>(
-          lerp_hoisted<C>(static_cast<C>(t[i]), static_cast<C>(o[i]), coeff, true));
-  }
+  if (lerp_weight_is_small(w))
+    ema_loop<T, O, false>(t, o, n, lerp_coeff(w));
+  else
+    ema_loop<T, O, true>(t, o, n, lerp_coeff(w));
 }
 
 // One vectorised clone set per supported dtype pair (target_clones does not apply to

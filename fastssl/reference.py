@@ -63,6 +63,66 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature=0.1, *, normalize: b
 # ---------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def ema_update_(target, online, momentum: float) -> None:
+    """EMA (momentum) update, one tensor at a time (the Python loop of MoCo / BYOL code):
+    ``t <- lerp(t, o, 1 - momentum)`` = momentum * t + (1 - momentum) * o for every pair, in
+    place. Equal to ``torch._foreach_lerp_(target, online, 1 - momentum)``.
+
+    (Official MoCo writes ``p_k.data = p_k.data * m + p_q.data * (1. - m)``: the same value up
+    to rounding; lerp is exact at m = 0 and m = 1.)
+
+    Args:
+        target: sequence of tensors updated in place.
+        online: sequence of tensors of the same shapes; a lower-precision online dtype is
+            widened to the target's first (exact).
+        momentum: m in [0, 1].
+    """
+    w = 1.0 - momentum
+    for t, o in zip(target, online):
+        t.lerp_(o.to(t.dtype), w)
+
+
+@torch.no_grad()
+def moco_enqueue_(buffer: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -> None:
+    """Ring-buffer enqueue with the pointer kept on the device (no host sync, so it works in
+    ``torch.compile(fullgraph=True)``): key i goes to slot (ptr + i) mod size; with
+    B > size only the newest ``size`` keys remain; then ptr <- (ptr + B) mod size.
+
+    Args:
+        buffer: (size, dim) queue, written in place.
+        ptr: 0-dim int64 write pointer in [0, size), on ``buffer``'s device, updated in place.
+        keys: (B, dim) keys, stored as given (cast to the buffer's dtype).
+    """
+    size, batch = buffer.shape[0], keys.shape[0]
+    first = max(batch - size, 0)
+    rows = torch.arange(first, batch, device=buffer.device)
+    slots = (ptr + rows) % size
+    buffer.index_copy_(0, slots, keys[first:].to(buffer.dtype))
+    ptr.copy_((ptr + batch) % size)
+
+
+@torch.no_grad()
+def moco_enqueue_official_(buffer: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -> None:
+    """The official MoCo enqueue (``moco/builder.py: _dequeue_and_enqueue``) in index-
+    assignment style: the pointer is read back to the host (``int(ptr)``: a device sync,
+    and a graph break under ``torch.compile``) and the keys are written with slice
+    assignments. Official MoCo asserts ``size % B == 0``; this version wraps around in two
+    slices instead, with the same result as :func:`moco_enqueue_`.
+    """
+    size, batch = buffer.shape[0], keys.shape[0]
+    p = int(ptr)
+    if batch >= size:  # only the newest `size` keys survive, the last one ends at p + B - 1
+        keys = keys[batch - size:]
+        p = (p + batch - size) % size
+    n = keys.shape[0]
+    head = min(n, size - p)
+    buffer[p:p + head] = keys[:head]
+    if head < n:
+        buffer[:n - head] = keys[head:]
+    ptr.fill_((int(ptr) + batch) % size)
+
+
 
 # ---------------------------------------------------------------------------------------
 # SSL augmentation                                                  [issue: augmentation]

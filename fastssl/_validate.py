@@ -129,6 +129,10 @@ def queue(name: str, t, like: torch.Tensor, like_name: str) -> torch.Tensor:
     return t
 
 
-def scale_tensor(value: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A validated 0-dim scalar as the fp32 0-dim tensor the C++ kernels read (differentiable)."""
-    return value.to(device=device, dtype=torch.float32).reshape(())
+def scale_tensor(value: torch.Tensor, device: torch.device, *,
+                 invert: bool = False) -> torch.Tensor:
+    """A validated 0-dim scalar as the fp32 0-dim tensor the C++ kernels read: the logit
+    multiplier (``1 / value`` with ``invert``, for a temperature), computed in fp32 so that a
+    low-precision learnable temperature keeps an fp32-accurate gradient chain."""
+    v = value.to(device=device, dtype=torch.float32).reshape(())
+    return 1.0 / v if invert else v

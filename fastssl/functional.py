@@ -94,16 +94,18 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature=0.1, *, normalize: b
 # ---------------------------------------------------------------------------------------
 
 
-def _rows_vs_columns(q, c, scale, target, self_idx, *, normalize, mask_target, backend, op):
+def _rows_vs_columns(q, c, scale, target, self_idx, *, normalize, mask_target, backend, op,
+                     invert=False):
     """Per-row losses (M,) fp32 of local rows q against columns c with targets (global column
-    indices). C++ kernel ``xent`` on CPU, the reference elsewhere."""
+    indices); the logits are ``scale * qhat chat^T`` (``1 / scale`` with ``invert``: a
+    temperature). C++ kernel ``xent`` on CPU, the reference elsewhere."""
     be = _dispatch.resolve(backend, q.device, op=op, cpp_op="xent_fwd", has_triton=False)
     if be == "reference" or q.dtype == torch.float64:
-        return reference.rows_vs_columns(q, c, scale, target, self_idx, normalize=normalize,
-                                         mask_target=mask_target)
+        return reference.rows_vs_columns(q, c, 1.0 / scale if invert else scale, target,
+                                         self_idx, normalize=normalize, mask_target=mask_target)
     from .cpp import xent as cpp_xent
-    return cpp_xent.xent_rows(q, c, _validate.scale_tensor(scale, q.device), target, self_idx,
-                              normalize, mask_target)
+    return cpp_xent.xent_rows(q, c, _validate.scale_tensor(scale, q.device, invert=invert),
+                              target, self_idx, normalize, mask_target)
 
 
 def _nt_xent_gathered(z1, z2, temp, normalize, reduction, decoupled, backend):
@@ -115,9 +117,9 @@ def _nt_xent_gathered(z1, z2, temp, normalize, reduction, decoupled, backend):
     cols = distributed.gather_with_grad(z, what="nt_xent(gather=True)")
     a = torch.arange(2 * n, device=z.device)
     base = distributed.rank() * 2 * n
-    rows = _rows_vs_columns(z, cols, 1.0 / temp, base + (a + n) % (2 * n), base + a,
+    rows = _rows_vs_columns(z, cols, temp, base + (a + n) % (2 * n), base + a,
                             normalize=normalize, mask_target=decoupled, backend=backend,
-                            op="nt_xent")
+                            op="nt_xent", invert=True)
     return _validate.reduce(rows, reduction).to(z1.dtype)
 
 
@@ -194,9 +196,9 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None 
     if queue is None and gather and distributed.world_size() > 1:
         keys = distributed.gather_with_grad(key, what="info_nce(gather=True)")
         target = distributed.rank() * n + torch.arange(n, device=query.device)
-        rows = _rows_vs_columns(query, keys, 1.0 / temp, target, torch.full_like(target, -1),
+        rows = _rows_vs_columns(query, keys, temp, target, torch.full_like(target, -1),
                                 normalize=normalize, mask_target=False, backend=backend,
-                                op="info_nce")
+                                op="info_nce", invert=True)
         return _validate.reduce(rows, reduction).to(query.dtype)
     cpp_op = "info_nce_queue_fwd" if queue is not None else "xent_fwd"
     be = _dispatch.resolve(backend, query.device, op="info_nce", cpp_op=cpp_op,
@@ -204,7 +206,7 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None 
     if be == "reference" or query.dtype == torch.float64:
         return reference.info_nce(query, key, queue, temp, normalize=normalize,
                                   reduction=reduction)
-    scale = _validate.scale_tensor(1.0 / temp, query.device)
+    scale = _validate.scale_tensor(temp, query.device, invert=True)
     if queue is not None:
         from .cpp import info_nce as cpp_info_nce
         rows = cpp_info_nce.info_nce_queue_rows(query, key, queue, scale, normalize)
@@ -344,6 +346,7 @@ e i} e^{S_{ij}}}
         return reference.supcon(features, labels, temp, normalize=normalize)
     from .cpp import supcon as cpp_supcon
     rows, npos = cpp_supcon.supcon_rows(features, labels,
-                                        _validate.scale_tensor(1.0 / temp, features.device),
+                                        _validate.scale_tensor(temp, features.device,
+                                                               invert=True),
                                         normalize)
     return (rows.sum() / (npos > 0).sum().clamp(min=1)).to(features.dtype)

@@ -108,6 +108,35 @@ void bwd_tile(float* __restrict s, int64_t bi, int64_t bj, const float* __restri
   }
 }
 
+// Online softmax with value accumulation, one tile: per row, the new max, the rescale of the
+// running sum and of the running output row o (d floats), and the tile turned in place into
+// E_ij = exp(S_ij - max_i) * rc_j, ready for o_I += E C_J (raw rows).
+FASTSSL_SIMD_CLONES
+void pv_tile(float* __restrict s, int64_t bi, int64_t bj, const float* __restrict rc,
+             float* __restrict rmax, float* __restrict rsum, float* __restrict o, int64_t d) {
+  for (int64_t i = 0; i < bi; ++i) {
+    float* row = s + i * bj;
+    float rm = kNegInf;
+#pragma omp simd reduction(max : rm)
+    for (int64_t j = 0; j < bj; ++j) rm = row[j] > rm ? row[j] : rm;
+    const float nm = rmax[i] > rm ? rmax[i] : rm;
+    const float sh = finite_or_zero(nm);
+    const float corr = exp_f32(rmax[i] - sh);
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < bj; ++j) {
+      const float e = exp_f32(row[j] - sh);
+      acc += e;
+      row[j] = e * rc[j];
+    }
+    rsum[i] = rsum[i] * corr + acc;
+    rmax[i] = nm;
+    float* oi = o + i * d;
+#pragma omp simd
+    for (int64_t k = 0; k < d; ++k) oi[k] *= corr;
+  }
+}
+
 // Merges the per-thread (max, sum) of `n` entries at `off` inside each thread's block.
 void merge_stats(const std::vector<float>& st, int nthreads, int64_t per, int64_t off, int64_t n,
                  float* out) {
@@ -197,6 +226,51 @@ void forward_lse(const Operand& q, const Operand& c, float alpha, Masks masks, f
   });
   merge_stats(st, nthreads, per, 0, m, row_lse);
   if (cols) merge_stats(st, nthreads, per, 2 * m, nc, col_lse);
+}
+
+void forward_lse_pv(const Operand& q, const Operand& c, float alpha, float* row_lse,
+                    float* pv) {
+  const int64_t m = q.n, nc = c.n, d = q.d;
+  const int64_t nti = (m + kTile - 1) / kTile, ntj = (nc + kTile - 1) / kTile;
+  const int nthreads = at::get_num_threads();
+  // Per thread: [rmax (m), rsum (m)] and the running output o (m x d).
+  const int64_t per = 2 * m;
+  std::vector<float> st(nthreads * per, 0.0f);
+  for (int t = 0; t < nthreads; ++t) std::fill_n(st.begin() + t * per, m, kNegInf);
+  std::vector<float> out(static_cast<size_t>(nthreads) * m * d, 0.0f);
+  const bool scaled = q.normalize || c.normalize;
+  at::parallel_for(0, nti * ntj, 1, [&](int64_t p0, int64_t p1) {
+    const int tid = at::get_thread_num();
+    float* rmax = st.data() + tid * per;
+    float* rsum = rmax + m;
+    float* o = out.data() + static_cast<int64_t>(tid) * m * d;
+    std::vector<float> tile(kTile * kTile);
+    for (int64_t p = p0; p < p1; ++p) {
+      const Tile t = tile_at(p / ntj, p % ntj, m, nc);
+      gemm_rm(false, true, t.bi, t.bj, d, alpha, q.x + t.i0 * d, d, c.x + t.j0 * d, d, 0.0f,
+              tile.data(), t.bj);
+      if (scaled) scale_tile(tile.data(), t.bi, t.bj, q.rinv + t.i0, c.rinv + t.j0);
+      pv_tile(tile.data(), t.bi, t.bj, c.rinv + t.j0, rmax + t.i0, rsum + t.i0, o + t.i0 * d, d);
+      // o_I += E C_J: the softmax-weighted columns, 2 bi bj d flops.
+      gemm_rm(false, false, t.bi, d, t.bj, 1.0f, tile.data(), t.bj, c.x + t.j0 * d, d, 1.0f,
+              o + t.i0 * d, d);
+    }
+  });
+  merge_stats(st, nthreads, per, 0, m, row_lse);
+  // pv_i = sum_t exp(max_t,i - lse_i) o_t,i (thread order: deterministic).
+  at::parallel_for(0, m, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* dst = pv + r * d;
+      for (int64_t k = 0; k < d; ++k) dst[k] = 0.0f;
+      for (int t = 0; t < nthreads; ++t) {
+        const float tm = st[t * per + r];
+        if (tm == kNegInf) continue;
+        const float w = std::exp(finite_or_zero(tm) - row_lse[r]);
+        const float* src = out.data() + (static_cast<int64_t>(t) * m + r) * d;
+        for (int64_t k = 0; k < d; ++k) dst[k] += w * src[k];
+      }
+    }
+  });
 }
 
 void backward_softmax(const Operand& q, const Operand& c, float alpha, Masks masks,

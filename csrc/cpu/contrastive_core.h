@@ -64,6 +64,13 @@ struct Masks {
 void forward_lse(const Operand& q, const Operand& c, float alpha, Masks masks, float* row_lse,
                  float* col_lse);
 
+// Flash-attention-style forward for losses whose columns get no gradient (MoCo's queue):
+// row_lse as forward_lse (no masks) and pv (q.n x d) = sum_j softmax(S)_ij chat_j, accumulated
+// online (rescaled as the row maxima grow; per-thread partials merged like split-K
+// flash-decoding). The backward of such a loss is then dQhat_i = alpha g_i pv_i + O(d) terms:
+// no recompute, 2 matmul-equivalents in total instead of 3.
+void forward_lse_pv(const Operand& q, const Operand& c, float alpha, float* row_lse, float* pv);
+
 // Softmax part of the backward. g, lse: per row (g may hold zeros); h, clse: per column, or
 // both null (no column softmax). Writes (overwrites) dq (q.n x d) with alpha P Chat and, when
 // dc != nullptr, dc (c.n x d) with alpha P^T Qhat: gradients w.r.t. the *normalised* rows.

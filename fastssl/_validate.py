@@ -115,7 +115,8 @@ def labels(name: str, t, n: int, device: torch.device) -> torch.Tensor:
         raise ValueError(f"{name} must have shape ({n},) (one label per row), got "
                          f"{tuple(t.shape)}")
     if t.device != device:
-        raise ValueError(f"{name} must be on {device} like the features, got {t.device}")
+        raise ValueError(f"{name} must be on the same device as the features ({device}), got "
+                         f"{t.device}")
     return t
 
 

@@ -79,8 +79,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_fwd_cpu(const at::Tensor& 
   float* out = loss.data_ptr<float>();
   at::parallel_for(0, n, 256, [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i) {
-      if (np[i] == 0.0f) {
+      if (np[i] == 0.0f) {  // excluded anchor (with N = 1 its row is empty: lse = -inf)
         out[i] = 0.0f;
+        l[i] = 0.0f;
         continue;
       }
       const float* li = L.data() + cls[i] * d;

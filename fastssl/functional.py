@@ -128,6 +128,11 @@ def _nt_xent_gathered(z1, z2, temp, normalize, reduction, decoupled, backend):
 # ---------------------------------------------------------------------------------------
 
 
+def _normalized(x: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """Rows L2-normalised under autograd (the Triton kernels take normalised rows)."""
+    return torch.nn.functional.normalize(x, dim=1) if normalize else x
+
+
 def info_nce(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None = None,
              temperature=0.07, *, normalize: bool = True, reduction: str = "mean",
              gather: bool = False, backend: str = "auto") -> torch.Tensor:
@@ -202,12 +207,17 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None 
         return _validate.reduce(rows, reduction).to(query.dtype)
     cpp_op = "info_nce_queue_fwd" if queue is not None else "xent_fwd"
     be = _dispatch.resolve(backend, query.device, op="info_nce", cpp_op=cpp_op,
-                           has_triton=False)
+                           has_triton=True)
     if be == "reference" or query.dtype == torch.float64:
         return reference.info_nce(query, key, queue, temp, normalize=normalize,
                                   reduction=reduction)
     scale = _validate.scale_tensor(temp, query.device, invert=True)
-    if queue is not None:
+    if be == "triton":
+        from .ops import info_nce as tri_info_nce
+        rows = tri_info_nce.info_nce_rows(
+            _normalized(query, normalize), _normalized(key, normalize),
+            None if queue is None else _normalized(queue.detach(), normalize), scale)
+    elif queue is not None:
         from .cpp import info_nce as cpp_info_nce
         rows = cpp_info_nce.info_nce_queue_rows(query, key, queue, scale, normalize)
     else:
@@ -286,12 +296,17 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale, *, logit_bia
         t2i = _rows_vs_columns(text, images, scale, target, none, **kw)
         return ((i2t.mean() + t2i.mean()) / 2).to(image.dtype)
     be = _dispatch.resolve(backend, image.device, op="clip_loss", cpp_op="clip_fwd",
-                           has_triton=False)
+                           has_triton=True)
     if be == "reference" or image.dtype == torch.float64:
         return reference.clip_loss(image, text, scale, normalize=normalize)
-    from .cpp import clip as cpp_clip
-    row, col = cpp_clip.clip_rows(image, text, _validate.scale_tensor(scale, image.device),
-                                  normalize)
+    if be == "triton":
+        from .ops import clip as tri_clip
+        row, col = tri_clip.clip_rows(_normalized(image, normalize), _normalized(text, normalize),
+                                      _validate.scale_tensor(scale, image.device))
+    else:
+        from .cpp import clip as cpp_clip
+        row, col = cpp_clip.clip_rows(image, text, _validate.scale_tensor(scale, image.device),
+                                      normalize)
     return ((row.mean() + col.mean()) / 2).to(image.dtype)
 
 
@@ -341,12 +356,14 @@ e i} e^{S_{ij}}}
     _validate.labels("labels", labels, features.shape[0], features.device)
     temp = _validate.positive_scalar("temperature", temperature, features.device)
     be = _dispatch.resolve(backend, features.device, op="supcon", cpp_op="supcon_fwd",
-                           has_triton=False)
+                           has_triton=True)
     if be == "reference" or features.dtype == torch.float64:
         return reference.supcon(features, labels, temp, normalize=normalize)
-    from .cpp import supcon as cpp_supcon
-    rows, npos = cpp_supcon.supcon_rows(features, labels,
-                                        _validate.scale_tensor(temp, features.device,
-                                                               invert=True),
-                                        normalize)
+    alpha = _validate.scale_tensor(temp, features.device, invert=True)
+    if be == "triton":
+        from .ops import supcon as tri_supcon
+        rows, npos = tri_supcon.supcon_rows(_normalized(features, normalize), labels, alpha)
+    else:
+        from .cpp import supcon as cpp_supcon
+        rows, npos = cpp_supcon.supcon_rows(features, labels, alpha, normalize)
     return (rows.sum() / (npos > 0).sum().clamp(min=1)).to(features.dtype)

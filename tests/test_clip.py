@@ -69,5 +69,15 @@ def test_bad_inputs():
         fastssl.clip_loss(image, text, 10.0, logit_bias=torch.tensor(-10.0))
     with pytest.raises(ValueError, match="backend"):
         fastssl.clip_loss(image, text, 10.0, backend="cuda")
-    with pytest.raises(RuntimeError, match="Triton"):
-        fastssl.clip_loss(image, text, 10.0, backend="triton")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("b,d", [(1, 5), (37, 20)])
+def test_triton_interpreter(b, d, dtype):
+    image = torch.randn(b, d, dtype=torch.float64, requires_grad=True)
+    text = torch.randn(b, d, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor(9.0, dtype=torch.float64, requires_grad=True)
+    compare("clip_loss[triton]",
+            lambda i, t, s: fastssl.clip_loss(i, t, s, backend="triton"),
+            lambda i, t, s: reference.clip_loss(i, t, s),
+            [image, text, scale], dtype)

@@ -91,3 +91,17 @@ def test_module():
     q, key, queue = torch.randn(6, 10), torch.randn(6, 10), torch.randn(50, 10)
     torch.testing.assert_close(crit(q, key, queue), reference.info_nce(q, key, queue, 0.3),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,d,k", [(1, 5, 7), (37, 20, 70)])
+@pytest.mark.parametrize("with_queue", [True, False], ids=["queue", "in_batch"])
+def test_triton_interpreter(n, d, k, dtype, with_queue):
+    q = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+    key = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+    queue = torch.randn(k, d, dtype=torch.float64) if with_queue else None
+    temp = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    compare("info_nce[triton]",
+            lambda a, b, u, t: fastssl.info_nce(a, b, u, t, backend="triton"),
+            lambda a, b, u, t: reference.info_nce(a, b, u, t),
+            [q, key, queue, temp], dtype)

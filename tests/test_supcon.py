@@ -79,3 +79,14 @@ def test_bad_inputs():
         fastssl.supcon(z[None], y)
     with pytest.raises(ValueError, match="device"):
         fastssl.supcon(z, y.to("meta"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,d", [(1, 5), (37, 20)])
+def test_triton_interpreter(n, d, dtype):
+    z = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+    temp = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    compare("supcon[triton]",
+            lambda a, lab, t: fastssl.supcon(a, lab, t, backend="triton"),
+            lambda a, lab, t: reference.supcon(a, lab, t),
+            [z, _labels(n), temp], dtype)

@@ -192,3 +192,42 @@ def positive_int(name: str, value) -> int:
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     return value
+
+
+# --- contrastive family (info_nce, clip_loss, supcon) -------------------------------------
+
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def labels(name: str, t, n: int, device: torch.device) -> torch.Tensor:
+    """An integer (n,) label vector on ``device``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in INT_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor (int64, int32, ...), got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},) (one label per row), got "
+                         f"{tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on the same device as the features ({device}), got "
+                         f"{t.device}")
+    return t
+
+
+def queue(name: str, t, like: torch.Tensor, like_name: str) -> torch.Tensor:
+    """A (K, D) queue matching ``like`` (N, D) in D, device and dtype."""
+    embeddings(name, t)
+    if t.shape[1] != like.shape[1]:
+        raise ValueError(f"{name} must have D = {like.shape[1]} columns like {like_name}, got "
+                         f"shape {tuple(t.shape)}")
+    same_device_dtype((like_name, name), (like, t))
+    return t
+
+
+def scale_tensor(value: torch.Tensor, device: torch.device, *,
+                 invert: bool = False) -> torch.Tensor:
+    """A validated 0-dim scalar as the fp32 0-dim tensor the C++ kernels read: the logit
+    multiplier (``1 / value`` with ``invert``, for a temperature), computed in fp32 so that a
+    low-precision learnable temperature keeps an fp32-accurate gradient chain."""
+    v = value.to(device=device, dtype=torch.float32).reshape(())
+    return 1.0 / v if invert else v

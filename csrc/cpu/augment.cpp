@@ -189,8 +189,12 @@ void row_gray_into(const float* __restrict r, const float* __restrict g,
 // the taps; element-wise it is the same (t * x, then +) as the scalar code and the reference.
 typedef float vf16 __attribute__((vector_size(64), aligned(4), may_alias));
 constexpr int64_t kLanes = 16;
-__attribute__((always_inline)) static inline vf16 load16(const float* p) { return *reinterpret_cast<const vf16*>(p); }
-__attribute__((always_inline)) static inline void store16(float* p, vf16 v) { *reinterpret_cast<vf16*>(p) = v; }
+__attribute__((always_inline)) static inline vf16 load16(const float* p) {
+  return *reinterpret_cast<const vf16*>(p);
+}
+__attribute__((always_inline)) static inline void store16(float* p, vf16 v) {
+  *reinterpret_cast<vf16*>(p) = v;
+}
 
 // dst[x] = sum_k taps[k] * src[x + k], k = 0..K-1 in order, for x < round_up(n, 16):
 // src needs round_up(n, 16) + k - 1 readable floats, dst round_up(n, 16) writable ones.

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._triton_utils import INTERPRET
+
 GRAY_R, GRAY_G, GRAY_B = 0.2989, 0.587, 0.114
 # Output pixels per program. 1024: 8 warps x 128 pixels; every op is elementwise or a gather,
 # so the block only has to be large enough to cover the latency of the gathers.
@@ -116,14 +118,28 @@ def _color_op(op, f, m1, r, g, b):
 
 
 @triton.jit
-def _store_final(out_ptr, base, plane, offs, mask, r, g, b, solarize, thr, mean_ptr, std_ptr):
+def _to_bf16_rne(y):
+    # fp32 -> bf16, round to nearest even, on the bits (finite values). Only used under the
+    # interpreter, whose fp32 -> bf16 cast truncates; on a GPU the cast is cvt.rn.bf16.f32.
+    bits = y.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _store_final(out_ptr, base, plane, offs, mask, r, g, b, solarize, thr, mean_ptr, std_ptr,
+                 MANUAL_BF16: tl.constexpr):
     # solarize -> (x - mean) / std -> cast, per channel.
     for c in tl.static_range(3):
         x = r if c == 0 else (g if c == 1 else b)
         if solarize:
             x = tl.where(x >= thr, 1.0 - x, x)
         y = tl.div_rn(x - tl.load(mean_ptr + c), tl.load(std_ptr + c))
-        tl.store(out_ptr + base + c * plane + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        if MANUAL_BF16:
+            yo = _to_bf16_rne(y)
+        else:
+            yo = y.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + base + c * plane + offs, yo, mask=mask)
 
 
 @triton.jit
@@ -148,7 +164,8 @@ def _load_px(img_ptr, off, mask, IS_U8: tl.constexpr):
 @triton.jit
 def augment_resize_kernel(img_ptr, img_off_ptr, hw_ptr, crop_ptr, flags_ptr, factors_ptr,
                           order_ptr, work_ptr, partial_ptr, out_ptr, mean_ptr, std_ptr,
-                          thr, out_size, n_blocks, IS_U8: tl.constexpr, BLOCK: tl.constexpr):
+                          thr, out_size, n_blocks, IS_U8: tl.constexpr, BLOCK: tl.constexpr,
+                          MANUAL_BF16: tl.constexpr):
     b = tl.program_id(0)
     blk = tl.program_id(1)
     plane = out_size * out_size
@@ -215,13 +232,15 @@ def augment_resize_kernel(img_ptr, img_off_ptr, hw_ptr, crop_ptr, flags_ptr, fac
             tl.store(work_ptr + out_base + 2 * plane + offs, bl, mask=mask)
         else:
             _store_final(out_ptr, out_base, plane, offs, mask, r, g, bl,
-                         tl.load(flags_ptr + 5 * b + 4) != 0, thr, mean_ptr, std_ptr)
+                         tl.load(flags_ptr + 5 * b + 4) != 0, thr, mean_ptr, std_ptr,
+                         MANUAL_BF16)
 
 
 @triton.jit
 def augment_contrast_kernel(work_ptr, partial_ptr, flags_ptr, factors_ptr, order_ptr, out_ptr,
                             mean_ptr, std_ptr, thr, out_size, n_blocks,
-                            BLOCK: tl.constexpr, NB: tl.constexpr):
+                            BLOCK: tl.constexpr, NB: tl.constexpr,
+                            MANUAL_BF16: tl.constexpr):
     b = tl.program_id(0)
     blk = tl.program_id(1)
     if tl.load(flags_ptr + 5 * b + 1) == 0:  # no jitter: finished by the resize kernel
@@ -259,7 +278,8 @@ def augment_contrast_kernel(work_ptr, partial_ptr, flags_ptr, factors_ptr, order
         tl.store(work_ptr + out_base + 2 * plane + offs, bl, mask=mask)
     else:
         _store_final(out_ptr, out_base, plane, offs, mask, r, g, bl,
-                     tl.load(flags_ptr + 5 * b + 4) != 0, thr, mean_ptr, std_ptr)
+                     tl.load(flags_ptr + 5 * b + 4) != 0, thr, mean_ptr, std_ptr,
+                         MANUAL_BF16)
 
 
 @triton.jit
@@ -294,7 +314,7 @@ def augment_blur_h_kernel(work_ptr, tmp_ptr, flags_ptr, taps_ptr, out_size, K,
 
 @triton.jit
 def augment_blur_v_kernel(tmp_ptr, flags_ptr, taps_ptr, out_ptr, mean_ptr, std_ptr, thr,
-                          out_size, K, BLOCK: tl.constexpr):
+                          out_size, K, BLOCK: tl.constexpr, MANUAL_BF16: tl.constexpr):
     b = tl.program_id(0)
     blk = tl.program_id(1)
     if tl.load(flags_ptr + 5 * b + 3) == 0:
@@ -324,16 +344,18 @@ def augment_blur_v_kernel(tmp_ptr, flags_ptr, taps_ptr, out_ptr, mean_ptr, std_p
         else:
             bl = acc
     _store_final(out_ptr, out_base, plane, offs, mask, r, g, bl,
-                 tl.load(flags_ptr + 5 * b + 4) != 0, thr, mean_ptr, std_ptr)
+                 tl.load(flags_ptr + 5 * b + 4) != 0, thr, mean_ptr, std_ptr,
+                         MANUAL_BF16)
 
 
 # ---------------------------------------------------------------------------------------
 # launcher
 # ---------------------------------------------------------------------------------------
 
-def _launch_opts() -> dict:
+def _launch_opts(out_dtype: torch.dtype) -> dict:
     # No FMA contraction: products round before they are added, as in the reference.
-    return {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
+    return {"num_warps": NUM_WARPS, "enable_fp_fusion": False,
+            "MANUAL_BF16": INTERPRET and out_dtype == torch.bfloat16}
 
 
 def _flat_view(images: list):
@@ -372,7 +394,8 @@ def ssl_augment(images: list, params, out_size: int, mean: torch.Tensor, std: to
         raise ValueError(f"a blur kernel of {K} taps needs out_size > {K // 2}")
     dev = lambda t: t.to(device, non_blocking=True)  # noqa: E731
     hw = dev(torch.tensor(sizes, dtype=torch.int32).reshape(-1))
-    img_off, crop, factors, taps = dev(img_off), dev(crop.to(torch.int32)), dev(factors), dev(taps)
+    img_off, crop = dev(img_off), dev(crop.to(torch.int32))
+    factors, taps = dev(factors), dev(taps)
     flags, order = dev(flags.to(torch.int32)), dev(order.to(torch.int32))
     mean_d, std_d = dev(mean.float()), dev(std.float())
     plane = out_size * out_size
@@ -384,17 +407,18 @@ def ssl_augment(images: list, params, out_size: int, mean: torch.Tensor, std: to
     grid = (B, n_blocks)
     augment_resize_kernel[grid](flat, img_off, hw, crop, flags, factors, order, work, partial,
                                 out, mean_d, std_d, thr, out_size, n_blocks, IS_U8=is_u8,
-                                BLOCK=BLOCK, **_launch_opts())
+                                BLOCK=BLOCK, **_launch_opts(out_dtype))
     if bool(params.jitter.any()):
         augment_contrast_kernel[grid](work, partial, flags, factors, order, out, mean_d, std_d,
                                       thr, out_size, n_blocks, BLOCK=BLOCK,
-                                      NB=triton.next_power_of_2(n_blocks), **_launch_opts())
+                                      NB=triton.next_power_of_2(n_blocks),
+                                      **_launch_opts(out_dtype))
     if bool(params.blur.any()) and K > 1:
         tmp = torch.empty_like(work)
         augment_blur_h_kernel[grid](work, tmp, flags, taps, out_size, K, BLOCK=BLOCK,
-                                    **_launch_opts())
+                                    num_warps=NUM_WARPS, enable_fp_fusion=False)
         augment_blur_v_kernel[grid](tmp, flags, taps, out, mean_d, std_d, thr, out_size, K,
-                                    BLOCK=BLOCK, **_launch_opts())
+                                    BLOCK=BLOCK, **_launch_opts(out_dtype))
     return out
 
 
@@ -409,8 +433,8 @@ AOT_KERNELS = [
                    "order_ptr": "*i32", "work_ptr": "*fp32", "partial_ptr": "*fp64",
                    "out_ptr": f"*{o}", "mean_ptr": "*fp32", "std_ptr": "*fp32", "thr": "fp32",
                    "out_size": "i32", "n_blocks": "i32", "IS_U8": "constexpr",
-                   "BLOCK": "constexpr"},
-     "constexprs": {"IS_U8": u8, "BLOCK": BLOCK},
+                   "BLOCK": "constexpr", "MANUAL_BF16": "constexpr"},
+     "constexprs": {"IS_U8": u8, "BLOCK": BLOCK, "MANUAL_BF16": False},
      "num_warps": NUM_WARPS, "tensor_cores": False}
     for u8, o in ((True, "fp32"), (True, "bf16"), (False, "fp32"))
 ] + [
@@ -418,9 +442,11 @@ AOT_KERNELS = [
      "signature": {"work_ptr": "*fp32", "partial_ptr": "*fp64", "flags_ptr": "*i32",
                    "factors_ptr": "*fp32", "order_ptr": "*i32", "out_ptr": "*fp32",
                    "mean_ptr": "*fp32", "std_ptr": "*fp32", "thr": "fp32", "out_size": "i32",
-                   "n_blocks": "i32", "BLOCK": "constexpr", "NB": "constexpr"},
+                   "n_blocks": "i32", "BLOCK": "constexpr", "NB": "constexpr",
+                   "MANUAL_BF16": "constexpr"},
      # NB: next power of two of the blocks per image: 64 at 224^2 with BLOCK = 1024.
-     "constexprs": {"BLOCK": BLOCK, "NB": 64}, "num_warps": NUM_WARPS, "tensor_cores": False},
+     "constexprs": {"BLOCK": BLOCK, "NB": 64, "MANUAL_BF16": False}, "num_warps": NUM_WARPS,
+     "tensor_cores": False},
     {"name": "augment_blur_h_kernel", "fn": augment_blur_h_kernel,
      "signature": {"work_ptr": "*fp32", "tmp_ptr": "*fp32", "flags_ptr": "*i32",
                    "taps_ptr": "*fp32", "out_size": "i32", "K": "i32", "BLOCK": "constexpr"},
@@ -428,6 +454,8 @@ AOT_KERNELS = [
     {"name": "augment_blur_v_kernel", "fn": augment_blur_v_kernel,
      "signature": {"tmp_ptr": "*fp32", "flags_ptr": "*i32", "taps_ptr": "*fp32",
                    "out_ptr": "*fp32", "mean_ptr": "*fp32", "std_ptr": "*fp32", "thr": "fp32",
-                   "out_size": "i32", "K": "i32", "BLOCK": "constexpr"},
-     "constexprs": {"BLOCK": BLOCK}, "num_warps": NUM_WARPS, "tensor_cores": False},
+                   "out_size": "i32", "K": "i32", "BLOCK": "constexpr",
+                   "MANUAL_BF16": "constexpr"},
+     "constexprs": {"BLOCK": BLOCK, "MANUAL_BF16": False}, "num_warps": NUM_WARPS,
+     "tensor_cores": False},
 ]

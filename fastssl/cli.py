@@ -14,6 +14,7 @@ import sys
 COMMANDS = {
     "info": ("fastssl.info", "what is available: C++ extension, Triton, CUDA (and why not)"),
     "bench": ("fastssl.bench.cli", "fused vs reference vs torch.compile: time and peak memory"),
+    "augment-demo": ("fastssl.augment_demo", "PNG grid of test images and their augmented views"),
 }
 
 

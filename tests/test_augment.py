@@ -520,3 +520,21 @@ def test_aot_kernels_describe_the_launched_kernels():
         params = list(inspect.signature(k["fn"].fn).parameters)
         assert list(k["signature"]) == params, k["name"]
         assert set(k["constexprs"]) <= set(params) and k["tensor_cores"] is False
+
+
+def test_augment_demo_png(tmp_path):
+    import struct
+    import zlib
+
+    from fastssl import augment_demo
+    grid = augment_demo.make_grid("byol", out_size=24, pairs=1, backend="reference")
+    assert grid.dtype == torch.uint8 and grid.shape[0] == 3
+    path = tmp_path / "views.png"
+    augment_demo.write_png(str(path), grid)
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    w, h = struct.unpack(">II", data[16:24])
+    assert (h, w) == tuple(grid.shape[1:])
+    idat = data[data.index(b"IDAT") + 4:data.index(b"IEND") - 8]
+    rows = zlib.decompress(idat)
+    assert len(rows) == h * (1 + 3 * w)

@@ -6,9 +6,11 @@
 //   Gaussian blur (separable, reflect padding) -> solarize -> (x - mean) / std -> cast.
 //
 // Design:
-//  * Parallel over samples (at::parallel_for, grain 1): a sample's whole chain runs on one
-//    thread in a private out x out x 3 fp32 buffer (600 KiB at 224^2: L2-resident on Zen 4),
-//    so there is no synchronisation and the result does not depend on the thread count.
+//  * Parallel over samples (at::parallel_for workers taking samples from a shared counter): a
+//    sample's whole chain runs on one thread in a private out x out x 3 fp32 buffer (600 KiB
+//    at 224^2: L2-resident on Zen 4), so there is no synchronisation and the result does not
+//    depend on the thread count. (Rows of one sample are not split across threads: batches
+//    are >> 2 images here; a batch of 1 runs on one thread.)
 //  * Pass 1, row by row: the two input rows a output row needs are converted to fp32 and
 //    interpolated horizontally once each (a 2-row cache keyed by row parity: consecutive
 //    output rows share input rows), then vertically; the colour ops that do not need the
@@ -32,6 +34,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 #include <vector>
 
@@ -176,10 +179,29 @@ void row_gray(float* __restrict r, float* __restrict g, float* __restrict b, int
   }
 }
 
+// Sum of the row's gray values in double: 8 fixed lanes of partial sums, then the lanes in
+// order (a fixed order: deterministic). In double the order changes the sum by ~1e-16
+// relative, far below the one rounding to fp32 of the mean, so it equals the reference's
+// float64 mean. (A sequential double sum is a 4-cycle dependency chain per pixel.)
+typedef double vd8 __attribute__((vector_size(64), aligned(8), may_alias));
+typedef float vf8 __attribute__((vector_size(32), aligned(4), may_alias));
+
 FASTSSL_SIMD_CLONES
-void row_gray_into(const float* __restrict r, const float* __restrict g,
-                   const float* __restrict b, float* __restrict out, int64_t n) {
-  for (int64_t x = 0; x < n; ++x) out[x] = r[x] * kGrayR + g[x] * kGrayG + b[x] * kGrayB;
+double row_gray_sum(const float* __restrict r, const float* __restrict g,
+                    const float* __restrict b, int64_t n) {
+  vd8 acc = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t x = 0;
+  for (; x + 8 <= n; x += 8) {
+    const vf8 rv = *reinterpret_cast<const vf8*>(r + x);
+    const vf8 gv = *reinterpret_cast<const vf8*>(g + x);
+    const vf8 bv = *reinterpret_cast<const vf8*>(b + x);
+    const vf8 gray = rv * kGrayR + gv * kGrayG + bv * kGrayB;
+    acc = acc + __builtin_convertvector(gray, vd8);
+  }
+  double sum = 0.0;
+  for (int j = 0; j < 8; ++j) sum += acc[j];
+  for (; x < n; ++x) sum += static_cast<double>(r[x] * kGrayR + g[x] * kGrayG + b[x] * kGrayB);
+  return sum;
 }
 
 // ---- blur -------------------------------------------------------------------------------------
@@ -409,10 +431,7 @@ void augment_sample(const Sample& s, int64_t out, int64_t k, float thr, const fl
     }
     apply_ops(pre, npre, row[0], row[1], row[2], 0.0f);
     if (need_mean) {
-      row_gray_into(row[0], row[1], row[2], sc.acc.data(), out);
-      double rs = 0.0;
-      for (int64_t x = 0; x < out; ++x) rs += static_cast<double>(sc.acc[x]);
-      gray_sum += rs;
+      gray_sum += row_gray_sum(row[0], row[1], row[2], out);
     } else {
       finish_row(y, row[0], row[1], row[2]);
     }
@@ -532,9 +551,15 @@ at::Tensor ssl_augment_cpu(at::TensorList images, const at::Tensor& crop,
   const int64_t per_sample = 3 * out_size * out_size;
   AT_DISPATCH_V2(out_dtype, "ssl_augment", AT_WRAP([&] {
     scalar_t* dst = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    // Samples are handed out one at a time from a shared counter, not in fixed chunks: their
+    // costs differ (blur, jitter are per-sample) and on a shared machine a descheduled thread
+    // would otherwise hold up the whole batch. Each sample's output depends only on itself,
+    // so the result does not depend on which thread ran it.
+    std::atomic<int64_t> next{0};
+    const int64_t workers = std::min<int64_t>(at::get_num_threads(), B);
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
       Scratch sc(out_size, k, max_w);
-      for (int64_t i = b0; i < b1; ++i)
+      for (int64_t i = next.fetch_add(1); i < B; i = next.fetch_add(1))
         augment_sample<scalar_t>(samples[i], out_size, k, thr, mp, sp, dst + i * per_sample,
                                  sc);
     });

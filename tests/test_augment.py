@@ -538,3 +538,14 @@ def test_augment_demo_png(tmp_path):
     idat = data[data.index(b"IDAT") + 4:data.index(b"IEND") - 8]
     rows = zlib.decompress(idat)
     assert len(rows) == h * (1 + 3 * w)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiny_output_and_strided_input(backend):
+    # out_size 1 (a one-tap blur: the identity) and 2; a channels_last (non-contiguous) batch.
+    x = _images("uint8", 3, hw=(9, 7)).contiguous(memory_format=torch.channels_last)
+    for out in (1, 2):
+        p = _all_on(sample_params(3, (9, 7), out, "byol", 0, _gen(out)))
+        got = apply(x, p, out, **UNIT, backend=backend)
+        ref = apply(x, p, out, **UNIT, backend="reference")
+        assert got.shape == (3, 3, out, out) and _max_diff(got, ref) <= TOL

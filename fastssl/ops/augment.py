@@ -392,6 +392,9 @@ def ssl_augment(images: list, params, out_size: int, mean: torch.Tensor, std: to
     K = int(taps.shape[1])
     if not (K // 2 < out_size or K == 1):
         raise ValueError(f"a blur kernel of {K} taps needs out_size > {K // 2}")
+    if K == 1:  # one tap of weight 1: the blur is the identity, and its passes are skipped
+        flags = flags.clone()
+        flags[:, _BLUR] = False
     dev = lambda t: t.to(device, non_blocking=True)  # noqa: E731
     hw = dev(torch.tensor(sizes, dtype=torch.int32).reshape(-1))
     img_off, crop = dev(img_off), dev(crop.to(torch.int32))
@@ -413,7 +416,7 @@ def ssl_augment(images: list, params, out_size: int, mean: torch.Tensor, std: to
                                       thr, out_size, n_blocks, BLOCK=BLOCK,
                                       NB=triton.next_power_of_2(n_blocks),
                                       **_launch_opts(out_dtype))
-    if bool(params.blur.any()) and K > 1:
+    if bool(flags[:, _BLUR].any()):
         tmp = torch.empty_like(work)
         augment_blur_h_kernel[grid](work, tmp, flags, taps, out_size, K, BLOCK=BLOCK,
                                     num_warps=NUM_WARPS, enable_fp_fusion=False)

@@ -15,6 +15,7 @@ COMMANDS = {
     "info": ("fastssl.info", "what is available: C++ extension, Triton, CUDA (and why not)"),
     "bench": ("fastssl.bench.cli", "fused vs reference vs torch.compile: time and peak memory"),
     "gpu-report": ("fastssl.gpu_report", "compile Triton/CUDA kernels for sm_80/sm_90: regs, spills"),
+    "augment-demo": ("fastssl.augment_demo", "PNG grid of test images and their augmented views"),
 }
 
 

@@ -1,0 +1,146 @@
+"""Measuring one benchmark case: time (median of repeats, warm) and peak extra memory.
+
+Runs inside a fresh worker process per (op, provider, size) (see :mod:`fastssl.bench.worker`),
+so one case's allocations and caches never colour another's memory figure.
+
+* Time: ``time.perf_counter`` around the mode (forward / backward / both), after one untimed
+  run of that mode (``torch.compile`` compiles there, outside every timed region); CUDA is
+  synchronised before reading the clock.
+* Peak extra memory: CPU -- the process' resident-set high-water mark (VmHWM) minus the
+  resident set just before the run, after resetting the mark (``/proc/self/clear_refs`` = 5);
+  the worker runs with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed blocks return to the OS and
+  the baseline is honest. CUDA -- ``torch.cuda.max_memory_allocated`` minus the allocation
+  before the run.
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+
+import torch
+
+MODES = ("forward", "backward", "both")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_cpu_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """Context manager: ``.mb`` = peak extra memory (MiB) inside the block, or None."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.mb = device, None
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            self._ok = _reset_cpu_peak()
+            self._base = _status_kb("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.mb = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+        elif self._ok and self._base is not None:
+            peak = _status_kb("VmHWM")
+            self.mb = max(0, peak - self._base) / 1024 if peak is not None else None
+        return False
+
+
+def run_mode(fn, inputs: dict, mode: str, device: torch.device) -> float:
+    """Runs one mode once and returns its seconds (backward: the forward is not timed)."""
+    if mode == "forward":
+        _sync(device)
+        t0 = time.perf_counter()
+        out = fn(inputs)
+        _sync(device)
+        dt = time.perf_counter() - t0
+        del out
+        return dt
+    if mode == "backward":
+        out = fn(inputs)
+        loss = out if out.dim() == 0 else out.sum()
+        _sync(device)
+        t0 = time.perf_counter()
+        loss.backward()
+        _sync(device)
+        dt = time.perf_counter() - t0
+    else:  # both
+        _sync(device)
+        t0 = time.perf_counter()
+        out = fn(inputs)
+        loss = out if out.dim() == 0 else out.sum()
+        loss.backward()
+        _sync(device)
+        dt = time.perf_counter() - t0
+    for v in inputs.values():
+        if isinstance(v, torch.Tensor) and v.grad is not None:
+            v.grad = None
+    return dt
+
+
+def measure(fn, make_inputs, mode: str, device: torch.device, repeat: int,
+            max_seconds: float = 60.0) -> dict:
+    """Peak memory of the first run of ``mode`` (the warm-up: cold for eager providers,
+    post-compile for torch.compile providers whose compile ran earlier), then ``repeat`` timed
+    runs (fewer if the total would pass ``max_seconds``)."""
+    inputs = make_inputs()
+    with PeakMemory(device) as pm:
+        first = run_mode(fn, inputs, mode, device)
+    times = []
+    budget = max_seconds - first
+    for _ in range(max(1, repeat)):
+        times.append(run_mode(fn, inputs, mode, device))
+        budget -= times[-1]
+        if budget <= 0:
+            break
+    times.sort()
+    q = lambda p: times[min(len(times) - 1, int(p * len(times)))]  # noqa: E731
+    return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * times[0],
+            "p20_ms": 1e3 * q(0.2), "p80_ms": 1e3 * q(0.8), "runs": len(times),
+            "peak_mb": pm.mb}
+
+
+def matmul_gflops(device: torch.device, n: int = 2048, k: int = 128, reps: int = 10) -> float:
+    """FP32 GEMM throughput of this machine at NT-Xent's tile shape (n x k times k x n):
+    the yardstick of the "fraction of the floor" figures."""
+    a = torch.randn(n, k, device=device)
+    b = torch.randn(n, k, device=device)
+    for _ in range(2):
+        a @ b.T
+    best = float("inf")
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b.T
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n * n * k / best / 1e9

@@ -28,13 +28,11 @@ def info_nce(query, key, queue=None, temperature=0.07, *, normalize=True, backen
 
 
 @torch.no_grad()
-def ema_update_(target_module, online_module, momentum):
-    """SHIM: target <- momentum * target + (1 - momentum) * online (params); buffers copied."""
+def ema_update_(target_module, online_module, momentum, *, buffers=False, backend="auto"):
+    """SHIM: target <- momentum * target + (1 - momentum) * online (parameters)."""
     t = [p for p in target_module.parameters()]
     o = [p.detach() for p in online_module.parameters()]
     torch._foreach_lerp_(t, o, 1.0 - float(momentum))
-    for bt, bo in zip(target_module.buffers(), online_module.buffers()):
-        bt.copy_(bo)
 
 
 def momentum_schedule(step, total_steps, base=0.996, final=1.0):
@@ -46,7 +44,7 @@ def momentum_schedule(step, total_steps, base=0.996, final=1.0):
 class MoCoQueue:
     """SHIM: a (size, dim) ring buffer of unit keys; the write pointer stays a tensor."""
 
-    def __init__(self, dim, size, *, device=None, dtype=torch.float32):
+    def __init__(self, dim, size, *, dtype=torch.float32, device=None, backend="auto"):
         self.buffer = F.normalize(torch.randn(size, dim, device=device, dtype=dtype), dim=1)
         self.ptr = torch.zeros((), dtype=torch.long, device=device)
         self.size = size
@@ -106,7 +104,7 @@ class SSLAugment:
     with the ImageNet mean/std. Jitter order is fixed (b, c, s, h) in this shim.
     """
 
-    def __init__(self, out_size, recipe="simclr", generator=None):
+    def __init__(self, out_size, recipe="simclr", *, backend="auto", generator=None):
         if recipe not in _RECIPES:
             raise ValueError(f"recipe must be one of {tuple(_RECIPES)}, got {recipe!r}")
         self.out_size, self.recipe = out_size, recipe

@@ -16,7 +16,7 @@ fitting):
 "The same way" means: BatchNorm running statistics re-estimated on the clean training images
 (both encoders), eval mode, features standardised with training-split statistics, then
 multinomial logistic regression by L-BFGS with the L2 strength picked on a 20% validation cut of
-the training split from {1e-4, 1e-3, 1e-2, 1e-1}, refitted on the whole training split.
+the training split from {1e-1, 1e-2, 1e-3, 1e-4}, refitted on the whole training split.
 
 Example:
     $ fastssl train --method simclr --json
@@ -35,7 +35,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as datasets
-from . import reference
 from ._progress import Progress
 from .functional import nt_xent
 # TEMPORARY (issue 7): shims until fastssl.info_nce / fastssl.moco / fastssl.augment land.
@@ -153,15 +152,6 @@ NO_TIMER = _NoTimer()
 # The SSL model and its training step
 # ---------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def _ema_loop_(target: nn.Module, online: nn.Module, m: float) -> None:
-    """The classic per-tensor EMA loop (the ``reference`` backend's momentum update)."""
-    for pt, po in zip(target.parameters(), online.parameters()):
-        pt.mul_(m).add_(po.detach(), alpha=1 - m)
-    for bt, bo in zip(target.buffers(), online.buffers()):
-        bt.copy_(bo)
-
-
 class SSLModel(nn.Module):
     """Encoder + heads + optimiser for one SSL method, and its training :meth:`step`.
 
@@ -172,9 +162,10 @@ class SSLModel(nn.Module):
     * ``byol``: online encoder+projector+predictor on both views, momentum target on both,
       symmetric normalised-MSE, momentum on BYOL's cosine schedule from ``momentum``.
 
-    ``backend="fused"`` uses fastssl's fused loss / augmentation / EMA / queue,
-    ``"reference"`` the plain-PyTorch equivalents (``fastssl.reference``, a per-tensor EMA
-    loop), so ``fastssl profile --backend both`` compares the two on the same model.
+    ``backend="fused"`` uses fastssl's fused loss / augmentation / EMA / queue (each op's
+    ``backend="auto"``: C++ on CPU, Triton on CUDA), ``"reference"`` their plain-PyTorch
+    references (``backend="reference"``), so ``fastssl profile --backend both`` compares the
+    two on the same model.
     """
 
     def __init__(self, method: str, *, backend: str = "fused", width: int = 32,
@@ -188,6 +179,7 @@ class SSLModel(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.method, self.backend = method, backend
+        self.op_backend = "auto" if backend == "fused" else "reference"
         self.device = torch.device(device)
         torch.manual_seed(seed)
         self.encoder = ResNetEncoder(width)
@@ -205,7 +197,8 @@ class SSLModel(nn.Module):
             for p in [*self.target_encoder.parameters(), *self.target_projector.parameters()]:
                 p.requires_grad_(False)
         if method == "moco":
-            self.queue = MoCoQueue(proj_dim, queue_size, device=self.device)
+            self.queue = MoCoQueue(proj_dim, queue_size, device=self.device,
+                                   backend=self.op_backend)
         self.to(self.device)
         self.initial_encoder.requires_grad_(False)
         params = [p for n, p in self.named_parameters()
@@ -214,23 +207,18 @@ class SSLModel(nn.Module):
         self.lr = lr
         self.warmup_steps = warmup_steps
         gen = torch.Generator().manual_seed(seed + 1)
-        self.augment = SSLAugment(image_size, recipe=RECIPE[method], generator=gen)
+        self.augment = SSLAugment(image_size, recipe=RECIPE[method], backend=self.op_backend,
+                                  generator=gen)
         self._perm_gen = torch.Generator().manual_seed(seed + 2)
 
     # -- the pieces that differ between backends -----------------------------------------
     def _contrastive(self, a, b, queue=None):
         if self.method == "simclr":
-            if self.backend == "fused":
-                return nt_xent(a, b, self.temperature)
-            return reference.nt_xent(a, b, self.temperature)
-        # TEMPORARY: fused and reference both run the InfoNCE shim until fastssl.info_nce lands
-        return info_nce(a, b, queue, self.temperature)
+            return nt_xent(a, b, self.temperature, backend=self.op_backend)
+        return info_nce(a, b, queue, self.temperature, backend=self.op_backend)
 
     def _ema(self, target, online, m):
-        if self.backend == "fused":
-            ema_update_(target, online, m)
-        else:
-            _ema_loop_(target, online, m)
+        ema_update_(target, online, m, backend=self.op_backend)
 
     def _lr_at(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -305,10 +293,10 @@ def _normalise(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode(encoder: nn.Module, images: torch.Tensor, calibrate: torch.Tensor,
-           batch: int = 512) -> torch.Tensor:
-    """Frozen features of ``images`` (uint8) from a copy of ``encoder`` whose BatchNorm
-    running statistics were re-estimated on ``calibrate`` (uint8, clean images)."""
+def encode(encoder: nn.Module, image_sets, calibrate: torch.Tensor,
+           batch: int = 512) -> list:
+    """Frozen features of each uint8 tensor in ``image_sets``, from a copy of ``encoder``
+    whose BatchNorm running statistics were re-estimated on ``calibrate`` (clean uint8)."""
     enc = copy.deepcopy(encoder)
     dev = next(enc.parameters()).device
     for m in enc.modules():
@@ -319,14 +307,16 @@ def encode(encoder: nn.Module, images: torch.Tensor, calibrate: torch.Tensor,
     for i in range(0, calibrate.shape[0], batch):
         enc(_normalise(calibrate[i:i + batch].to(dev)))
     enc.eval()
-    return torch.cat([enc(_normalise(images[i:i + batch].to(dev))).cpu()
-                      for i in range(0, images.shape[0], batch)])
+    return [torch.cat([enc(_normalise(images[i:i + batch].to(dev))).cpu()
+                       for i in range(0, images.shape[0], batch)]) for images in image_sets]
 
 
-def _fit_logreg(x, y, n_classes, l2, max_iter=150):
-    w = torch.zeros(x.shape[1], n_classes, requires_grad=True)
-    b = torch.zeros(n_classes, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20,
+def _fit_logreg(x, y, n_classes, l2, init=None, max_iter=50):
+    w = (torch.zeros(x.shape[1], n_classes) if init is None else init[0].clone())
+    b = (torch.zeros(n_classes) if init is None else init[1].clone())
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=10,
                             line_search_fn="strong_wolfe")
 
     def closure():
@@ -339,10 +329,14 @@ def _fit_logreg(x, y, n_classes, l2, max_iter=150):
     return w.detach(), b.detach()
 
 
-def linear_probe(x_train, y_train, x_test, y_test, *, l2_grid=(1e-4, 1e-3, 1e-2, 1e-1),
+def linear_probe(x_train, y_train, x_test, y_test, *, l2_grid=(1e-1, 1e-2, 1e-3, 1e-4),
                  seed: int = 0) -> float:
-    """Held-out accuracy of a multinomial logistic regression on standardised features, L2
-    strength chosen on a 20% validation cut of the training split. Pure torch (L-BFGS)."""
+    """Held-out accuracy of a multinomial logistic regression on standardised features.
+
+    The L2 strength is chosen on a 20% validation cut of the training split (fits along
+    ``l2_grid`` from strong to weak, each warm-started from the previous one), then the model
+    is refitted on the whole training split. Pure torch (L-BFGS), no scikit-learn.
+    """
     x_train, x_test = x_train.float(), x_test.float()
     mu, sd = x_train.mean(0), x_train.std(0).clamp(min=1e-6)
     x_train, x_test = (x_train - mu) / sd, (x_test - mu) / sd
@@ -350,13 +344,14 @@ def linear_probe(x_train, y_train, x_test, y_test, *, l2_grid=(1e-4, 1e-3, 1e-2,
     perm = torch.randperm(x_train.shape[0], generator=torch.Generator().manual_seed(seed))
     n_val = x_train.shape[0] // 5
     val, fit = perm[:n_val], perm[n_val:]
-    best = None
+    x_fit, y_fit = x_train[fit].contiguous(), y_train[fit]
+    best, init = None, None
     for l2 in l2_grid:
-        w, b = _fit_logreg(x_train[fit], y_train[fit], n_classes, l2)
-        acc = ((x_train[val] @ w + b).argmax(1) == y_train[val]).float().mean().item()
+        init = _fit_logreg(x_fit, y_fit, n_classes, l2, init)
+        acc = ((x_train[val] @ init[0] + init[1]).argmax(1) == y_train[val]).float().mean().item()
         if best is None or acc > best[0]:
-            best = (acc, l2)
-    w, b = _fit_logreg(x_train, y_train, n_classes, best[1])
+            best = (acc, l2, init)
+    w, b = _fit_logreg(x_train, y_train, n_classes, best[1], best[2])
     return ((x_test @ w + b).argmax(1) == y_test).float().mean().item()
 
 
@@ -424,8 +419,24 @@ def train(method: str = "simclr", data: str = "shapes", *, epochs=None, batch=No
     total = epochs * steps_per_epoch
     model = SSLModel(method, width=width, lr=lr, total_steps=total,
                      warmup_steps=min(steps_per_epoch, total // 10), device=device, seed=seed)
+    y_tr, y_te = ds.labels[ds.train], ds.labels[ds.test]
+    acc = {}
+
+    def probe(name, enc):
+        f_tr, f_te = encode(enc, [x_train, ds.images[ds.test]], calibrate=x_train)
+        acc[name] = linear_probe(f_tr, y_tr, f_te, y_te, seed=seed)
+
+    # The baselines first (they do not depend on SSL): the encoder's random initialisation
+    # (the very weights SSL starts from) and the raw pixels.
+    probe("random", model.initial_encoder)
+    acc["pixel"] = linear_probe(ds.pixels[ds.train], y_tr, ds.pixels[ds.test], y_te, seed=seed)
+    if progress:
+        print(f"baselines: random-init probe {acc['random']:.3f}, pixel probe "
+              f"{acc['pixel']:.3f}", file=sys.stderr)
+
     gen = torch.Generator().manual_seed(seed + 3)
     losses = []
+    t_ssl = time.perf_counter()
     bar = Progress(total, f"{method}/{data}", enabled=progress)
     for _ in range(epochs):
         perm = torch.randperm(x_train.shape[0], generator=gen)
@@ -434,16 +445,8 @@ def train(method: str = "simclr", data: str = "shapes", *, epochs=None, batch=No
             losses.append(float(model.step(imgs)))
             bar.update(loss=losses[-1])
     bar.close()
-    t_ssl = time.perf_counter() - t0
-
-    y_tr, y_te = ds.labels[ds.train], ds.labels[ds.test]
-    calib = x_train
-    acc = {}
-    for name, enc in (("ssl", model.encoder), ("random", model.initial_encoder)):
-        f_tr = encode(enc, x_train, calib)
-        f_te = encode(enc, ds.images[ds.test], calib)
-        acc[name] = linear_probe(f_tr, y_tr, f_te, y_te, seed=seed)
-    acc["pixel"] = linear_probe(ds.pixels[ds.train], y_tr, ds.pixels[ds.test], y_te, seed=seed)
+    t_ssl = time.perf_counter() - t_ssl
+    probe("ssl", model.encoder)
     return {"method": method, "data": data, "epochs": epochs,
             "ssl_probe_acc": round(acc["ssl"], 4), "random_probe_acc": round(acc["random"], 4),
             "pixel_probe_acc": round(acc["pixel"], 4),

@@ -27,7 +27,14 @@ def _flag(name: str) -> bool:
 def extension_modules():
     if _flag("FASTSSL_NO_EXT"):
         return [], {}
-    import torch
+    try:
+        import torch
+    except ImportError as exc:
+        raise SystemExit(
+            "fastssl's C++ extension builds against the installed torch, which was not found. "
+            "Install torch first (pip install torch==2.13.0), then build without isolation: "
+            "pip install --no-build-isolation -e .   (or set FASTSSL_NO_EXT=1 to skip the "
+            "extension)") from exc
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     sources = ["csrc/fastssl.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))

@@ -16,6 +16,7 @@ COMMANDS = {
     "bench": ("fastssl.bench.cli", "fused vs reference vs torch.compile: time and peak memory"),
     "profile": ("fastssl.profiling", "per-phase time and peak memory of an SSL training step"),
     "train": ("fastssl.training", "SSL pre-training on embedded data + three linear probes"),
+    "gpu-report": ("fastssl.gpu_report", "compile Triton/CUDA kernels for sm_80/sm_90: regs, spills"),
 }
 
 

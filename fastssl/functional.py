@@ -71,13 +71,14 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature=0.1, *, normalize: b
         raise NotImplementedError("nt_xent(gather=True) (global negatives across ranks) is "
                                   "not implemented yet")
     be = _dispatch.resolve(backend, z1.device, op="nt_xent", cpp_op="ntxent_fwd",
-                           has_triton=False)
+                           has_triton=True)
     if be == "reference" or z1.dtype == torch.float64:
         return reference.nt_xent(z1, z2, temp, normalize=normalize, reduction=reduction,
                                  decoupled=decoupled)
     if be == "cpp":
         from .cpp import ntxent as cpp_ntxent
         rows = cpp_ntxent.nt_xent_rows(z1, z2, temp, normalize, decoupled)
-    else:  # pragma: no cover - wired by the Triton issue
-        raise RuntimeError("nt_xent: the Triton backend is not wired yet")
+    else:
+        from .ops import ntxent as triton_ntxent
+        rows = triton_ntxent.nt_xent_rows(z1, z2, temp, normalize, decoupled)
     return _validate.reduce(rows, reduction)

@@ -1,0 +1,63 @@
+"""Shared switches for every Triton kernel in ``fastssl/ops`` (the ONE place that knows about
+the Triton interpreter and about fp32 tensor-core precision).
+
+* ``INTERPRET``: ``TRITON_INTERPRET=1`` was set before import; kernels then run on CPU tensors
+  (tests only). Read once, like Triton itself does.
+* ``dot_in_fp32(dtype)``: the interpreter stores bf16 as uint16 and its ``tl.dot`` multiplies
+  the raw bit patterns (triton-lang/triton#11584). Launchers pass this as a constexpr; kernels
+  then cast bf16 dot operands to fp32 first. A product of two bf16 values is exact in fp32, so
+  the math equals the tensor-core path up to summation order. Never true on a GPU.
+* ``fp32_dot_precision()``: how ``tl.dot`` treats **fp32** inputs on a GPU, from
+  ``FASTSSL_FP32_DOT``: ``"bf16x3"`` (default: each operand split in two bf16 halves, three
+  tensor-core products, ~1e-5 relative, 3x the bf16 tensor-core work), ``"tf32"`` (one TF32
+  product: fastest, ~1e-3 relative: below fp32's 1e-4 bar), ``"tf32x3"`` (~1e-6, but its
+  operand halves spill registers in fastssl's tiles: see ``fastssl gpu-report``) or ``"ieee"``
+  (exact fp32 FMAs on CUDA cores: no tensor cores, slowest). bf16/fp16 inputs always use the
+  tensor cores with fp32 accumulation; the switch does not apply to them. Under the
+  interpreter fp32 products are exact whatever the switch says.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+FP32_DOT_PRECISIONS = ("bf16x3", "tf32", "tf32x3", "ieee")
+
+# torch dtype -> Triton signature type (for ahead-of-time compilation) and back.
+TL_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+# What the launchers assume for the SM count under the interpreter: small, so that the
+# column-split path of the grids is exercised by small test shapes.
+INTERPRET_NUM_SMS = 16
+
+
+def dot_in_fp32(dtype: torch.dtype) -> bool:
+    return INTERPRET and dtype == torch.bfloat16
+
+
+def fp32_dot_precision() -> str:
+    """``tl.dot(input_precision=...)`` for fp32 inputs; see the module docstring."""
+    value = os.environ.get("FASTSSL_FP32_DOT", "bf16x3") or "bf16x3"
+    if value not in FP32_DOT_PRECISIONS:
+        raise ValueError(f"FASTSSL_FP32_DOT must be one of {FP32_DOT_PRECISIONS}, got {value!r}")
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (``INTERPRET_NUM_SMS`` on CPU tensors)."""
+    if device.type != "cuda":
+        return INTERPRET_NUM_SMS
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(int(x) - 1, 0).bit_length()

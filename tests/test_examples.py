@@ -5,6 +5,7 @@ import math
 import os
 
 import pytest
+import torch
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
@@ -13,6 +14,15 @@ TINY = {
     "moco_v2": ["--steps", "3", "--batch", "16", "--width", "4", "--queue", "40"],
     "byol": ["--steps", "2", "--batch", "16", "--width", "4"],
 }
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: one thread avoids OpenMP barrier waits on a busy 2-core runner.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _load(name):

@@ -12,6 +12,15 @@ TINY_PROFILE = ["--batch", "16", "--steps", "3", "--warmup", "1", "--width", "4"
                 "--queue", "64", "--quiet"]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: one thread avoids OpenMP barrier waits on a busy 2-core runner.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _last_json(out):
     return json.loads(out.strip().splitlines()[-1])
 
@@ -27,7 +36,7 @@ def test_profile_json_phases_tile_the_step(method, capsys):
     share = sum(res["phases_ms"].values()) / res["step_ms"]
     assert 0.90 <= share <= 1.05, share
     assert res["peak_mb"] is not None and res["peak_mb"] >= 0
-    assert res["images_per_s"] == pytest.approx(16 * 1000 / res["step_ms"], rel=1e-2)
+    assert res["images_per_s"] == pytest.approx(16 * 1000 / res["step_ms"], rel=1e-2, abs=0.06)
 
 
 def test_profile_reference_backend_and_trace(tmp_path, capsys):

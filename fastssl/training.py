@@ -1,0 +1,486 @@
+"""``fastssl train``: SSL pre-training on an embedded dataset with the fused parts, then
+three linear probes on the same held-out split.
+
+The pieces a user would copy live here too: a small ResNet-style encoder, the SimCLR / MoCo v2
+/ BYOL training step (:class:`SSLModel`, also what ``fastssl profile`` times), and a
+torch-only logistic-regression probe (no scikit-learn).
+
+Probes (identical procedure for all three; held-out split never seen by SSL or by the probe's
+fitting):
+
+* **SSL** -- the pre-trained encoder, frozen: global-average-pooled features;
+* **random** -- the *same* encoder at its random initialisation (the very weights SSL started
+  from), features computed the same way;
+* **pixels** -- the raw pixels (native resolution, scaled to [0, 1]).
+
+"The same way" means: BatchNorm running statistics re-estimated on the clean training images
+(both encoders), eval mode, features standardised with training-split statistics, then
+multinomial logistic regression by L-BFGS with the L2 strength picked on a 20% validation cut of
+the training split from {1e-1, 1e-2, 1e-3, 1e-4}, refitted on the whole training split.
+
+Example:
+    $ fastssl train --method simclr --json
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import data as datasets
+from ._progress import Progress
+from .functional import nt_xent
+# TEMPORARY (issue 7): shims until fastssl.info_nce / fastssl.moco / fastssl.augment land.
+from ._shims import MoCoQueue, SSLAugment, ema_update_, info_nce, momentum_schedule
+
+METHODS = ("simclr", "moco", "byol")
+BACKENDS = ("fused", "reference")
+PHASES = ("augmentation", "encoder_forward", "loss_forward", "backward", "optimizer",
+          "ema_queue")
+RECIPE = {"simclr": "simclr", "moco": "mocov2", "byol": "byol"}
+# The normalisation SSLAugment applies to its views; features for the probes use the same.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+# ---------------------------------------------------------------------------------------
+# Models: a small ResNet for 32x32 inputs, MLP heads
+# ---------------------------------------------------------------------------------------
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.short = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.short = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                       nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + self.short(x))
+
+
+class ResNetEncoder(nn.Module):
+    """ResNet-style encoder: stem conv (stride 2) then 3 stages of one basic block each
+    (widths w, 2w, 4w; strides 1, 2, 2), global average pool. (B, 3, 32, 32) -> (B, 4w).
+
+    Example:
+        >>> enc = ResNetEncoder(width=8)
+        >>> enc(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 32])
+    """
+
+    def __init__(self, width: int = 32, in_channels: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 2, 1, bias=False),
+                                  nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        self.stages = nn.Sequential(BasicBlock(width, width), BasicBlock(width, 2 * width, 2),
+                                    BasicBlock(2 * width, 4 * width, 2))
+        self.out_dim = 4 * width
+
+    def forward(self, x):
+        return self.stages(self.stem(x)).mean((2, 3))
+
+
+def mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.BatchNorm1d(d_hidden),
+                         nn.ReLU(inplace=True), nn.Linear(d_hidden, d_out))
+
+
+# ---------------------------------------------------------------------------------------
+# Phase timer: perf_counter boundaries that tile the step
+# ---------------------------------------------------------------------------------------
+
+class PhaseTimer:
+    """``phase(name)`` ends the running phase and starts ``name``; ``end()`` ends the last.
+    Consecutive phases share their boundary, so the phases tile the step exactly. On CUDA each
+    boundary synchronises the device (so the time lands in the phase that queued the work).
+    With ``annotate``, each phase is also a ``torch.profiler.record_function`` range."""
+
+    def __init__(self, device: torch.device, annotate: bool = False):
+        self.sync = device.type == "cuda"
+        self.annotate = annotate
+        self.totals = dict.fromkeys(PHASES, 0.0)
+        self._name = None
+        self._t = 0.0
+        self._rf = None
+
+    def _now(self) -> float:
+        if self.sync:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def phase(self, name: str) -> None:
+        now = self._now()
+        if self._name is not None:
+            self.totals[self._name] += now - self._t
+        if self._rf is not None:
+            self._rf.__exit__(None, None, None)
+            self._rf = None
+        self._name, self._t = name, now
+        if self.annotate and name is not None:
+            self._rf = torch.profiler.record_function(f"fastssl::{name}")
+            self._rf.__enter__()
+
+    def end(self) -> None:
+        self.phase(None)
+
+
+class _NoTimer:
+    def phase(self, name):
+        pass
+
+    def end(self):
+        pass
+
+
+NO_TIMER = _NoTimer()
+
+
+# ---------------------------------------------------------------------------------------
+# The SSL model and its training step
+# ---------------------------------------------------------------------------------------
+
+class SSLModel(nn.Module):
+    """Encoder + heads + optimiser for one SSL method, and its training :meth:`step`.
+
+    * ``simclr``: encoder -> projector on both views (one batch of 2B), NT-Xent (tau 0.2).
+    * ``moco`` (v2): query encoder+projector on view 0, momentum key encoder on view 1
+      (keys computed in 2 shuffled halves: single-process ShuffleBN), InfoNCE against a queue
+      (tau 0.2), EMA update + enqueue after the optimiser step.
+    * ``byol``: online encoder+projector+predictor on both views, momentum target on both,
+      symmetric normalised-MSE, momentum on BYOL's cosine schedule from ``momentum``.
+
+    ``backend="fused"`` uses fastssl's fused loss / augmentation / EMA / queue (each op's
+    ``backend="auto"``: C++ on CPU, Triton on CUDA), ``"reference"`` their plain-PyTorch
+    references (``backend="reference"``), so ``fastssl profile --backend both`` compares the
+    two on the same model.
+    """
+
+    def __init__(self, method: str, *, backend: str = "fused", width: int = 32,
+                 proj_dim: int = 64, hidden: int = 256, image_size: int = 32,
+                 queue_size: int = 4096, momentum: float | None = None, lr: float = 2e-3,
+                 weight_decay: float = 1e-5, total_steps: int = 1000, warmup_steps: int = 0,
+                 device="cpu", seed: int = 0):
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.method, self.backend = method, backend
+        self.op_backend = "auto" if backend == "fused" else "reference"
+        self.device = torch.device(device)
+        torch.manual_seed(seed)
+        self.encoder = ResNetEncoder(width)
+        self.projector = mlp(self.encoder.out_dim, hidden, proj_dim)
+        self.initial_encoder = copy.deepcopy(self.encoder)  # for the random-init probe
+        self.temperature = 0.2
+        self.total_steps = total_steps
+        self.step_count = 0
+        if method == "byol":
+            self.predictor = mlp(proj_dim, hidden, proj_dim)
+        if method in ("moco", "byol"):
+            self.momentum = momentum if momentum is not None else 0.99
+            self.target_encoder = copy.deepcopy(self.encoder)
+            self.target_projector = copy.deepcopy(self.projector)
+            for p in [*self.target_encoder.parameters(), *self.target_projector.parameters()]:
+                p.requires_grad_(False)
+        if method == "moco":
+            self.queue = MoCoQueue(proj_dim, queue_size, device=self.device,
+                                   backend=self.op_backend)
+        self.to(self.device)
+        self.initial_encoder.requires_grad_(False)
+        params = [p for n, p in self.named_parameters()
+                  if p.requires_grad and not n.startswith(("target_", "initial_"))]
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        self.lr = lr
+        self.warmup_steps = warmup_steps
+        gen = torch.Generator().manual_seed(seed + 1)
+        self.augment = SSLAugment(image_size, recipe=RECIPE[method], backend=self.op_backend,
+                                  generator=gen)
+        self._perm_gen = torch.Generator().manual_seed(seed + 2)
+
+    # -- the pieces that differ between backends -----------------------------------------
+    def _contrastive(self, a, b, queue=None):
+        if self.method == "simclr":
+            return nt_xent(a, b, self.temperature, backend=self.op_backend)
+        return info_nce(a, b, queue, self.temperature, backend=self.op_backend)
+
+    def _ema(self, target, online, m):
+        ema_update_(target, online, m, backend=self.op_backend)
+
+    def _lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        frac = (step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1)
+        return self.lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+    # -- one training step, phase by phase -----------------------------------------------
+    def step(self, images: torch.Tensor, timer=NO_TIMER) -> torch.Tensor:
+        """One SSL step on a uint8 batch (B, 3, H, W); returns the detached loss."""
+        self.train()
+        timer.phase("augmentation")
+        v0, v1 = self.augment(images)
+        v0, v1 = v0.to(self.device, non_blocking=True), v1.to(self.device, non_blocking=True)
+        B = v0.shape[0]
+
+        timer.phase("encoder_forward")
+        if self.method == "simclr":
+            z = self.projector(self.encoder(torch.cat([v0, v1])))
+        elif self.method == "moco":
+            q = self.projector(self.encoder(v0))
+            with torch.no_grad():  # ShuffleBN: keys in 2 halves of a shuffled batch
+                perm = torch.randperm(B, generator=self._perm_gen).to(self.device)
+                halves = [self.target_projector(self.target_encoder(h))
+                          for h in v1[perm].chunk(2)]
+                k = torch.empty_like(q)
+                k[perm] = torch.cat(halves)
+        else:
+            p = self.predictor(self.projector(self.encoder(torch.cat([v0, v1]))))
+            with torch.no_grad():
+                t = self.target_projector(self.target_encoder(torch.cat([v0, v1])))
+
+        timer.phase("loss_forward")
+        if self.method == "simclr":
+            loss = self._contrastive(z[:B], z[B:])
+        elif self.method == "moco":
+            loss = self._contrastive(q, k, self.queue.buffer)
+        else:  # BYOL: 2 - 2 cos(p, t) with the views swapped, averaged
+            p, t = F.normalize(p, dim=1), F.normalize(t, dim=1)
+            loss = (2 - 2 * (p[:B] * t[B:]).sum(1)).mean() + (2 - 2 * (p[B:] * t[:B]).sum(1)).mean()
+
+        timer.phase("backward")
+        loss.backward()
+
+        timer.phase("optimizer")
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr_at(self.step_count)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        timer.phase("ema_queue")
+        if self.method in ("moco", "byol"):
+            m = (momentum_schedule(self.step_count, self.total_steps, base=self.momentum)
+                 if self.method == "byol" else self.momentum)
+            self._ema(self.target_encoder, self.encoder, m)
+            self._ema(self.target_projector, self.projector, m)
+            if self.method == "moco":
+                self.queue.enqueue(F.normalize(k, dim=1))
+        self.step_count += 1
+        timer.end()
+        return loss.detach()
+
+
+# ---------------------------------------------------------------------------------------
+# Frozen features and the linear probe
+# ---------------------------------------------------------------------------------------
+
+def _normalise(images: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+@torch.no_grad()
+def encode(encoder: nn.Module, image_sets, calibrate: torch.Tensor,
+           batch: int = 512) -> list:
+    """Frozen features of each uint8 tensor in ``image_sets``, from a copy of ``encoder``
+    whose BatchNorm running statistics were re-estimated on ``calibrate`` (clean uint8)."""
+    enc = copy.deepcopy(encoder)
+    dev = next(enc.parameters()).device
+    for m in enc.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the calibration batches
+    enc.train()
+    for i in range(0, calibrate.shape[0], batch):
+        enc(_normalise(calibrate[i:i + batch].to(dev)))
+    enc.eval()
+    return [torch.cat([enc(_normalise(images[i:i + batch].to(dev))).cpu()
+                       for i in range(0, images.shape[0], batch)]) for images in image_sets]
+
+
+def _fit_logreg(x, y, n_classes, l2, init=None, max_iter=50):
+    w = (torch.zeros(x.shape[1], n_classes) if init is None else init[0].clone())
+    b = (torch.zeros(n_classes) if init is None else init[1].clone())
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=10,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ w + b, y) + 0.5 * l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def linear_probe(x_train, y_train, x_test, y_test, *, l2_grid=(1e-1, 1e-2, 1e-3, 1e-4),
+                 seed: int = 0) -> float:
+    """Held-out accuracy of a multinomial logistic regression on standardised features.
+
+    The L2 strength is chosen on a 20% validation cut of the training split (fits along
+    ``l2_grid`` from strong to weak, each warm-started from the previous one), then the model
+    is refitted on the whole training split. Pure torch (L-BFGS), no scikit-learn.
+    """
+    x_train, x_test = x_train.float(), x_test.float()
+    mu, sd = x_train.mean(0), x_train.std(0).clamp(min=1e-6)
+    x_train, x_test = (x_train - mu) / sd, (x_test - mu) / sd
+    n_classes = int(max(y_train.max(), y_test.max())) + 1
+    perm = torch.randperm(x_train.shape[0], generator=torch.Generator().manual_seed(seed))
+    n_val = x_train.shape[0] // 5
+    val, fit = perm[:n_val], perm[n_val:]
+    x_fit, y_fit = x_train[fit].contiguous(), y_train[fit]
+    best, init = None, None
+    for l2 in l2_grid:
+        init = _fit_logreg(x_fit, y_fit, n_classes, l2, init)
+        acc = ((x_train[val] @ init[0] + init[1]).argmax(1) == y_train[val]).float().mean().item()
+        if best is None or acc > best[0]:
+            best = (acc, l2, init)
+    w, b = _fit_logreg(x_train, y_train, n_classes, best[1], best[2])
+    return ((x_test @ w + b).argmax(1) == y_test).float().mean().item()
+
+
+# ---------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------
+
+DEFAULTS = {  # per dataset: epochs, batch
+    "shapes": dict(epochs=25, batch=128),
+    "digits": dict(epochs=30, batch=128),
+}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--method", choices=METHODS, default="simclr")
+    p.add_argument("--data", choices=datasets.DATASETS, default="shapes")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="SSL epochs (default: 25 on shapes, 30 on digits)")
+    p.add_argument("--batch", type=int, default=None, help="default: 128")
+    p.add_argument("--width", type=int, default=32, help="encoder width w (features: 4w)")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--n-train", type=int, default=None,
+                   help="shapes only: training images (default 2048, held-out 1024; with "
+                        "this flag the held-out split is a quarter of it)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out-dir", default="train_out", help="where the loss-curve PNG goes")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--json", action="store_true", help="last stdout line: a JSON summary")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _plot(losses, steps_per_epoch, path, title) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(len(losses)), losses, lw=0.6, alpha=0.5, label="step")
+    e = [sum(losses[i:i + steps_per_epoch]) / len(losses[i:i + steps_per_epoch])
+         for i in range(0, len(losses), steps_per_epoch)]
+    ax.plot([steps_per_epoch * (i + 0.5) for i in range(len(e))], e, marker="o", ms=3,
+            label="epoch mean")
+    ax.set_xlabel("step")
+    ax.set_ylabel("SSL loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def train(method: str = "simclr", data: str = "shapes", *, epochs=None, batch=None,
+          width: int = 32, lr: float = 2e-3, n_train=None, seed: int = 0, device="cpu",
+          progress: bool = True) -> dict:
+    """Pre-trains, probes, and returns the summary dict (plus ``losses``)."""
+    t0 = time.perf_counter()
+    if data == "shapes" and n_train is not None:
+        ds = datasets.shapes(n_train=n_train, n_test=max(n_train // 4, 64), seed=seed)
+    else:
+        ds = datasets.load(data, seed=seed)
+    epochs = epochs if epochs is not None else DEFAULTS[data]["epochs"]
+    batch = batch if batch is not None else DEFAULTS[data]["batch"]
+    x_train = ds.images[ds.train]
+    batch = min(batch, x_train.shape[0])
+    steps_per_epoch = x_train.shape[0] // batch
+    total = epochs * steps_per_epoch
+    model = SSLModel(method, width=width, lr=lr, total_steps=total,
+                     warmup_steps=min(steps_per_epoch, total // 10), device=device, seed=seed)
+    y_tr, y_te = ds.labels[ds.train], ds.labels[ds.test]
+    acc = {}
+
+    def probe(name, enc):
+        f_tr, f_te = encode(enc, [x_train, ds.images[ds.test]], calibrate=x_train)
+        acc[name] = linear_probe(f_tr, y_tr, f_te, y_te, seed=seed)
+
+    # The baselines first (they do not depend on SSL): the encoder's random initialisation
+    # (the very weights SSL starts from) and the raw pixels.
+    probe("random", model.initial_encoder)
+    acc["pixel"] = linear_probe(ds.pixels[ds.train], y_tr, ds.pixels[ds.test], y_te, seed=seed)
+    if progress:
+        print(f"baselines: random-init probe {acc['random']:.3f}, pixel probe "
+              f"{acc['pixel']:.3f}", file=sys.stderr)
+
+    gen = torch.Generator().manual_seed(seed + 3)
+    losses = []
+    t_ssl = time.perf_counter()
+    bar = Progress(total, f"{method}/{data}", enabled=progress)
+    for _ in range(epochs):
+        perm = torch.randperm(x_train.shape[0], generator=gen)
+        for s in range(steps_per_epoch):
+            imgs = x_train[perm[s * batch:(s + 1) * batch]].to(model.device)
+            losses.append(float(model.step(imgs)))
+            bar.update(loss=losses[-1])
+    bar.close()
+    t_ssl = time.perf_counter() - t_ssl
+    probe("ssl", model.encoder)
+    return {"method": method, "data": data, "epochs": epochs,
+            "ssl_probe_acc": round(acc["ssl"], 4), "random_probe_acc": round(acc["random"], 4),
+            "pixel_probe_acc": round(acc["pixel"], 4),
+            "seconds": round(time.perf_counter() - t0, 1), "ssl_seconds": round(t_ssl, 1),
+            "n_train": int(ds.train.numel()), "n_test": int(ds.test.numel()), "batch": batch,
+            "steps": total, "losses": losses, "steps_per_epoch": steps_per_epoch}
+
+
+def run(args) -> int:
+    res = train(args.method, args.data, epochs=args.epochs, batch=args.batch, width=args.width,
+                lr=args.lr, n_train=args.n_train, seed=args.seed, device=args.device,
+                progress=not args.quiet)
+    plot = None
+    if not args.no_plot:
+        os.makedirs(args.out_dir, exist_ok=True)
+        plot = os.path.join(args.out_dir, f"loss_{res['method']}_{res['data']}.png")
+        _plot(res["losses"], res["steps_per_epoch"], plot,
+              f"fastssl train: {res['method']} on {res['data']}")
+    print(f"fastssl train: {res['method']} on {res['data']} ({res['n_train']} train / "
+          f"{res['n_test']} held-out images), {res['epochs']} epochs x "
+          f"{res['steps_per_epoch']} steps of {res['batch']}, {res['seconds']:.0f} s "
+          f"(SSL {res['ssl_seconds']:.0f} s), {torch.get_num_threads()} threads")
+    print(f"{'linear probe (held-out)':<34}{'accuracy':>10}")
+    for key, label in (("ssl_probe_acc", f"{res['method']} encoder (frozen)"),
+                       ("random_probe_acc", "same encoder, random init"),
+                       ("pixel_probe_acc", "raw pixels")):
+        print(f"{label:<34}{100 * res[key]:>9.1f}%")
+    print(f"SSL loss: {res['losses'][0]:.3f} (first step) -> "
+          f"{sum(res['losses'][-res['steps_per_epoch']:]) / res['steps_per_epoch']:.3f} "
+          f"(last epoch mean)" + (f"; curve: {plot}" if plot else ""))
+    if args.json:
+        keys = ("method", "data", "epochs", "ssl_probe_acc", "random_probe_acc",
+                "pixel_probe_acc", "seconds")
+        print(json.dumps({k: res[k] for k in keys}))
+    sys.stdout.flush()
+    return 0

@@ -17,13 +17,15 @@
 //    image's mean run on the fresh row while it is in L1.
 //    read: crop rows (uint8, 3 ch); write: 3 out^2 fp32.
 //  * Contrast needs mean(gray) of the image as it is *when contrast runs*: pass 1 stops the
-//    colour chain at contrast and accumulates that row's gray sum in double (sequential per
-//    row, rows in order: a deterministic reduction); pass 2 applies contrast and the ops after
-//    it. Without contrast in the chain (no jitter, or factor 1) pass 1 does everything.
+//    colour chain at contrast and accumulates the gray sum in double (8 fixed lanes per row,
+//    rows in order: a deterministic reduction); pass 2 applies contrast and the ops after it.
+//    Without jitter (so without contrast) pass 1 does everything up to the blur.
 //  * Blur reads neighbours, so it is its own pass: horizontal in place on each row (copied to
 //    a reflect-padded scratch row first), then vertical from the buffer straight into the
 //    output with solarize, normalize and the cast fused into the store.
 //    Without blur, the last colour pass stores the output directly.
+//  * The output gets transparent huge pages (advise_huge_pages): its page faults were ~40% of
+//    the CPU time. Samples are handed to threads one at a time (their costs differ).
 //  * Every row loop is a FASTSSL_SIMD_CLONES function (AVX-512 / AVX2 / baseline picked at
 //    run time), branch-free in the inner loop so that GCC vectorises it (hue included: the
 //    HSV sector select is done with compares, not a table).

@@ -137,6 +137,14 @@ void pv_tile(float* __restrict s, int64_t bi, int64_t bj, const float* __restric
   }
 }
 
+FASTSSL_SIMD_CLONES
+float sum_squares(const float* __restrict x, int64_t d) {
+  float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t k = 0; k < d; ++k) ss += x[k] * x[k];
+  return ss;
+}
+
 // Merges the per-thread (max, sum) of `n` entries at `off` inside each thread's block.
 void merge_stats(const std::vector<float>& st, int nthreads, int64_t per, int64_t off, int64_t n,
                  float* out) {
@@ -176,8 +184,13 @@ Operand stage(const at::Tensor& t, bool normalize) {
   at::parallel_for(0, o.n, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* row = o.x + r * d;
-      double ss = 0.0;  // double: no overflow for |x| > 1.8e19; NaN/inf propagate
-      for (int64_t k = 0; k < d; ++k) ss += (double)row[k] * row[k];
+      // fp32 sum of squares (vectorised; MoCo stages a 65536 x 128 queue per call); if it
+      // overflows, redo it in double so that only NaN/inf inputs count as non-finite.
+      double ss = sum_squares(row, d);
+      if (!std::isfinite(ss)) {
+        ss = 0.0;
+        for (int64_t k = 0; k < d; ++k) ss += (double)row[k] * row[k];
+      }
       bad[r] = !std::isfinite(ss);
       const float n = static_cast<float>(std::sqrt(ss));
       const float nc = std::max(n, kNormEps);

@@ -107,8 +107,11 @@ def compile_triton(entry: dict, cap: int, use_cache: bool = True) -> dict:
     key = _entry_key(entry, cap)
     path = os.path.join(CACHE_DIR, f"{key}.json")
     if use_cache and os.path.exists(path):
+        # The key is the compiled configuration, not the report name: entries of different
+        # ops can share one compile (e.g. info_nce's and clip's identical LSE kernels), so the
+        # cached row is re-labelled with this entry's name.
         with open(path) as f:
-            return json.load(f)
+            return dict(json.load(f), kernel=entry["name"])
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -136,8 +139,11 @@ def compile_triton(entry: dict, cap: int, use_cache: bool = True) -> dict:
                shared_bytes=int(compiled.metadata.shared), spill_bytes=spills,
                tensor_cores=bool(tc))
     os.makedirs(CACHE_DIR, exist_ok=True)
-    with open(path, "w") as f:
+    # Atomic: two workers may compile the same configuration under different names.
+    fd, tmp = tempfile.mkstemp(dir=CACHE_DIR, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
         json.dump(row, f)
+    os.replace(tmp, path)
     return row
 
 

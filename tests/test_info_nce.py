@@ -5,6 +5,7 @@ import torch
 import fastssl
 from fastssl import reference
 from family_helpers import DTYPES, compare
+from helpers import assert_close_to_truth
 
 SHAPES = [(1, 5, 7), (3, 33, 300), (257, 20, 513)]  # (N, D, K): odd on purpose
 
@@ -128,3 +129,67 @@ def test_rows_vs_columns_engine(m, nc, d, mask_target):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     for a, b in zip(gg, gw):
         assert ((a.double() - b).abs().max() / b.abs().max()).item() < 1e-4
+
+
+def _core_truth(q, c, alpha, g, h, mask_diag):
+    """fp64 (or low-precision) row LSE of alpha q c^T and alpha P c with both P terms."""
+    s = alpha * (q @ c.T)
+    if mask_diag:
+        eye = torch.eye(q.shape[0], c.shape[0], dtype=torch.bool)
+        s = s.masked_fill(eye, float("-inf"))
+    lse, clse = torch.logsumexp(s, 1), torch.logsumexp(s, 0)
+    p = g[:, None] * torch.exp(s - lse[:, None]) + h[None, :] * torch.exp(s - clse[None, :])
+    return lse, clse, alpha * (p @ c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m,nc,d,mask_diag", [(5, 300, 20, False), (40, 45, 9, True)])
+def test_core_column_split(m, nc, d, mask_diag, dtype):
+    """The contrastive core's column-split grid (few row blocks vs many columns, the MoCo
+    shape in small): per-split partial (max, sum) / partial dQ merged in split order, vs
+    fp64 truth; deterministic. Under the interpreter num_sms is small, so these shapes split."""
+    triton = pytest.importorskip("triton")  # noqa: F841
+    from fastssl.ops import _triton_utils, contrastive_core as core
+    sms = _triton_utils.num_sms(torch.device("cpu"))
+    for kernel in ("lse", "grad"):
+        cfg = core.plan(m, nc, kernel, dtype, sms)
+        assert cfg["row_blocks"] < sms and cfg["splits"] > 1, cfg
+        # every split non-empty, all column tiles covered
+        tiles = -(-nc // cfg["BLOCK_N"])
+        assert (cfg["splits"] - 1) * cfg["tiles_per_split"] < tiles
+        assert cfg["splits"] * cfg["tiles_per_split"] >= tiles
+    alpha = 2.5
+    q64 = torch.nn.functional.normalize(torch.randn(m, d, dtype=torch.float64), dim=1)
+    c64 = torch.nn.functional.normalize(torch.randn(nc, d, dtype=torch.float64), dim=1)
+    if mask_diag:
+        c64[:m] = q64[: min(m, nc)]
+    q, c = q64.to(dtype), c64.to(dtype)
+    g = torch.rand(m, dtype=torch.float64)
+    h = torch.rand(nc, dtype=torch.float64)
+    truth = _core_truth(q.double(), c.double(), alpha, g, h, mask_diag)
+    lowp = _core_truth(q, c, alpha, g.to(dtype), h.to(dtype), mask_diag)
+    lse = core.row_lse(q, c, alpha, mask_diag=mask_diag)
+    clse = core.row_lse(c, q, alpha, mask_diag=mask_diag)
+    assert_close_to_truth("core lse", lse, truth[0], lowp[0], dtype)
+    assert_close_to_truth("core column lse", clse, truth[1], lowp[1], dtype)
+    grad = core.softmax_grad(q, c, alpha, g.float(), truth[0].float(), h.float(),
+                             truth[1].float(), mask_diag=mask_diag)
+    assert_close_to_truth("core softmax_grad", grad, truth[2], lowp[2], dtype)
+    again = core.softmax_grad(q, c, alpha, g.float(), truth[0].float(), h.float(),
+                              truth[1].float(), mask_diag=mask_diag)
+    assert torch.equal(grad, again) and torch.equal(lse, core.row_lse(q, c, alpha,
+                                                                      mask_diag=mask_diag))
+
+
+def test_core_grid_plan_on_gpus():
+    """Grids the launchers pick on real GPUs: the MoCo shape fills an H100 / A100 with column
+    splits; a large CLIP batch needs none."""
+    from fastssl.ops import contrastive_core as core
+    for dtype in DTYPES:
+        for kernel in ("lse", "grad"):
+            for sms in (132, 108):
+                moco = core.plan(256, 65536, kernel, dtype, sms, interpret=False)
+                assert moco["row_blocks"] == 4
+                assert sms - moco["row_blocks"] <= moco["row_blocks"] * moco["splits"] <= sms + 4
+            clip = core.plan(16384, 16384, kernel, dtype, 132, interpret=False)
+            assert (clip["row_blocks"], clip["splits"]) == (256, 1)

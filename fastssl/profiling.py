@@ -50,6 +50,9 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; on a busy machine 1 "
+                        "can be several times faster than oversubscribed threads)")
     p.add_argument("--backend", choices=("fused", "reference", "both"), default="fused")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--width", type=int, default=32, help="encoder width (features: 4w)")
@@ -189,6 +192,8 @@ def _child(args, backend: str) -> dict:
            "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--device", args.device, "--backend", backend, "--image-size", str(args.image_size),
            "--width", str(args.width), "--queue", str(args.queue), "--json"]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     if args.quiet:
         cmd.append("--quiet")
     if args.trace:
@@ -231,6 +236,8 @@ JSON_KEYS = ("method", "batch", "step_ms", "phases_ms", "images_per_s", "peak_mb
 
 
 def run(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.backend == "both":
         results = [_child(args, "fused"), _child(args, "reference")]
     else:

@@ -4,7 +4,7 @@ The only fastssl-specific lines are the loss (``fastssl.NTXentLoss``: O(N*D) mem
 forward and backward) and the augmentation (``SSLAugment``: per-sample SimCLR views from a
 uint8 batch in one pass). Everything else is the loop you already have.
 
-    python examples/simclr_ntxent.py                      # ~1 min on 2 CPU cores
+    python examples/simclr_ntxent.py
     python examples/simclr_ntxent.py --steps 2 --batch 16 --width 4   # smoke test
 """
 import argparse

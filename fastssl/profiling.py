@@ -225,8 +225,9 @@ def format_table(results: list[dict]) -> str:
         f"{'n/a' if r['peak_mb'] is None else format(r['peak_mb'], '.1f'):>14}{'':>7}"
         for r in results))
     if len(results) == 2 and results[1]["step_ms"] > 0:
-        lines.append(f"fused step is {results[1]['step_ms'] / results[0]['step_ms']:.2f}x "
-                     f"faster than reference; peak memory: {r0['memory']}")
+        lines.append(f"speed-up of fused over reference (step time): "
+                     f"{results[1]['step_ms'] / results[0]['step_ms']:.2f}x; peak memory: "
+                     f"{r0['memory']}")
     else:
         lines.append(f"peak memory: {r0['memory']}")
     return "\n".join(lines)
@@ -249,8 +250,8 @@ def run(args) -> int:
     if args.trace and args.backend != "both":
         print(f"Chrome trace: {args.trace}")
     if args.json:
-        line = {k: results[0][k] for k in JSON_KEYS}
-        line["backend"] = results[0]["backend"]
+        # The summary keys first, then the context (backend, device, threads, sizes).
+        line = dict(results[0])
         if len(results) == 2:
             line["reference"] = {k: results[1][k] for k in JSON_KEYS[2:]}
         print(json.dumps(line))

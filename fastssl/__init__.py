@@ -3,10 +3,14 @@
 Public API (see README.md): losses (functional and ``nn.Module``), and ``fastssl.reference``,
 the pure-PyTorch specification of every op.
 """
-from . import reference
-from .functional import nt_xent
-from .losses import NTXentLoss
+from . import augment, reference
+from .augment import SSLAugment
+from .functional import clip_loss, info_nce, nt_xent, supcon
+from .losses import CLIPLoss, InfoNCELoss, NTXentLoss, SupConLoss
+from .moco import MoCoQueue, MomentumEncoder, ema_update_, momentum_schedule
 
 __version__ = "0.1.0"
 
-__all__ = ["nt_xent", "NTXentLoss", "reference", "__version__"]
+__all__ = ["nt_xent", "NTXentLoss", "info_nce", "InfoNCELoss", "clip_loss", "CLIPLoss",
+           "supcon", "SupConLoss", "ema_update_", "momentum_schedule", "MomentumEncoder",
+           "MoCoQueue", "augment", "SSLAugment", "reference", "__version__"]

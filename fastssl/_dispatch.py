@@ -5,9 +5,12 @@ Backends:
 * ``"triton"``   -- fused Triton kernels (``fastssl/ops``): CUDA tensors, or CPU tensors when
   ``TRITON_INTERPRET=1`` was set before Triton was imported (tests only: slow).
 * ``"cpp"``      -- fused C++ kernels (``fastssl._C``, ``csrc/cpu``): CPU tensors.
+* ``"cuda"``     -- CUDA C++ kernels (``fastssl._C`` built with CUDA, ``csrc/cuda``): CUDA
+  tensors, for ops that have one (``cuda_op``).
 * ``"reference"``-- pure PyTorch (``fastssl.reference``): the spec, any device.
 * ``"auto"``     -- ``FASTSSL_BACKEND`` if set, else triton on CUDA, cpp on CPU. If the C++
-  extension is missing, CPU ops run the reference after **one** warning that says why;
+  extension is missing, CPU ops run the reference after **one** warning that says why
+  (on CUDA without Triton, the CUDA C++ kernel when the op has one);
   an explicitly requested backend that cannot run raises instead (never a silent fallback).
 """
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 
 from . import _ext
 
-BACKENDS = ("auto", "cpp", "triton", "reference")
+BACKENDS = ("auto", "cpp", "cuda", "triton", "reference")
 
 
 def triton_interpret() -> bool:
@@ -47,7 +50,7 @@ def _warn_once(key: str, message: str) -> None:
 
 
 def resolve(backend: str, device: torch.device, *, op: str, cpp_op: str | None,
-            has_triton: bool = True) -> str:
+            has_triton: bool = True, cuda_op: str | None = None) -> str:
     """Returns the backend that will run ``op`` on ``device``.
 
     Args:
@@ -56,6 +59,7 @@ def resolve(backend: str, device: torch.device, *, op: str, cpp_op: str | None,
         op: the public op name, for messages.
         cpp_op: the ``torch.ops.fastssl`` name of its C++ kernel, or None if it has none.
         has_triton: whether ``fastssl/ops`` has a Triton kernel for it.
+        cuda_op: the ``torch.ops.fastssl`` name of its CUDA C++ kernel (``csrc/cuda``), if any.
     Raises:
         ValueError: unknown backend name (argument or ``FASTSSL_BACKEND``), or a backend that
             does not fit the device.
@@ -77,6 +81,8 @@ def resolve(backend: str, device: torch.device, *, op: str, cpp_op: str | None,
             _warn_once(f"noext:{op}", f"fastssl.{op}: running the pure-PyTorch reference on "
                        f"CPU because {_ext.why_unavailable() or 'the C++ op is missing'}")
             return "reference"
+        if device.type == "cuda" and cuda_op is not None and _ext.has_kernel(cuda_op, "CUDA"):
+            return "cuda"
         if device.type == "cuda":
             _warn_once(f"notriton:{op}", f"fastssl.{op}: running the pure-PyTorch reference on "
                        f"CUDA: {triton_available()[1] or 'no Triton kernel for this op'}")
@@ -91,6 +97,16 @@ def resolve(backend: str, device: torch.device, *, op: str, cpp_op: str | None,
             raise RuntimeError(f"{op}: backend='cpp' is unavailable: "
                                f"{_ext.why_unavailable() or f'op {cpp_op} is not registered'}")
         return "cpp"
+    if backend == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"{op}: backend='cuda' runs on CUDA tensors, got {device.type} "
+                             "tensors (use backend='cpp' or 'auto' on CPU)")
+        if cuda_op is None:
+            raise RuntimeError(f"{op}: there is no CUDA C++ kernel for this op")
+        if not _ext.has_kernel(cuda_op, "CUDA"):
+            raise RuntimeError(f"{op}: backend='cuda' is unavailable: "
+                               f"{_ext.why_unavailable() or 'fastssl._C was built without CUDA'}")
+        return "cuda"
     if backend == "triton":
         if not has_triton:
             raise RuntimeError(f"{op}: there is no Triton kernel for this op")

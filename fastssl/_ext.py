@@ -58,5 +58,13 @@ def has_op(name: str) -> bool:
         return False
 
 
+def has_kernel(name: str, dispatch_key: str) -> bool:
+    """True when ``torch.ops.fastssl.<name>`` has a kernel for ``dispatch_key`` (``"CPU"``,
+    ``"CUDA"``): the CUDA C++ kernels exist only in builds with CUDA."""
+    if not has_op(name):
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastssl::{name}", dispatch_key)
+
+
 def build_info() -> str | None:
     return torch.ops.fastssl.build_info() if _load() else None

@@ -3,6 +3,7 @@ kernel runs. Messages name the argument and show what was received."""
 from __future__ import annotations
 
 import math
+from operator import attrgetter
 from typing import Sequence
 
 import torch
@@ -98,3 +99,135 @@ def reduce(rows: torch.Tensor, how: str) -> torch.Tensor:
     if how == "sum":
         return rows.sum()
     return rows
+
+
+# ---------------------------------------------------------------------------------------
+# MoCo machinery (EMA update, key queue)
+# ---------------------------------------------------------------------------------------
+
+# (target dtype, online dtype) pairs the EMA accepts: equal dtypes, or an online dtype that
+# widens exactly into the target's (bf16/fp16 parameters into an fp32 EMA, fp32 into fp64).
+_SHAPE, _DTYPE, _DEVICE = attrgetter("shape"), attrgetter("dtype"), attrgetter("device")
+EMA_DTYPES = frozenset({
+    (torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+    (torch.float32, torch.float16), (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16), (torch.float64, torch.float64),
+    (torch.float64, torch.float32)})
+
+
+def momentum(value) -> float:
+    """A momentum in [0, 1]: a float, or a one-element tensor (read on the host)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        raise TypeError(f"momentum must be a float in [0, 1], got {type(value).__name__}")
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"momentum must have exactly one element, got shape "
+                             f"{tuple(value.shape)}")
+        value = value.item()
+    v = float(value)
+    if not (0.0 <= v <= 1.0):  # also rejects NaN
+        raise ValueError(f"momentum must be in [0, 1], got {v}")
+    return v
+
+
+def ema_pairs(targets: list, onlines: list) -> None:
+    """Checks two tensor lists for ``ema_update_``: same length, pairwise same shape, dtype
+    pairs in :data:`EMA_DTYPES`, every tensor on one device.
+
+    Runs on every training step, so the common case is a few whole-list comparisons
+    (~25 us for a 161-tensor model); only when one fails is the culprit located.
+    """
+    if len(targets) != len(onlines):
+        raise ValueError(f"target and online must hold the same number of tensors, got "
+                         f"{len(targets)} and {len(onlines)}")
+    if not targets:
+        return
+    try:
+        same_shapes = list(map(_SHAPE, targets)) == list(map(_SHAPE, onlines))
+        pairs = set(zip(map(_DTYPE, targets), map(_DTYPE, onlines)))
+        devices = set(map(_DEVICE, targets)) | set(map(_DEVICE, onlines))
+        ok = (same_shapes and pairs <= EMA_DTYPES and len(devices) == 1
+              and all(isinstance(t, torch.Tensor) for t in targets)
+              and all(isinstance(o, torch.Tensor) for o in onlines))
+    except AttributeError:  # a non-tensor: found below
+        ok = False
+    if ok:
+        return
+    for name, ts in (("target", targets), ("online", onlines)):
+        for i, t in enumerate(ts):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+    for i, (t, o) in enumerate(zip(targets, onlines)):
+        if t.shape != o.shape:
+            raise ValueError(f"target[{i}] and online[{i}] must have the same shape, got "
+                             f"{tuple(t.shape)} and {tuple(o.shape)}")
+        if (t.dtype, o.dtype) not in EMA_DTYPES:
+            raise TypeError(f"target[{i}] is {t.dtype} and online[{i}] is {o.dtype}: the "
+                            "online dtype must equal the target's or widen exactly into it "
+                            "(bf16/fp16 -> fp32, fp32 -> fp64)")
+    devices = {t.device for t in targets} | {o.device for o in onlines}
+    raise ValueError(f"all target and online tensors must be on one device, got "
+                     f"{sorted(str(d) for d in devices)}")
+
+
+def queue_keys(keys, dim: int, device: torch.device) -> torch.Tensor:
+    """(B, dim) floating keys on the queue's device."""
+    if not isinstance(keys, torch.Tensor):
+        raise TypeError(f"keys must be a torch.Tensor, got {type(keys).__name__}")
+    if keys.dim() != 2:
+        raise ValueError(f"keys must be 2-D (B, {dim}), got shape {tuple(keys.shape)}")
+    if keys.shape[1] != dim:
+        raise ValueError(f"keys must have dim = {dim} columns (the queue's dim), got shape "
+                         f"{tuple(keys.shape)}")
+    if keys.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"keys must be a floating-point tensor, got {keys.dtype}")
+    if keys.device != device:
+        raise ValueError(f"keys are on {keys.device} but the queue is on {device}")
+    return keys
+
+
+def positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+# --- contrastive family (info_nce, clip_loss, supcon) -------------------------------------
+
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def labels(name: str, t, n: int, device: torch.device) -> torch.Tensor:
+    """An integer (n,) label vector on ``device``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in INT_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor (int64, int32, ...), got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},) (one label per row), got "
+                         f"{tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on the same device as the features ({device}), got "
+                         f"{t.device}")
+    return t
+
+
+def queue(name: str, t, like: torch.Tensor, like_name: str) -> torch.Tensor:
+    """A (K, D) queue matching ``like`` (N, D) in D, device and dtype."""
+    embeddings(name, t)
+    if t.shape[1] != like.shape[1]:
+        raise ValueError(f"{name} must have D = {like.shape[1]} columns like {like_name}, got "
+                         f"shape {tuple(t.shape)}")
+    same_device_dtype((like_name, name), (like, t))
+    return t
+
+
+def scale_tensor(value: torch.Tensor, device: torch.device, *,
+                 invert: bool = False) -> torch.Tensor:
+    """A validated 0-dim scalar as the fp32 0-dim tensor the C++ kernels read: the logit
+    multiplier (``1 / value`` with ``invert``, for a temperature), computed in fp32 so that a
+    low-precision learnable temperature keeps an fp32-accurate gradient chain."""
+    v = value.to(device=device, dtype=torch.float32).reshape(())
+    return 1.0 / v if invert else v

@@ -17,6 +17,7 @@ COMMANDS = {
     "profile": ("fastssl.profiling", "per-phase time and peak memory of an SSL training step"),
     "train": ("fastssl.training", "SSL pre-training on embedded data + three linear probes"),
     "gpu-report": ("fastssl.gpu_report", "compile Triton/CUDA kernels for sm_80/sm_90: regs, spills"),
+    "augment-demo": ("fastssl.augment_demo", "PNG grid of test images and their augmented views"),
 }
 
 

@@ -49,3 +49,123 @@ class NTXentLoss(nn.Module):
         t = float(t.detach()) if isinstance(t, torch.Tensor) else t
         return (f"temperature={t}, normalize={self.normalize}, reduction={self.reduction!r}, "
                 f"decoupled={self.decoupled}, backend={self.backend!r}")
+
+
+class InfoNCELoss(nn.Module):
+    r"""InfoNCE (MoCo) loss, fused: against a memory queue or the other keys of the batch.
+
+    He et al. 2020, https://arxiv.org/abs/1911.05722. See :func:`fastssl.info_nce` for the
+    formula and every argument.
+
+    Args:
+        temperature: float, or a tensor/``nn.Parameter`` to learn it.
+        normalize, reduction, gather, backend: as in :func:`fastssl.info_nce`.
+
+    Shapes:
+        ``forward(query, key, queue=None)``: query, key (N, D), queue (K, D) or None ->
+        scalar, or (N,) with ``reduction="none"``.
+
+    Example:
+        >>> import torch, fastssl
+        >>> criterion = fastssl.InfoNCELoss(temperature=0.2)
+        >>> q = torch.randn(8, 128, requires_grad=True)
+        >>> with torch.no_grad():  # MoCo: keys from the momentum encoder
+        ...     k = torch.randn(8, 128)
+        >>> queue = torch.nn.functional.normalize(torch.randn(1024, 128), dim=1)
+        >>> loss = criterion(q, k, queue)
+        >>> loss.backward()
+        >>> q.grad.shape
+        torch.Size([8, 128])
+    """
+
+    def __init__(self, temperature=0.07, *, normalize: bool = True, reduction: str = "mean",
+                 gather: bool = False, backend: str = "auto"):
+        super().__init__()
+        self.temperature = temperature
+        self.normalize, self.reduction, self.gather, self.backend = (normalize, reduction,
+                                                                     gather, backend)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor,
+                queue: torch.Tensor | None = None) -> torch.Tensor:
+        return functional.info_nce(query, key, queue, self.temperature,
+                                   normalize=self.normalize, reduction=self.reduction,
+                                   gather=self.gather, backend=self.backend)
+
+
+class CLIPLoss(nn.Module):
+    r"""Symmetric CLIP loss, fused, with CLIP's learnable logit scale.
+
+    Radford et al. 2021, https://arxiv.org/abs/2103.00020. See :func:`fastssl.clip_loss`.
+    The module owns ``logit_scale`` as ``exp(log_scale)`` with ``log_scale`` an
+    ``nn.Parameter`` initialised to ``log(1 / init_temperature)`` (CLIP: 1/0.07), clamped to
+    ``max_scale`` (CLIP: 100) in the forward pass, or a fixed float with ``learnable=False``.
+
+    Args:
+        init_temperature: initial temperature (logit scale = 1 / temperature).
+        learnable: learn the scale (an ``nn.Parameter``) or keep it fixed.
+        max_scale: upper clamp of the scale.
+        normalize, gather, backend: as in :func:`fastssl.clip_loss`.
+
+    Shapes:
+        ``forward(image, text)``: image, text (B, D) -> scalar.
+
+    Example:
+        >>> import torch, fastssl
+        >>> criterion = fastssl.CLIPLoss()
+        >>> image = torch.randn(16, 64, requires_grad=True)
+        >>> text = torch.randn(16, 64, requires_grad=True)
+        >>> loss = criterion(image, text)
+        >>> loss.backward()
+        >>> criterion.log_scale.grad is not None
+        True
+    """
+
+    def __init__(self, init_temperature: float = 0.07, *, learnable: bool = True,
+                 max_scale: float = 100.0, normalize: bool = True, gather: bool = False,
+                 backend: str = "auto"):
+        super().__init__()
+        init = torch.tensor(1.0 / init_temperature).log()
+        if learnable:
+            self.log_scale = nn.Parameter(init)
+        else:
+            self.register_buffer("log_scale", init)
+        self.max_scale = max_scale
+        self.normalize, self.gather, self.backend = normalize, gather, backend
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        scale = self.log_scale.exp().clamp(max=self.max_scale)
+        return functional.clip_loss(image, text, scale, normalize=self.normalize,
+                                    gather=self.gather, backend=self.backend)
+
+
+class SupConLoss(nn.Module):
+    r"""Supervised contrastive (SupCon) loss, fused.
+
+    Khosla et al. 2020, https://arxiv.org/abs/2004.11362. See :func:`fastssl.supcon`; anchors
+    without a positive are excluded from the mean.
+
+    Args:
+        temperature: float, or a tensor/``nn.Parameter`` to learn it.
+        normalize, backend: as in :func:`fastssl.supcon`.
+
+    Shapes:
+        ``forward(features, labels)``: features (N, D), labels (N,) integers -> scalar.
+
+    Example:
+        >>> import torch, fastssl
+        >>> criterion = fastssl.SupConLoss(temperature=0.1)
+        >>> z = torch.randn(32, 128, requires_grad=True)
+        >>> labels = torch.randint(0, 4, (32,))
+        >>> criterion(z, labels).backward()
+        >>> z.grad.shape
+        torch.Size([32, 128])
+    """
+
+    def __init__(self, temperature=0.1, *, normalize: bool = True, backend: str = "auto"):
+        super().__init__()
+        self.temperature = temperature
+        self.normalize, self.backend = normalize, backend
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return functional.supcon(features, labels, self.temperature, normalize=self.normalize,
+                                 backend=self.backend)

@@ -57,13 +57,351 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature=0.1, *, normalize: b
 # ---------------------------------------------------------------------------------------
 
 
+def info_nce(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None = None,
+             temperature=0.07, *, normalize: bool = True,
+             reduction: str = "mean") -> torch.Tensor:
+    """InfoNCE of MoCo (He et al. 2020, https://arxiv.org/abs/1911.05722).
+
+    With a queue (K x D, MoCo v1/v2): logits_i = [q_i . k_i, q_i . queue^T] / temperature,
+    target 0 (the own key); the queue gets no gradient. Without (MoCo v3, one direction of
+    CLIP): logits = q k^T / temperature, target i (the other keys are the negatives).
+    ``normalize`` L2-normalises query, key and queue.
+
+    Args:
+        query, key: (N, D). queue: (K, D) or None. reduction: "mean", "sum" or "none" (N,).
+    """
+    if normalize:
+        query, key = F.normalize(query, dim=1), F.normalize(key, dim=1)
+    n = query.shape[0]
+    if queue is None:
+        logits = query @ key.T / temperature
+        target = torch.arange(n, device=query.device)
+    else:
+        queue = queue.detach()
+        if normalize:
+            queue = F.normalize(queue, dim=1)
+        pos = (query * key).sum(dim=1, keepdim=True)
+        logits = torch.cat([pos, query @ queue.T], dim=1) / temperature
+        target = torch.zeros(n, dtype=torch.long, device=query.device)
+    return F.cross_entropy(logits, target, reduction=reduction)
+
+
+def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale, *, logit_bias=None,
+              normalize: bool = True) -> torch.Tensor:
+    """Symmetric CLIP loss (Radford et al. 2021, https://arxiv.org/abs/2103.00020).
+
+    logits = logit_scale * image text^T (rows L2-normalised when ``normalize``);
+    loss = (CE(logits, arange) + CE(logits^T, arange)) / 2. ``logit_scale`` is the multiplier
+    (CLIP's ``logit_scale.exp()``). ``logit_bias`` (SigLIP) is not supported: an additive
+    bias cancels in the softmax loss, and SigLIP's sigmoid loss is another op.
+
+    Args:
+        image, text: (B, D). logit_scale: float or 0-dim tensor > 0.
+    """
+    if logit_bias is not None:
+        raise NotImplementedError("clip_loss: logit_bias (SigLIP's sigmoid loss) is not "
+                                  "supported; in the softmax CLIP loss a bias cancels")
+    if normalize:
+        image, text = F.normalize(image, dim=1), F.normalize(text, dim=1)
+    logits = logit_scale * (image @ text.T)
+    target = torch.arange(image.shape[0], device=image.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def supcon(features: torch.Tensor, labels: torch.Tensor, temperature=0.1, *,
+           normalize: bool = True) -> torch.Tensor:
+    """Supervised contrastive loss, L_out (Khosla et al. 2020, https://arxiv.org/abs/2004.11362).
+
+    S = z z^T / temperature with the diagonal masked; the positives of anchor i are the other
+    samples with its label; loss_i = -mean_{p in P(i)} log softmax_{j != i}(S_i)_p. The loss is
+    the mean over anchors with at least one positive (0 when there is none).
+
+    Args:
+        features: (N, D). labels: (N,) integers.
+    """
+    if normalize:
+        features = F.normalize(features, dim=1)
+    n = features.shape[0]
+    logits = features @ features.T / temperature
+    self_mask = torch.eye(n, dtype=torch.bool, device=features.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    pos = (labels[:, None] == labels[None, :]) & ~self_mask
+    npos = pos.sum(dim=1)
+    mean_pos = log_prob.masked_fill(~pos, 0.0).sum(dim=1) / npos.clamp(min=1)
+    valid = npos > 0
+    return -(mean_pos * valid).sum() / valid.sum().clamp(min=1)
+
+
+def rows_vs_columns(q: torch.Tensor, c: torch.Tensor, scale, target: torch.Tensor,
+                    self_idx: torch.Tensor, *, normalize: bool = True,
+                    mask_target: bool = False) -> torch.Tensor:
+    """Per-row cross-entropy of rows q (M, D) against columns c (Nc, D), the engine of the
+    ``gather=True`` losses: S = scale * q c^T, column self_idx[i] (-1: none) and, with
+    ``mask_target``, target[i] masked; loss_i = logsumexp_j S_ij - S_i,target[i]. (M,)."""
+    if normalize:
+        q, c = F.normalize(q, dim=1), F.normalize(c, dim=1)
+    logits = scale * (q @ c.T)
+    rows = torch.arange(q.shape[0], device=q.device)
+    positive = logits[rows, target]
+    mask = torch.zeros_like(logits, dtype=torch.bool)
+    has_self = self_idx >= 0
+    mask[rows[has_self], self_idx[has_self]] = True
+    if mask_target:
+        mask[rows, target] = True
+    return torch.logsumexp(logits.masked_fill(mask, float("-inf")), dim=1) - positive
+
+
+
 
 # ---------------------------------------------------------------------------------------
 # MoCo machinery: EMA update and key queue                          [issue: MoCo machinery]
 # ---------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def ema_update_(target, online, momentum: float) -> None:
+    """EMA (momentum) update, one tensor at a time (the Python loop of MoCo / BYOL code):
+    ``t <- lerp(t, o, 1 - momentum)`` = momentum * t + (1 - momentum) * o for every pair, in
+    place. Equal to ``torch._foreach_lerp_(target, online, 1 - momentum)``.
+
+    (Official MoCo writes ``p_k.data = p_k.data * m + p_q.data * (1. - m)``: the same value up
+    to rounding; lerp is exact at m = 0 and m = 1.)
+
+    Args:
+        target: sequence of tensors updated in place.
+        online: sequence of tensors of the same shapes; a lower-precision online dtype is
+            widened to the target's first (exact).
+        momentum: m in [0, 1].
+    """
+    w = 1.0 - momentum
+    for t, o in zip(target, online):
+        t.lerp_(o.to(t.dtype), w)
+
+
+@torch.no_grad()
+def moco_enqueue_(buffer: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -> None:
+    """Ring-buffer enqueue with the pointer kept on the device (no host sync, so it works in
+    ``torch.compile(fullgraph=True)``): key i goes to slot (ptr + i) mod size; with
+    B > size only the newest ``size`` keys remain; then ptr <- (ptr + B) mod size.
+
+    Args:
+        buffer: (size, dim) queue, written in place.
+        ptr: 0-dim int64 write pointer in [0, size), on ``buffer``'s device, updated in place.
+        keys: (B, dim) keys, stored as given (cast to the buffer's dtype).
+    """
+    size, batch = buffer.shape[0], keys.shape[0]
+    first = max(batch - size, 0)
+    rows = torch.arange(first, batch, device=buffer.device)
+    slots = (ptr + rows) % size
+    buffer.index_copy_(0, slots, keys[first:].to(buffer.dtype))
+    ptr.copy_((ptr + batch) % size)
+
+
+@torch.no_grad()
+def moco_enqueue_official_(buffer: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -> None:
+    """The official MoCo enqueue (``moco/builder.py: _dequeue_and_enqueue``) in index-
+    assignment style: the pointer is read back to the host (``int(ptr)``: a device sync,
+    and a graph break under ``torch.compile``) and the keys are written with slice
+    assignments. Official MoCo asserts ``size % B == 0``; this version wraps around in two
+    slices instead, with the same result as :func:`moco_enqueue_`.
+    """
+    size, batch = buffer.shape[0], keys.shape[0]
+    p = int(ptr)
+    if batch >= size:  # only the newest `size` keys survive, the last one ends at p + B - 1
+        keys = keys[batch - size:]
+        p = (p + batch - size) % size
+    n = keys.shape[0]
+    head = min(n, size - p)
+    buffer[p:p + head] = keys[:head]
+    if head < n:
+        buffer[:n - head] = keys[head:]
+    ptr.fill_((int(ptr) + batch) % size)
+
+
 
 # ---------------------------------------------------------------------------------------
 # SSL augmentation                                                  [issue: augmentation]
 # ---------------------------------------------------------------------------------------
+#
+# The spec of fastssl.augment: per-sample parameters (fastssl.augment.AugmentParams) applied
+# image by image in float32 [0, 1]. Every formula follows torchvision v2 (written out below,
+# op by op in a fixed evaluation order, so that the fused C++ / Triton kernels, which evaluate
+# the same operations in the same order without FMA contraction, agree to ~1 ulp).
+
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
+
+
+def rgb_to_gray(img: torch.Tensor) -> torch.Tensor:
+    """[..., 3, H, W] -> [..., H, W]: 0.2989 R + 0.587 G + 0.114 B (torchvision), summed
+    left to right."""
+    r, g, b = img.unbind(-3)
+    return r * GRAY_WEIGHTS[0] + g * GRAY_WEIGHTS[1] + b * GRAY_WEIGHTS[2]
+
+
+def bilinear_coords(src_size: int, out_size: int, flip: bool = False):
+    """Source indices and weights of a bilinear resize from ``src_size`` to ``out_size`` taps
+    (``F.interpolate(mode="bilinear", align_corners=False, antialias=False)``), in float32:
+    ``src = max(scale * (x + 0.5) - 0.5, 0)`` with ``scale = src_size / out_size``,
+    ``i0 = floor(src)``, ``i1 = min(i0 + 1, src_size - 1)``, ``w1 = src - i0``, ``w0 = 1 - w1``.
+    ``flip`` reverses the output order (a horizontal flip after the resize, folded into the
+    index)."""
+    scale = torch.tensor(src_size, dtype=torch.float32) / torch.tensor(out_size,
+                                                                       dtype=torch.float32)
+    x = torch.arange(out_size, dtype=torch.float32)
+    if flip:
+        x = x.flip(0)
+    src = (scale * (x + 0.5) - 0.5).clamp_min(0.0)
+    i0 = src.to(torch.int64)
+    i1 = i0 + (i0 < src_size - 1).to(torch.int64)
+    w1 = src - i0.to(torch.float32)
+    return i0, i1, 1.0 - w1, w1
+
+
+def resized_crop(img: torch.Tensor, top: int, left: int, height: int, width: int,
+                 out_size: int, flip: bool = False) -> torch.Tensor:
+    """Crop [3, H, W] float to the box, bilinear-resize it to out_size^2, optionally flip.
+    Horizontal interpolation first, then vertical: ``(a w0x + b w1x) w0y + (c w0x + d w1x) w1y``.
+    """
+    crop = img[:, top:top + height, left:left + width]
+    x0, x1, wx0, wx1 = bilinear_coords(width, out_size, flip)
+    y0, y1, wy0, wy1 = bilinear_coords(height, out_size)
+    rows = crop[:, :, x0] * wx0 + crop[:, :, x1] * wx1  # [3, height, out]
+    return rows[:, y0, :] * wy0[:, None] + rows[:, y1, :] * wy1[:, None]
+
+
+def adjust_brightness(img: torch.Tensor, factor) -> torch.Tensor:
+    """``clamp(x * f, 0, 1)`` (torchvision v2 adjust_brightness)."""
+    return (img * factor).clamp(0.0, 1.0)
+
+
+def adjust_contrast(img: torch.Tensor, factor) -> torch.Tensor:
+    """``clamp(x * f + mean * (1 - f), 0, 1)``; mean = the mean of the image's gray
+    (torchvision v2 adjust_contrast), here accumulated in float64 and rounded to float32 once
+    (a deterministic reduction that the fused kernels reproduce)."""
+    mean = rgb_to_gray(img).double().mean(dim=(-2, -1)).float()
+    return (img * factor + mean * (1.0 - factor)).clamp(0.0, 1.0)
+
+
+def adjust_saturation(img: torch.Tensor, factor) -> torch.Tensor:
+    """``clamp(x * f + gray * (1 - f), 0, 1)`` (torchvision v2 adjust_saturation)."""
+    gray = rgb_to_gray(img)[..., None, :, :]
+    return (img * factor + gray * (1.0 - factor)).clamp(0.0, 1.0)
+
+
+def rgb_to_hsv(img: torch.Tensor) -> torch.Tensor:
+    """torchvision v2 ``_rgb_to_hsv`` (h, s in [0, 1], v = max), same operation order."""
+    r, g, b = img.unbind(-3)
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    minc = torch.minimum(torch.minimum(r, g), b)
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    crd = torch.where(eqc, ones, cr)
+    rc, gc, bc = (maxc - r) / crd, (maxc - g) / crd, (maxc - b) / crd
+    zero = torch.zeros_like(maxc)
+    hr = torch.where(maxc == r, bc - gc, zero)
+    hg = torch.where((maxc == g) & (maxc != r), (rc + 2.0) - bc, zero)
+    hb = torch.where((maxc != g) & (maxc != r), (gc + 4.0) - rc, zero)
+    h = (hr + hg) + hb
+    h = h * (1.0 / 6.0) + 1.0
+    h = h - torch.floor(h)  # fmod(h, 1) for h >= 0, exactly
+    return torch.stack((h, s, maxc), dim=-3)
+
+
+def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    """torchvision v2 ``_hsv_to_rgb``, same operation order."""
+    h, s, v = hsv.unbind(-3)
+    h6 = h * 6.0
+    i = torch.floor(h6)
+    f = h6 - i
+    i = i.to(torch.int64) % 6
+    sxf = s * f
+    one_minus_s = 1.0 - s
+    q = ((1.0 - sxf) * v).clamp(0.0, 1.0)
+    t = ((sxf + one_minus_s) * v).clamp(0.0, 1.0)
+    p = (one_minus_s * v).clamp(0.0, 1.0)
+    # sector i -> (r, g, b): 0 (v,t,p) 1 (q,v,p) 2 (p,v,t) 3 (p,q,v) 4 (t,p,v) 5 (v,p,q)
+    table = torch.stack([torch.stack(c, dim=0) for c in (
+        (v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q))], dim=0)  # [3, 6, ...]
+    idx = i.unsqueeze(0).unsqueeze(0).expand(3, 1, *i.shape)
+    return table.gather(1, idx).squeeze(1).movedim(0, -3)
+
+
+def adjust_hue(img: torch.Tensor, factor) -> torch.Tensor:
+    """RGB -> HSV, ``h = frac(h + f)``, -> RGB (torchvision v2 adjust_hue). A factor of
+    exactly 0 is the identity (the round trip is skipped, as torchvision skips a hue of 0)."""
+    if float(factor) == 0.0:
+        return img
+    hsv = rgb_to_hsv(img)
+    h, s, v = hsv.unbind(-3)
+    h = h + factor
+    h = h - torch.floor(h)
+    return hsv_to_rgb(torch.stack((h, s, v), dim=-3))
+
+
+def gaussian_blur(img: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur of [C, H, W] with 1-D ``taps`` (K odd), reflect padding
+    (torchvision pads with mode="reflect"); horizontal pass then vertical, each summing
+    ``taps[0] * x[.. - K//2] + taps[1] * x[.. - K//2 + 1] + ...`` in tap order."""
+    k = taps.shape[0]
+    pad = k // 2
+    height, width = img.shape[-2:]
+    x = F.pad(img[None], (pad, pad, 0, 0), mode="reflect")[0] if pad else img
+    acc = taps[0] * x[..., 0:width]
+    for j in range(1, k):
+        acc = acc + taps[j] * x[..., j:j + width]
+    x = F.pad(acc[None], (0, 0, pad, pad), mode="reflect")[0] if pad else acc
+    out = taps[0] * x[..., 0:height, :]
+    for j in range(1, k):
+        out = out + taps[j] * x[..., j:j + height, :]
+    return out
+
+
+def solarize(img: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``x >= threshold -> 1 - x`` (torchvision v2 solarize on floats)."""
+    return torch.where(img >= threshold, 1.0 - img, img)
+
+
+_COLOR_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+def ssl_augment(images, params, out_size: int, mean: torch.Tensor, std: torch.Tensor,
+                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Applies per-sample parameters (``fastssl.augment.AugmentParams``) to B images.
+
+    Per sample b: uint8 -> float32 ``x / 255`` (floats are used as they are) -> crop
+    ``params.crop[b]`` and bilinear resize to out_size^2, flipped if ``params.flip[b]`` ->
+    if ``params.jitter[b]``: the ops ``params.order[b]`` (0 brightness, 1 contrast,
+    2 saturation, 3 hue) with ``params.factors[b]``, each clamped to [0, 1] -> gray (3 equal
+    channels) if ``params.gray[b]`` -> blur with ``params.taps[b]`` if ``params.blur[b]`` ->
+    solarize if ``params.solarize[b]`` -> ``(x - mean) / std`` -> ``out_dtype``.
+
+    Args:
+        images: list (or batch) of B [3, H_i, W_i] uint8 or float images.
+        params: AugmentParams of B samples.
+        mean, std: (3,) float32.
+    Returns:
+        [B, 3, out_size, out_size] in ``out_dtype``.
+    """
+    out = []
+    mean = mean.to(torch.float32).reshape(3, 1, 1)
+    std = std.to(torch.float32).reshape(3, 1, 1)
+    for b, im in enumerate(images):
+        x = im.float() / 255.0 if im.dtype == torch.uint8 else im.float()
+        top, left, height, width = (int(v) for v in params.crop[b])
+        x = resized_crop(x, top, left, height, width, out_size, bool(params.flip[b]))
+        if bool(params.jitter[b]):
+            factors = params.factors[b].to(x.device)
+            for op in params.order[b].tolist():
+                x = _COLOR_OPS[op](x, factors[op])
+        if bool(params.gray[b]):
+            x = rgb_to_gray(x)[None].expand(3, -1, -1)
+        if bool(params.blur[b]):
+            x = gaussian_blur(x, params.taps[b].to(device=x.device, dtype=torch.float32))
+        if bool(params.solarize[b]):
+            x = solarize(x, params.solarize_threshold)
+        x = (x - mean.to(x.device)) / std.to(x.device)
+        out.append(x.to(out_dtype))
+    return torch.stack(out, dim=0)

@@ -1,0 +1,88 @@
+"""gather=True (global negatives across ranks) on 2 gloo processes on this CPU.
+
+The contract (fastssl.distributed, nt_xent's docstring): one DDP SGD step with the fused loss
+and gather=True equals one single-process step on the concatenated global batch. Checked for
+nt_xent (plain and decoupled), clip_loss and info_nce's in-batch mode, plus the clear error on
+ranks with unequal batch sizes. One spawn of two processes runs all of it (~10 s).
+"""
+import copy
+import os
+import socket
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastssl
+
+B, D_IN, D = 6, 10, 7  # local batch per rank, input and embedding dims (odd on purpose)
+WORLD = 2
+RTOL = 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _losses():
+    return {
+        "nt_xent": lambda a, b, g: fastssl.nt_xent(a, b, 0.3, gather=g),
+        "nt_xent_decoupled": lambda a, b, g: fastssl.nt_xent(a, b, 0.3, gather=g,
+                                                             decoupled=True),
+        "clip_loss": lambda a, b, g: fastssl.clip_loss(a, b, 7.0, gather=g),
+        "info_nce": lambda a, b, g: fastssl.info_nce(a, b, None, 0.2, gather=g),
+    }
+
+
+def _one_step(model, x1, x2, loss_fn, gather):
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    h = model(torch.cat([x1, x2]))  # one forward: DDP expects one per backward
+    z1, z2 = h.chunk(2)
+    loss = loss_fn(z1, z2, gather)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def _worker(rank: int, port: int) -> None:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD)
+    try:
+        for name, loss_fn in _losses().items():
+            torch.manual_seed(0)  # same global data and initial model on every rank
+            x1, x2 = torch.randn(WORLD * B, D_IN), torch.randn(WORLD * B, D_IN)
+            base = torch.nn.Linear(D_IN, D)
+            single = copy.deepcopy(base)
+            _one_step(single, x1, x2, loss_fn, gather=False)  # the whole batch, one process
+            ddp = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(base))
+            mine = slice(rank * B, (rank + 1) * B)
+            _one_step(ddp, x1[mine], x2[mine], loss_fn, gather=True)
+            for (pname, p_ddp), p_one in zip(ddp.module.named_parameters(),
+                                             single.parameters()):
+                moved = (p_one - base.state_dict()[pname]).abs().max()
+                assert moved > 1e-4, f"{name}: the step did not move {pname}"
+                err = ((p_ddp - p_one).abs().max() / p_one.abs().max()).item()
+                assert err <= RTOL, f"{name}, rank {rank}: {pname} differs by {err:.3g}"
+        # Unequal batch sizes: a clear error on every rank (before any kernel runs).
+        z = torch.randn(B + rank, D)
+        with pytest.raises(ValueError, match="same batch size"):
+            fastssl.nt_xent(z, z.clone(), gather=True)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_gather_equals_single_process_step():
+    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+
+
+def test_gather_without_process_group_is_the_plain_loss():
+    z1, z2 = torch.randn(5, 8), torch.randn(5, 8)
+    torch.testing.assert_close(fastssl.nt_xent(z1, z2, gather=True), fastssl.nt_xent(z1, z2))
+    torch.testing.assert_close(fastssl.clip_loss(z1, z2, 3.0, gather=True),
+                               fastssl.clip_loss(z1, z2, 3.0))

@@ -36,9 +36,9 @@ from torch import nn
 
 from . import data as datasets
 from ._progress import Progress
-from .functional import nt_xent
-# TEMPORARY (issue 7): shims until fastssl.info_nce / fastssl.moco / fastssl.augment land.
-from ._shims import MoCoQueue, SSLAugment, ema_update_, info_nce, momentum_schedule
+from .augment import SSLAugment
+from .functional import info_nce, nt_xent
+from .moco import MoCoQueue, ema_update_, momentum_schedule
 
 METHODS = ("simclr", "moco", "byol")
 BACKENDS = ("fused", "reference")

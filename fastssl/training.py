@@ -360,7 +360,7 @@ def linear_probe(x_train, y_train, x_test, y_test, *, l2_grid=(1e-1, 1e-2, 1e-3,
 # ---------------------------------------------------------------------------------------
 
 DEFAULTS = {  # per dataset: epochs, batch
-    "shapes": dict(epochs=25, batch=128),
+    "shapes": dict(epochs=40, batch=128),
     "digits": dict(epochs=30, batch=128),
 }
 
@@ -369,7 +369,7 @@ def add_arguments(p) -> None:
     p.add_argument("--method", choices=METHODS, default="simclr")
     p.add_argument("--data", choices=datasets.DATASETS, default="shapes")
     p.add_argument("--epochs", type=int, default=None,
-                   help="SSL epochs (default: 25 on shapes, 30 on digits)")
+                   help="SSL epochs (default: 40 on shapes, 30 on digits)")
     p.add_argument("--batch", type=int, default=None, help="default: 128")
     p.add_argument("--width", type=int, default=32, help="encoder width w (features: 4w)")
     p.add_argument("--lr", type=float, default=2e-3)

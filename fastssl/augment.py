@@ -16,6 +16,13 @@ random resized crop + bilinear resize (flip folded into the column index) -> col
 (brightness, contrast, saturation, hue in the sample's random order, clamped to [0, 1] after
 each) -> grayscale -> Gaussian blur (separable, reflect padding) -> solarize -> normalize -> cast.
 
+Differences from torchvision v2 (deliberate, documented): the resize is plain bilinear
+(``antialias=False``; v2's RandomResizedCrop antialiases when it shrinks a crop); the whole
+chain runs in float [0, 1] (v2 on uint8 rounds back to uint8 between ops); the Gaussian taps
+are torchvision's ``exp(-x^2 / (2 sigma^2))`` (DESIGN.md's softmax(-(x/sigma)^2) drops the
+1/2); the contrast mean is a float64 reduction rounded once. Random draws follow v2's
+distributions but come from one vectorised stream (see :func:`sample_params`), not v2's.
+
 Example:
     >>> import torch, fastssl
     >>> images = torch.randint(0, 256, (4, 3, 40, 48), dtype=torch.uint8)
@@ -425,7 +432,8 @@ def apply(images, params: AugmentParams, out_size: int, mean=IMAGENET_MEAN, std=
     Args:
         images: a uint8 batch [B, 3, H, W] (0..255), a floating batch [B, 3, H, W] in [0, 1],
             or a list of B uint8 (or float) images [3, H_i, W_i] of different sizes. CPU or
-            CUDA.
+            CUDA. Floats are computed in float32 and not clamped on input (values outside
+            [0, 1] are clamped by the first jitter op only).
         params: from :func:`sample_params` for these images' sizes.
         out_size: side of the square output.
         mean, std: per-channel normalisation ``(x - mean) / std`` of the [0, 1] result

@@ -264,8 +264,8 @@ def resized_crop(img: torch.Tensor, top: int, left: int, height: int, width: int
     Horizontal interpolation first, then vertical: ``(a w0x + b w1x) w0y + (c w0x + d w1x) w1y``.
     """
     crop = img[:, top:top + height, left:left + width]
-    x0, x1, wx0, wx1 = bilinear_coords(width, out_size, flip)
-    y0, y1, wy0, wy1 = bilinear_coords(height, out_size)
+    x0, x1, wx0, wx1 = (t.to(img.device) for t in bilinear_coords(width, out_size, flip))
+    y0, y1, wy0, wy1 = (t.to(img.device) for t in bilinear_coords(height, out_size))
     rows = crop[:, :, x0] * wx0 + crop[:, :, x1] * wx1  # [3, height, out]
     return rows[:, y0, :] * wy0[:, None] + rows[:, y1, :] * wy1[:, None]
 

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
@@ -500,7 +499,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="mean must have 3 values"):
         apply(x, p, 11, mean=(0.5, 0.5))
     with pytest.raises(ValueError, match="backend must be one of"):
-        apply(x, p, 11, backend="cuda")
+        apply(x, p, 11, backend="gpu")
     with pytest.raises(TypeError, match="must be a torch.Tensor"):
         apply([x[0], "image"], p, 11)
     with pytest.raises(ValueError, match="view must be 0 or 1"):

@@ -68,7 +68,7 @@ def test_bad_inputs():
     with pytest.raises(NotImplementedError, match="logit_bias"):
         fastssl.clip_loss(image, text, 10.0, logit_bias=torch.tensor(-10.0))
     with pytest.raises(ValueError, match="backend"):
-        fastssl.clip_loss(image, text, 10.0, backend="cuda")
+        fastssl.clip_loss(image, text, 10.0, backend="gpu")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

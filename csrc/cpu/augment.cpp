@@ -17,13 +17,15 @@
 //    image's mean run on the fresh row while it is in L1.
 //    read: crop rows (uint8, 3 ch); write: 3 out^2 fp32.
 //  * Contrast needs mean(gray) of the image as it is *when contrast runs*: pass 1 stops the
-//    colour chain at contrast and accumulates that row's gray sum in double (sequential per
-//    row, rows in order: a deterministic reduction); pass 2 applies contrast and the ops after
-//    it. Without contrast in the chain (no jitter, or factor 1) pass 1 does everything.
+//    colour chain at contrast and accumulates the gray sum in double (8 fixed lanes per row,
+//    rows in order: a deterministic reduction); pass 2 applies contrast and the ops after it.
+//    Without jitter (so without contrast) pass 1 does everything up to the blur.
 //  * Blur reads neighbours, so it is its own pass: horizontal in place on each row (copied to
 //    a reflect-padded scratch row first), then vertical from the buffer straight into the
 //    output with solarize, normalize and the cast fused into the store.
 //    Without blur, the last colour pass stores the output directly.
+//  * The output gets transparent huge pages (advise_huge_pages): its page faults were ~40% of
+//    the CPU time. Samples are handed to threads one at a time (their costs differ).
 //  * Every row loop is a FASTSSL_SIMD_CLONES function (AVX-512 / AVX2 / baseline picked at
 //    run time), branch-free in the inner loop so that GCC vectorises it (hue included: the
 //    HSV sector select is done with compares, not a table).
@@ -34,6 +36,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #include <atomic>
 #include <type_traits>
 #include <vector>
@@ -463,6 +468,21 @@ void augment_sample(const Sample& s, int64_t out, int64_t k, float thr, const fl
   }
 }
 
+// The output (38 MiB for 64 views at 224^2) is fresh memory that glibc maps anew on every
+// call (it is above malloc's mmap threshold), so writing it page-faults once per 4 KiB page:
+// measured here, ~40% of the kernel's CPU time for batch 64 (47 ms -> 30 ms per 64 views with
+// huge pages). Asking for transparent huge pages on the untouched range turns ~9,400 faults
+// into ~19. Advice only: no effect on results, ignored where THP is off or not Linux.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + t.nbytes();
+  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = end & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#endif
+}
+
 at::Tensor ssl_augment_cpu(at::TensorList images, const at::Tensor& crop,
                            const at::Tensor& flags, const at::Tensor& factors,
                            const at::Tensor& order, const at::Tensor& taps,
@@ -545,6 +565,7 @@ at::Tensor ssl_augment_cpu(at::TensorList images, const at::Tensor& crop,
 
   at::Tensor out = at::empty({B, 3, out_size, out_size},
                              at::TensorOptions().dtype(out_dtype).device(at::kCPU));
+  advise_huge_pages(out);
   const float thr = static_cast<float>(solarize_threshold);
   const float* mp = mean_c.data_ptr<float>();
   const float* sp = std_c.data_ptr<float>();

@@ -26,7 +26,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_fwd_cpu(const at
   TORCH_CHECK(image.scalar_type() == text.scalar_type(),
               "fastssl::clip: image and text must share one dtype");
   TORCH_CHECK(scale.numel() == 1, "fastssl::clip: scale must have one element");
-  const int64_t b = image.size(0);
+  const int64_t b = image.size(0), d = image.size(1);
   const float s = scale.item<float>();
   auto f32 = image.options().dtype(at::kFloat);
   at::Tensor row = at::empty({b}, f32), col = at::empty({b}, f32);
@@ -41,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_fwd_cpu(const at
   core::forward_lse(I, T, s, {}, rl, cl);
   float* ro = row.data_ptr<float>();
   float* co = col.data_ptr<float>();
-  at::parallel_for(0, b, 256, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, b, core::row_grain(d), [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i) {
       const float diag = core::logit(I, i, T, i, s);
       ro[i] = rl[i] - diag;
@@ -74,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_bwd_cpu(
   core::backward_softmax(I, T, s, {}, gp, row_lse.data_ptr<float>(), hp,
                          col_lse.data_ptr<float>(), dip, dtp);
   // Diagonal (the targets of both directions): dS_ii gets -(g_i + h_i), in fp32.
-  at::parallel_for(0, b, 256, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, b, core::row_grain(d), [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i) {
       const float c = -s * (gp[i] + hp[i]);
       core::axpy_hat(dip + i * d, c, T, i);

@@ -137,6 +137,14 @@ void pv_tile(float* __restrict s, int64_t bi, int64_t bj, const float* __restric
   }
 }
 
+FASTSSL_SIMD_CLONES
+float sum_squares(const float* __restrict x, int64_t d) {
+  float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t k = 0; k < d; ++k) ss += x[k] * x[k];
+  return ss;
+}
+
 // Merges the per-thread (max, sum) of `n` entries at `off` inside each thread's block.
 void merge_stats(const std::vector<float>& st, int nthreads, int64_t per, int64_t off, int64_t n,
                  float* out) {
@@ -173,11 +181,16 @@ Operand stage(const at::Tensor& t, bool normalize) {
   float* nrm = o.nrm_t.data_ptr<float>();
   const int64_t d = o.d;
   std::vector<char> bad(o.n, 0);
-  at::parallel_for(0, o.n, 64, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, o.n, row_grain(d), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* row = o.x + r * d;
-      double ss = 0.0;  // double: no overflow for |x| > 1.8e19; NaN/inf propagate
-      for (int64_t k = 0; k < d; ++k) ss += (double)row[k] * row[k];
+      // fp32 sum of squares (vectorised; MoCo stages a 65536 x 128 queue per call); if it
+      // overflows, redo it in double so that only NaN/inf inputs count as non-finite.
+      double ss = sum_squares(row, d);
+      if (!std::isfinite(ss)) {
+        ss = 0.0;
+        for (int64_t k = 0; k < d; ++k) ss += (double)row[k] * row[k];
+      }
       bad[r] = !std::isfinite(ss);
       const float n = static_cast<float>(std::sqrt(ss));
       const float nc = std::max(n, kNormEps);
@@ -258,7 +271,7 @@ void forward_lse_pv(const Operand& q, const Operand& c, float alpha, float* row_
   });
   merge_stats(st, nthreads, per, 0, m, row_lse);
   // pv_i = sum_t exp(max_t,i - lse_i) o_t,i (thread order: deterministic).
-  at::parallel_for(0, m, 64, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, m, row_grain(d), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       float* dst = pv + r * d;
       for (int64_t k = 0; k < d; ++k) dst[k] = 0.0f;
@@ -329,7 +342,7 @@ void backward_softmax(const Operand& q, const Operand& c, float alpha, Masks mas
   // Sum the private buffers into the shared side (fixed thread order), then undo the
   // rq_i rc_j factor of P' and apply alpha: gradients w.r.t. the normalised rows.
   if (shared != nullptr) {
-    at::parallel_for(0, shared_n, 64, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, shared_n, row_grain(d), [&](int64_t r0, int64_t r1) {
       for (int t = 1; t < nthreads; ++t) {
         if (!used[t]) continue;
         const float* src = priv[t].data_ptr<float>();
@@ -339,7 +352,7 @@ void backward_softmax(const Operand& q, const Operand& c, float alpha, Masks mas
     });
   }
   auto rescale = [&](float* out, const Operand& x) {
-    at::parallel_for(0, x.n, 64, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, x.n, row_grain(d), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const float f = alpha * x.nrm[r];
         for (int64_t k = 0; k < d; ++k) out[r * d + k] *= f;
@@ -353,7 +366,7 @@ void backward_softmax(const Operand& q, const Operand& c, float alpha, Masks mas
 void normalize_backward(const Operand& x, float* dxhat) {
   if (!x.normalize) return;
   const int64_t d = x.d;
-  at::parallel_for(0, x.n, 64, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, x.n, row_grain(d), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       float* row = dxhat + r * d;
       const float ri = x.rinv[r];
@@ -371,7 +384,7 @@ void normalize_backward(const Operand& x, float* dxhat) {
 double rows_dot(const Operand& x, const float* v) {
   std::vector<double> part(x.n);
   const int64_t d = x.d;
-  at::parallel_for(0, x.n, 256, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, x.n, row_grain(d), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       double acc = 0.0;
       for (int64_t k = 0; k < d; ++k) acc += (double)x.hat(r, k) * v[r * d + k];

@@ -34,6 +34,11 @@ namespace fastssl::core {
 constexpr int64_t kTile = 256;
 constexpr float kNormEps = 1e-12f;  // F.normalize's eps; the norm is computed in fp32 (double sum)
 
+// Grain (rows) of the O(n d) row loops: a parallel region only pays off above ~64K elements
+// (measured: on this shared 2-core machine every fork of a region can wait a scheduler
+// quantum for the second core, which made 256-row epilogues cost more than the whole op).
+inline int64_t row_grain(int64_t d) { return std::max<int64_t>(64, 65536 / std::max<int64_t>(d, 1)); }
+
 // An (n x d) operand staged for the core.
 struct Operand {
   at::Tensor storage;  // fp32 contiguous rows; aliases the input when it is fp32 contiguous

@@ -77,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_fwd_cpu(const at::Tensor& 
   core::forward_lse(Z, Z, alpha, {self.data(), nullptr}, l, nullptr);
   const std::vector<float> L = class_sums(Z, cls, nclass, nullptr);
   float* out = loss.data_ptr<float>();
-  at::parallel_for(0, n, 256, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, n, core::row_grain(d), [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i) {
       if (np[i] == 0.0f) {  // excluded anchor (with N = 1 its row is empty: lse = -inf)
         out[i] = 0.0f;
@@ -128,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor> supcon_bwd_cpu(const at::Tensor& grad, const 
   const std::vector<float> L = class_sums(Z, cls, nclass, nullptr);
   // Column side: dzhat_a -= alpha (W_{y_a} - w_a zhat_a), W_c = sum_{y_i = c} w_i zhat_i.
   const std::vector<float> W = class_sums(Z, cls, nclass, w.data());
-  at::parallel_for(0, n, 256, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, n, core::row_grain(d), [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i) {
       const float* li = L.data() + cls[i] * d;
       const float* wi = W.data() + cls[i] * d;

@@ -42,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor> xent_fwd_cpu(const at::Tensor& q, const at::T
                                                 const at::Tensor& self_idx, bool normalize,
                                                 bool mask_target) {
   check_xent(q, c, scale, target, self_idx);
-  const int64_t m = q.size(0);
+  const int64_t m = q.size(0), d = q.size(1);
   const float alpha = scale.item<float>();
   auto f32 = q.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({m}, f32), lse = at::empty({m}, f32);
@@ -57,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor> xent_fwd_cpu(const at::Tensor& q, const at::T
   float* l = lse.data_ptr<float>();
   core::forward_lse(Q, C, alpha, masks, l, nullptr);
   float* out = loss.data_ptr<float>();
-  at::parallel_for(0, m, 256, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, m, core::row_grain(d), [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i) out[i] = l[i] - core::logit(Q, i, C, t[i], alpha);
   });
   return {loss, lse};
@@ -91,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> xent_bwd_cpu(
                          dcp);
   // Target term (the -1 of the one-hot, in fp32): dq_i -= alpha g_i chat_t(i),
   // dc_t(i) -= alpha g_i qhat_i (sequential: targets may repeat in general).
-  at::parallel_for(0, m, 256, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, m, core::row_grain(d), [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i) core::axpy_hat(dqp + i * d, -alpha * gp[i], C, t[i]);
   });
   if (need_dc)

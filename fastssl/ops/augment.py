@@ -31,7 +31,6 @@ import triton.language as tl
 
 from ._triton_utils import INTERPRET
 
-GRAY_R, GRAY_G, GRAY_B = 0.2989, 0.587, 0.114
 # Output pixels per program. 1024: 8 warps x 128 pixels; every op is elementwise or a gather,
 # so the block only has to be large enough to cover the latency of the gathers.
 BLOCK = 1024

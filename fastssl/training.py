@@ -158,9 +158,11 @@ class SSLModel(nn.Module):
     * ``simclr``: encoder -> projector on both views (one batch of 2B), NT-Xent (tau 0.2).
     * ``moco`` (v2): query encoder+projector on view 0, momentum key encoder on view 1
       (keys computed in 2 shuffled halves: single-process ShuffleBN), InfoNCE against a queue
-      (tau 0.2), EMA update + enqueue after the optimiser step.
+      of ``queue_size`` keys (tau 0.2), EMA update (``momentum``, default 0.99) + enqueue
+      after the optimiser step.
     * ``byol``: online encoder+projector+predictor on both views, momentum target on both,
-      symmetric normalised-MSE, momentum on BYOL's cosine schedule from ``momentum``.
+      symmetric normalised-MSE, momentum on BYOL's cosine schedule from ``momentum``
+      (default 0.99) to 1.
 
     ``backend="fused"`` uses fastssl's fused loss / augmentation / EMA / queue (each op's
     ``backend="auto"``: C++ on CPU, Triton on CUDA), ``"reference"`` their plain-PyTorch

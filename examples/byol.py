@@ -14,10 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fastssl
 from fastssl.data import render_shapes
-# TEMPORARY (issue 7): plain-PyTorch stand-ins until fastssl.ema_update_,
-# fastssl.momentum_schedule and fastssl.augment.SSLAugment land.
-from fastssl._shims import SSLAugment, ema_update_, momentum_schedule
 
 
 def mlp(d_in, d_out):
@@ -51,7 +49,8 @@ def main(argv=None):
     online = nn.Sequential(encoder(args.width), mlp(4 * args.width, 64))
     predictor = mlp(64, 64)
     target = copy.deepcopy(online).requires_grad_(False)
-    augment = SSLAugment(32, recipe="byol", generator=torch.Generator().manual_seed(0))
+    augment = fastssl.SSLAugment(32, recipe="byol",
+                                 generator=torch.Generator().manual_seed(0))
     params = [*online.parameters(), *predictor.parameters()]
     opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=1e-5)
 
@@ -67,8 +66,8 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        m = momentum_schedule(step, args.steps, base=args.base_momentum)
-        ema_update_(target, online, m)
+        m = fastssl.momentum_schedule(step, args.steps, base=args.base_momentum)
+        fastssl.ema_update_(target, online, m)
         if step % 10 == 0 or step == args.steps - 1:
             print(f"step {step:4d}  BYOL loss {loss.item():.4f}  momentum {m:.5f}")
     return loss.item()

@@ -16,10 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fastssl
 from fastssl.data import render_shapes
-# TEMPORARY (issue 7): plain-PyTorch stand-ins until fastssl.info_nce, fastssl.MoCoQueue,
-# fastssl.ema_update_ and fastssl.augment.SSLAugment land.
-from fastssl._shims import MoCoQueue, SSLAugment, ema_update_, info_nce
 
 
 def encoder(width: int, dim: int) -> nn.Module:
@@ -46,8 +44,9 @@ def main(argv=None):
     images, _ = render_shapes(4 * args.batch, seed=0)
     query_enc = encoder(args.width, args.dim)
     key_enc = copy.deepcopy(query_enc).requires_grad_(False)
-    queue = MoCoQueue(args.dim, args.queue)
-    augment = SSLAugment(32, recipe="mocov2", generator=torch.Generator().manual_seed(0))
+    queue = fastssl.MoCoQueue(args.dim, args.queue)
+    augment = fastssl.SSLAugment(32, recipe="mocov2",
+                                 generator=torch.Generator().manual_seed(0))
     opt = torch.optim.SGD(query_enc.parameters(), lr=0.06, momentum=0.9, weight_decay=5e-4)
 
     for step in range(args.steps):
@@ -60,11 +59,11 @@ def main(argv=None):
             perm = torch.randperm(args.batch)
             k = torch.empty_like(q)
             k[perm] = torch.cat([key_enc(h) for h in view_k[perm].chunk(2)])
-        loss = info_nce(q, k, queue.buffer, temperature=args.temperature)
+        loss = fastssl.info_nce(q, k, queue.buffer, temperature=args.temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        ema_update_(key_enc, query_enc, args.momentum)       # key <- m * key + (1 - m) * query
+        fastssl.ema_update_(key_enc, query_enc, args.momentum)  # key = m*key + (1-m)*query
         queue.enqueue(F.normalize(k, dim=1))
         if step % 10 == 0 or step == args.steps - 1:
             print(f"step {step:4d}  InfoNCE {loss.item():.4f}")

@@ -4,7 +4,7 @@ The only fastssl-specific lines are the loss (``fastssl.NTXentLoss``: O(N*D) mem
 forward and backward) and the augmentation (``SSLAugment``: per-sample SimCLR views from a
 uint8 batch in one pass). Everything else is the loop you already have.
 
-    python examples/simclr_ntxent.py                      # ~1 min on 2 CPU cores
+    python examples/simclr_ntxent.py
     python examples/simclr_ntxent.py --steps 2 --batch 16 --width 4   # smoke test
 """
 import argparse
@@ -15,8 +15,6 @@ from torch import nn
 
 import fastssl
 from fastssl.data import render_shapes
-# TEMPORARY (issue 7): plain-PyTorch stand-in until fastssl.augment.SSLAugment lands.
-from fastssl._shims import SSLAugment
 
 
 def encoder(width: int) -> nn.Module:
@@ -41,7 +39,7 @@ def main(argv=None):
     backbone = encoder(args.width)
     projector = nn.Sequential(nn.Linear(4 * args.width, 256), nn.ReLU(), nn.Linear(256, 64))
     model = nn.Sequential(backbone, projector)
-    augment = SSLAugment(32, recipe="simclr", generator=torch.Generator().manual_seed(0))
+    augment = fastssl.SSLAugment(32, recipe="simclr", generator=torch.Generator().manual_seed(0))
     criterion = fastssl.NTXentLoss(temperature=args.temperature)  # <- the drop-in line
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-5)
 

@@ -36,9 +36,9 @@ from torch import nn
 
 from . import data as datasets
 from ._progress import Progress
-from .functional import nt_xent
-# TEMPORARY (issue 7): shims until fastssl.info_nce / fastssl.moco / fastssl.augment land.
-from ._shims import MoCoQueue, SSLAugment, ema_update_, info_nce, momentum_schedule
+from .augment import SSLAugment
+from .functional import info_nce, nt_xent
+from .moco import MoCoQueue, ema_update_, momentum_schedule
 
 METHODS = ("simclr", "moco", "byol")
 BACKENDS = ("fused", "reference")
@@ -158,9 +158,11 @@ class SSLModel(nn.Module):
     * ``simclr``: encoder -> projector on both views (one batch of 2B), NT-Xent (tau 0.2).
     * ``moco`` (v2): query encoder+projector on view 0, momentum key encoder on view 1
       (keys computed in 2 shuffled halves: single-process ShuffleBN), InfoNCE against a queue
-      (tau 0.2), EMA update + enqueue after the optimiser step.
+      of ``queue_size`` keys (tau 0.2), EMA update (``momentum``, default 0.99) + enqueue
+      after the optimiser step.
     * ``byol``: online encoder+projector+predictor on both views, momentum target on both,
-      symmetric normalised-MSE, momentum on BYOL's cosine schedule from ``momentum``.
+      symmetric normalised-MSE, momentum on BYOL's cosine schedule from ``momentum``
+      (default 0.99) to 1.
 
     ``backend="fused"`` uses fastssl's fused loss / augmentation / EMA / queue (each op's
     ``backend="auto"``: C++ on CPU, Triton on CUDA), ``"reference"`` their plain-PyTorch
@@ -360,7 +362,7 @@ def linear_probe(x_train, y_train, x_test, y_test, *, l2_grid=(1e-1, 1e-2, 1e-3,
 # ---------------------------------------------------------------------------------------
 
 DEFAULTS = {  # per dataset: epochs, batch
-    "shapes": dict(epochs=25, batch=128),
+    "shapes": dict(epochs=40, batch=128),
     "digits": dict(epochs=30, batch=128),
 }
 
@@ -369,7 +371,7 @@ def add_arguments(p) -> None:
     p.add_argument("--method", choices=METHODS, default="simclr")
     p.add_argument("--data", choices=datasets.DATASETS, default="shapes")
     p.add_argument("--epochs", type=int, default=None,
-                   help="SSL epochs (default: 25 on shapes, 30 on digits)")
+                   help="SSL epochs (default: 40 on shapes, 30 on digits)")
     p.add_argument("--batch", type=int, default=None, help="default: 128")
     p.add_argument("--width", type=int, default=32, help="encoder width w (features: 4w)")
     p.add_argument("--lr", type=float, default=2e-3)
@@ -378,6 +380,9 @@ def add_arguments(p) -> None:
                         "this flag the held-out split is a quarter of it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; on a busy machine 1 "
+                        "can be several times faster than oversubscribed threads)")
     p.add_argument("--out-dir", default="train_out", help="where the loss-curve PNG goes")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--json", action="store_true", help="last stdout line: a JSON summary")
@@ -457,6 +462,8 @@ def train(method: str = "simclr", data: str = "shapes", *, epochs=None, batch=No
 
 
 def run(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     res = train(args.method, args.data, epochs=args.epochs, batch=args.batch, width=args.width,
                 lr=args.lr, n_train=args.n_train, seed=args.seed, device=args.device,
                 progress=not args.quiet)

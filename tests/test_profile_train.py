@@ -51,6 +51,19 @@ def test_profile_reference_backend_and_trace(tmp_path, capsys):
     assert {f"fastssl::{p}" for p in PHASES} <= names
 
 
+def test_profile_both_backends_side_by_side(capsys):
+    # Each backend runs in its own process (clean peak memory); the table shows both.
+    assert cli.main(["profile", "--method", "simclr", "--backend", "both", *TINY_PROFILE,
+                     "--threads", "1", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "fused ms" in out and "reference ms" in out
+    res = _last_json(out)
+    assert res["backend"] == "fused"
+    ref = res["reference"]
+    assert set(ref) == {"step_ms", "phases_ms", "images_per_s", "peak_mb"}
+    assert 0.90 <= sum(ref["phases_ms"].values()) / ref["step_ms"] <= 1.05
+
+
 def test_train_tiny_cli(tmp_path, capsys):
     assert cli.main(["train", "--method", "byol", "--epochs", "1", "--batch", "32",
                      "--n-train", "96", "--width", "4", "--quiet", "--json",

@@ -15,5 +15,5 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 echo "[env] installing torch==2.13.0 (CPU wheel) and the other dependencies" >&2
 "${PIP[@]}" torch==2.13.0
 "${PIP[@]}" setuptools wheel numpy pytest pytest-benchmark matplotlib triton==3.9.0
-echo "[env] building fastssl and its C++ extension (about a minute on 2 cores)" >&2
+echo "[env] building fastssl and its C++ extension (a few minutes on 2 cores: the C++ build is serial)" >&2
 "${PIP[@]}" --no-build-isolation -e .

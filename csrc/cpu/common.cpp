@@ -41,6 +41,52 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float 
   }
 }
 
+// See common.h.
+FASTSSL_SIMD_CLONES
+void online_lse_tile(const float* __restrict s, int64_t bi, int64_t bj, float* __restrict rmax,
+              float* __restrict rsum, float* __restrict cmax, float* __restrict csum,
+              float* __restrict cshift) {
+  const bool cols = cmax != nullptr;
+  if (cols) {
+    // 1. [Online softmax, columns] tile column maxima, then rescale the running column sums.
+    for (int64_t j = 0; j < bj; ++j) cshift[j] = kNegInf;
+    for (int64_t i = 0; i < bi; ++i) {
+      const float* row = s + i * bj;
+#pragma omp simd
+      for (int64_t j = 0; j < bj; ++j) cshift[j] = row[j] > cshift[j] ? row[j] : cshift[j];
+    }
+    for (int64_t j = 0; j < bj; ++j) {
+      const float nm = cmax[j] > cshift[j] ? cmax[j] : cshift[j];
+      const float sh = finite_or_zero(nm);
+      csum[j] *= exp_f32(cmax[j] - sh);
+      cmax[j] = nm;
+      cshift[j] = sh;
+    }
+  }
+  // 2. [Online softmax, rows] per row: max, then the exponentials of both directions.
+  for (int64_t i = 0; i < bi; ++i) {
+    const float* row = s + i * bj;
+    float rm = kNegInf;
+#pragma omp simd reduction(max : rm)
+    for (int64_t j = 0; j < bj; ++j) rm = row[j] > rm ? row[j] : rm;
+    const float nm = rmax[i] > rm ? rmax[i] : rm;
+    const float sh = finite_or_zero(nm);
+    float acc = 0.0f;
+    if (cols) {
+#pragma omp simd reduction(+ : acc)
+      for (int64_t j = 0; j < bj; ++j) {
+        acc += exp_f32(row[j] - sh);
+        csum[j] += exp_f32(row[j] - cshift[j]);
+      }
+    } else {
+#pragma omp simd reduction(+ : acc)
+      for (int64_t j = 0; j < bj; ++j) acc += exp_f32(row[j] - sh);
+    }
+    rsum[i] = rsum[i] * exp_f32(rmax[i] - sh) + acc;
+    rmax[i] = nm;
+  }
+}
+
 std::string blas_info() {
   return sgemm_ != nullptr ? " + BLAS sgemm_ from torch (tile GEMM)"
                            : " + at::mm tile GEMM (no sgemm_ symbol: slower)";

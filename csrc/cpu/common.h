@@ -55,6 +55,18 @@ static inline float exp_f32(float x) {
   return p * std::bit_cast<float>(static_cast<int32_t>((n + 127) << 23));
 }
 
+// -inf stands for "no column seen yet"; exp(x - (-inf)) would be NaN, so shift by 0 instead.
+static inline float finite_or_zero(float m) { return m == kNegInf ? 0.0f : m; }
+
+// Online log-sum-exp update from one tile S (bi x bj, row-major, leading dimension bj): the
+// running (rmax, rsum) of its rows and, when cmax != nullptr, the running (cmax, csum) of its
+// columns (cshift: bj floats of scratch). 1 exp per element per direction. Shared by the
+// NT-Xent kernel (columns = rows of the mirrored block) and the contrastive core.
+FASTSSL_SIMD_CLONES
+void online_lse_tile(const float* __restrict s, int64_t bi, int64_t bj, float* __restrict rmax,
+                     float* __restrict rsum, float* __restrict cmax, float* __restrict csum,
+                     float* __restrict cshift);
+
 // C = alpha * op(A) * op(B) + beta * C, all row-major, single-threaded.
 // trans_a: A is stored (k x m) and used transposed; trans_b: B is stored (n x k).
 void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,

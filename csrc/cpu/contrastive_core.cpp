@@ -7,8 +7,6 @@
 namespace fastssl::core {
 namespace {
 
-static inline float finite_or_zero(float m) { return m == kNegInf ? 0.0f : m; }
-
 struct Tile {
   int64_t i0, bi, j0, bj;
 };
@@ -37,53 +35,6 @@ void mask_tile(float* s, const Tile& t, const Masks& masks) {
       const int64_t col = mk[t.i0 + r];
       if (col >= t.j0 && col < t.j0 + t.bj) s[r * t.bj + (col - t.j0)] = kNegInf;
     }
-  }
-}
-
-// Online (max, sum) update of the tile's rows and, when cmax != nullptr, of its columns.
-// 1 exp per element per direction.
-FASTSSL_SIMD_CLONES
-void fwd_tile(const float* __restrict s, int64_t bi, int64_t bj, float* __restrict rmax,
-              float* __restrict rsum, float* __restrict cmax, float* __restrict csum,
-              float* __restrict cshift) {
-  const bool cols = cmax != nullptr;
-  if (cols) {
-    // 1. [Online softmax, columns] tile column maxima, then rescale the running column sums.
-    for (int64_t j = 0; j < bj; ++j) cshift[j] = kNegInf;
-    for (int64_t i = 0; i < bi; ++i) {
-      const float* row = s + i * bj;
-#pragma omp simd
-      for (int64_t j = 0; j < bj; ++j) cshift[j] = row[j] > cshift[j] ? row[j] : cshift[j];
-    }
-    for (int64_t j = 0; j < bj; ++j) {
-      const float nm = cmax[j] > cshift[j] ? cmax[j] : cshift[j];
-      const float sh = finite_or_zero(nm);
-      csum[j] *= exp_f32(cmax[j] - sh);
-      cmax[j] = nm;
-      cshift[j] = sh;
-    }
-  }
-  // 2. [Online softmax, rows] per row: max, then the exponentials of both directions.
-  for (int64_t i = 0; i < bi; ++i) {
-    const float* row = s + i * bj;
-    float rm = kNegInf;
-#pragma omp simd reduction(max : rm)
-    for (int64_t j = 0; j < bj; ++j) rm = row[j] > rm ? row[j] : rm;
-    const float nm = rmax[i] > rm ? rmax[i] : rm;
-    const float sh = finite_or_zero(nm);
-    float acc = 0.0f;
-    if (cols) {
-#pragma omp simd reduction(+ : acc)
-      for (int64_t j = 0; j < bj; ++j) {
-        acc += exp_f32(row[j] - sh);
-        csum[j] += exp_f32(row[j] - cshift[j]);
-      }
-    } else {
-#pragma omp simd reduction(+ : acc)
-      for (int64_t j = 0; j < bj; ++j) acc += exp_f32(row[j] - sh);
-    }
-    rsum[i] = rsum[i] * exp_f32(rmax[i] - sh) + acc;
-    rmax[i] = nm;
   }
 }
 
@@ -233,7 +184,7 @@ void forward_lse(const Operand& q, const Operand& c, float alpha, Masks masks, f
               tile.data(), t.bj);
       if (scaled) scale_tile(tile.data(), t.bi, t.bj, q.rinv + t.i0, c.rinv + t.j0);
       mask_tile(tile.data(), t, masks);
-      fwd_tile(tile.data(), t.bi, t.bj, rmax + t.i0, rsum + t.i0, cols ? cmax + t.j0 : nullptr,
+      online_lse_tile(tile.data(), t.bi, t.bj, rmax + t.i0, rsum + t.i0, cols ? cmax + t.j0 : nullptr,
                cols ? csum + t.j0 : nullptr, tmp.data());
     }
   });

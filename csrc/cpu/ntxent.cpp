@@ -58,58 +58,6 @@ void mask_tile(float* s, const TilePair& p, int64_t n, bool decoupled) {
     }
 }
 
-// -inf stands for "no column seen yet"; exp(x - (-inf)) would be NaN, so shift by 0 instead.
-static inline float finite_or_zero(float m) { return m == kNegInf ? 0.0f : m; }
-
-// Online log-sum-exp update from one tile (bi x bj, row-major, leading dimension bj):
-// rows of block I always; columns (= rows of block J, by symmetry) unless it is a diagonal tile.
-FASTSSL_SIMD_CLONES
-void ntxent_fwd_tile(const float* __restrict s, int64_t bi, int64_t bj, bool diagonal,
-                     float* __restrict rmax, float* __restrict rsum, float* __restrict cmax,
-                     float* __restrict csum, float* __restrict tmp) {
-  float* __restrict cshift = tmp;  // finite column maxima after this tile
-  if (!diagonal) {
-    // 1. [Online softmax, columns] tile column maxima: read bi*bj floats.
-    for (int64_t j = 0; j < bj; ++j) cshift[j] = kNegInf;
-    for (int64_t i = 0; i < bi; ++i) {
-      const float* row = s + i * bj;
-#pragma omp simd
-      for (int64_t j = 0; j < bj; ++j) cshift[j] = row[j] > cshift[j] ? row[j] : cshift[j];
-    }
-    // 2. Rescale the running column sums to the new maxima.
-    for (int64_t j = 0; j < bj; ++j) {
-      const float nm = cmax[j] > cshift[j] ? cmax[j] : cshift[j];
-      const float sh = finite_or_zero(nm);
-      csum[j] *= exp_f32(cmax[j] - sh);
-      cmax[j] = nm;
-      cshift[j] = sh;
-    }
-  }
-  // 3. [Online softmax, rows] one pass per row: its max, then both exponentials of each
-  //    element (row-shifted for block I, column-shifted for block J). 2 exp per element.
-  for (int64_t i = 0; i < bi; ++i) {
-    const float* row = s + i * bj;
-    float rm = kNegInf;
-#pragma omp simd reduction(max : rm)
-    for (int64_t j = 0; j < bj; ++j) rm = row[j] > rm ? row[j] : rm;
-    const float nm = rmax[i] > rm ? rmax[i] : rm;
-    const float sh = finite_or_zero(nm);
-    float acc = 0.0f;
-    if (diagonal) {
-#pragma omp simd reduction(+ : acc)
-      for (int64_t j = 0; j < bj; ++j) acc += exp_f32(row[j] - sh);
-    } else {
-#pragma omp simd reduction(+ : acc)
-      for (int64_t j = 0; j < bj; ++j) {
-        acc += exp_f32(row[j] - sh);
-        csum[j] += exp_f32(row[j] - cshift[j]);
-      }
-    }
-    rsum[i] = rsum[i] * exp_f32(rmax[i] - sh) + acc;
-    rmax[i] = nm;
-  }
-}
-
 // In place: S tile -> K tile, K_ij = g_i exp(S_ij - lse_i) + g_j exp(S_ij - lse_j), i.e. the
 // block of G + G^T without the target term. Masked entries (-inf) give exactly 0.
 FASTSSL_SIMD_CLONES
@@ -187,8 +135,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_fwd_cpu(
       gemm_rm(false, true, tp.bi, tp.bj, d, alpha, z + tp.i0 * d, d, z + tp.j0 * d, d, 0.0f,
               tile.data(), tp.bj);
       mask_tile(tile.data(), tp, n, decoupled);
-      ntxent_fwd_tile(tile.data(), tp.bi, tp.bj, tp.i0 == tp.j0, tmax + tp.i0, tsum + tp.i0,
-                      tmax + tp.j0, tsum + tp.j0, tmp.data());
+      // A diagonal tile's columns are its own rows: update them once, as rows.
+      const bool diagonal = tp.i0 == tp.j0;
+      online_lse_tile(tile.data(), tp.bi, tp.bj, tmax + tp.i0, tsum + tp.i0,
+                      diagonal ? nullptr : tmax + tp.j0, tsum + tp.j0, tmp.data());
     }
   });
 

@@ -47,6 +47,15 @@ def fp32_dot_precision() -> str:
     return value
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` for a launch's ``tl.dot`` calls: the ``FASTSSL_FP32_DOT`` choice for
+    fp32 inputs on a GPU, "ieee" otherwise (bf16/fp16 always run on tensor cores with fp32
+    accumulation, and the interpreter multiplies fp32 exactly)."""
+    if dtype != torch.float32 or INTERPRET:
+        return "ieee"
+    return fp32_dot_precision()
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count

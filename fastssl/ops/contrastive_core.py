@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import INTERPRET, TL_TYPE, dot_in_fp32, fp32_dot_precision, num_sms
+from ._triton_utils import INTERPRET, TL_TYPE, dot_in_fp32, dot_precision, num_sms
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel; see the module docstring.
 CONFIGS = {
@@ -215,12 +215,6 @@ def plan(m: int, nc: int, kernel: str, dtype: torch.dtype, sms: int,
                 row_blocks=row_blocks, splits=triton.cdiv(tiles, per), tiles_per_split=per)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype != torch.float32 or INTERPRET:  # the interpreter multiplies fp32 exactly
-        return "ieee"
-    return fp32_dot_precision()
-
-
 def row_lse(q: torch.Tensor, c: torch.Tensor, alpha: float, *, mask_diag: bool = False):
     """(M,) fp32 row log-sum-exp of ``alpha q c^T`` (diagonal masked with ``mask_diag``)."""
     q, c = q.contiguous(), c.contiguous()
@@ -232,7 +226,7 @@ def row_lse(q: torch.Tensor, c: torch.Tensor, alpha: float, *, mask_diag: bool =
         q, c, part[0], part[1], m, c.shape[0], d, alpha, q.stride(0), c.stride(0),
         cfg["tiles_per_split"], MASK_DIAG=mask_diag, BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_block_d(d), DOT_FP32=dot_in_fp32(q.dtype),
-        INPUT_PRECISION=_dot_precision(q.dtype), num_warps=cfg["num_warps"],
+        INPUT_PRECISION=dot_precision(q.dtype), num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     out = torch.empty(m, dtype=torch.float32, device=q.device)
     _lse_combine_kernel[(triton.cdiv(m, COMBINE_BLOCK),)](part[0], part[1], out, m, splits,
@@ -258,7 +252,7 @@ def softmax_grad(q, c, alpha: float, g=None, lse=None, h=None, clse=None, *,
         m, c.shape[0], d, alpha, q.stride(0), c.stride(0), d, cfg["tiles_per_split"],
         HAS_ROW=g is not None, HAS_COL=h is not None, MASK_DIAG=mask_diag,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_block_d(d),
-        DOT_FP32=dot_in_fp32(q.dtype), INPUT_PRECISION=_dot_precision(q.dtype),
+        DOT_FP32=dot_in_fp32(q.dtype), INPUT_PRECISION=dot_precision(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if splits > 1:
         _sum_splits_kernel[(triton.cdiv(m, ROW_BLOCK),)](part, out, m, d, splits,

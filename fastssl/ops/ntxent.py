@@ -67,7 +67,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import (INTERPRET, TL_TYPE, dot_in_fp32, fp32_dot_precision, next_pow2,
+from ._triton_utils import (INTERPRET, TL_TYPE, dot_in_fp32, dot_precision, next_pow2,
                             num_sms)
 
 # Globals read inside kernels must be constexpr.
@@ -375,12 +375,6 @@ def pick_config(m: int, d: int, sms: int, dtype: torch.dtype = torch.bfloat16,
     return out
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype != torch.float32 or INTERPRET:  # the interpreter multiplies fp32 exactly
-        return "ieee"
-    return fp32_dot_precision()
-
-
 # ---------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------
@@ -422,7 +416,7 @@ def ntxent_forward(z1: torch.Tensor, z2: torch.Tensor, temperature: torch.Tensor
     part = torch.empty((3, splits, m), device=dev, dtype=torch.float32)
     ntxent_fwd_kernel[(fc["row_blocks"], splits)](
         zhat, temperature, part[0], part[1], part[2], n, d, fc["tiles_per_split"],
-        DECOUPLED=decoupled, DOT_FP32=dot_in_fp32(dtype), INPUT_PRECISION=_dot_precision(dtype),
+        DECOUPLED=decoupled, DOT_FP32=dot_in_fp32(dtype), INPUT_PRECISION=dot_precision(dtype),
         BLOCK_M=fc["BLOCK_M"], BLOCK_N=fc["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
         num_warps=fc["num_warps"], num_stages=fc["num_stages"])
     lse = torch.empty((m,), device=dev, dtype=torch.float32)
@@ -453,7 +447,7 @@ def ntxent_backward(grad_rows: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor,
     dpart = torch.empty((splits, m, d), device=dev, dtype=torch.float32)
     ntxent_bwd_kernel[(bc["row_blocks"], splits)](
         zhat, temperature, lse, g, dpart, n, d, bc["tiles_per_split"],
-        DECOUPLED=decoupled, DOT_FP32=dot_in_fp32(dtype), INPUT_PRECISION=_dot_precision(dtype),
+        DECOUPLED=decoupled, DOT_FP32=dot_in_fp32(dtype), INPUT_PRECISION=dot_precision(dtype),
         BLOCK_M=bc["BLOCK_M"], BLOCK_N=bc["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
         num_warps=bc["num_warps"], num_stages=bc["num_stages"])
     dz1 = torch.empty((n, d), device=dev, dtype=dtype)

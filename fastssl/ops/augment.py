@@ -161,6 +161,24 @@ def _load_px(img_ptr, off, mask, IS_U8: tl.constexpr):
 
 
 @triton.jit
+def _finish(r, g, bl, b, flags_ptr, work_ptr, out_ptr, out_base, plane, offs, mask, thr,
+            mean_ptr, std_ptr, MANUAL_BF16: tl.constexpr):
+    """Shared last step of both colour kernels: grayscale, then either the work buffer (the
+    sample is blurred next) or solarize + normalize + cast into the output."""
+    if tl.load(flags_ptr + 5 * b + 2) != 0:
+        r = _gray(r, g, bl)
+        g = r
+        bl = r
+    if tl.load(flags_ptr + 5 * b + 3) != 0:
+        tl.store(work_ptr + out_base + offs, r, mask=mask)
+        tl.store(work_ptr + out_base + plane + offs, g, mask=mask)
+        tl.store(work_ptr + out_base + 2 * plane + offs, bl, mask=mask)
+    else:
+        _store_final(out_ptr, out_base, plane, offs, mask, r, g, bl,
+                     tl.load(flags_ptr + 5 * b + 4) != 0, thr, mean_ptr, std_ptr, MANUAL_BF16)
+
+
+@triton.jit
 def augment_resize_kernel(img_ptr, img_off_ptr, hw_ptr, crop_ptr, flags_ptr, factors_ptr,
                           order_ptr, work_ptr, partial_ptr, out_ptr, mean_ptr, std_ptr,
                           thr, out_size, n_blocks, IS_U8: tl.constexpr, BLOCK: tl.constexpr,
@@ -221,18 +239,8 @@ def augment_resize_kernel(img_ptr, img_off_ptr, hw_ptr, crop_ptr, flags_ptr, fac
         tl.store(work_ptr + out_base + 2 * plane + offs, bl, mask=mask)
     else:
         # 3. [Finish] gray -> (blur: to the work buffer) or solarize + normalize + store.
-        if tl.load(flags_ptr + 5 * b + 2) != 0:
-            r = _gray(r, g, bl)
-            g = r
-            bl = r
-        if tl.load(flags_ptr + 5 * b + 3) != 0:
-            tl.store(work_ptr + out_base + offs, r, mask=mask)
-            tl.store(work_ptr + out_base + plane + offs, g, mask=mask)
-            tl.store(work_ptr + out_base + 2 * plane + offs, bl, mask=mask)
-        else:
-            _store_final(out_ptr, out_base, plane, offs, mask, r, g, bl,
-                         tl.load(flags_ptr + 5 * b + 4) != 0, thr, mean_ptr, std_ptr,
-                         MANUAL_BF16)
+        _finish(r, g, bl, b, flags_ptr, work_ptr, out_ptr, out_base, plane, offs, mask, thr,
+                mean_ptr, std_ptr, MANUAL_BF16)
 
 
 @triton.jit
@@ -267,18 +275,8 @@ def augment_contrast_kernel(work_ptr, partial_ptr, flags_ptr, factors_ptr, order
             op = tl.load(order_ptr + 4 * b + step)
             r, g, bl = _color_op(op, tl.load(factors_ptr + 4 * b + op), m1, r, g, bl)
     # 3. [Finish]
-    if tl.load(flags_ptr + 5 * b + 2) != 0:
-        r = _gray(r, g, bl)
-        g = r
-        bl = r
-    if tl.load(flags_ptr + 5 * b + 3) != 0:
-        tl.store(work_ptr + out_base + offs, r, mask=mask)
-        tl.store(work_ptr + out_base + plane + offs, g, mask=mask)
-        tl.store(work_ptr + out_base + 2 * plane + offs, bl, mask=mask)
-    else:
-        _store_final(out_ptr, out_base, plane, offs, mask, r, g, bl,
-                     tl.load(flags_ptr + 5 * b + 4) != 0, thr, mean_ptr, std_ptr,
-                         MANUAL_BF16)
+    _finish(r, g, bl, b, flags_ptr, work_ptr, out_ptr, out_base, plane, offs, mask, thr,
+            mean_ptr, std_ptr, MANUAL_BF16)
 
 
 @triton.jit

@@ -63,7 +63,7 @@ def extension_modules():
     else:
         ext = CppExtension("fastssl._C", sources, define_macros=define_macros,
                            extra_compile_args={"cxx": cxx}, extra_link_args=link)
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = extension_modules()

@@ -1,10 +1,10 @@
 // fastssl._C: the compiled kernels of fastssl.
 //
-// Each op lives in its own file (csrc/cpu/<op>.cpp, csrc/cuda/<op>.cu) and registers its
-// schema with TORCH_LIBRARY_FRAGMENT(fastssl, ...) and its kernels with
-// TORCH_LIBRARY_IMPL(fastssl, <device>, ...). Importing this module runs those static
-// registrations; Python reaches the ops as torch.ops.fastssl.<name> and attaches autograd and
-// fake (meta) implementations in fastssl/cpp/<op>.py.
+// Each op's kernels live in their own file (csrc/cpu/<op>.cpp, csrc/cuda/<op>.cu) and register
+// with TORCH_LIBRARY_IMPL(fastssl, <device>, ...). The schemas, fakes and autograd formulas
+// are defined once, in Python (fastssl/ops/<op>.py), for every device; importing this module
+// runs the static kernel registrations (before or after the Python definitions: the
+// dispatcher accepts either order and checks the C++ signatures against the schemas).
 //
 // No pybind11 here on purpose: the module itself exports nothing, which keeps the build light
 // (no torch/extension.h) and the ABI surface nil.
@@ -33,7 +33,9 @@ static std::string build_info() {
 
 }  // namespace fastssl
 
-TORCH_LIBRARY(fastssl, m) {
+// The op schemas are defined in Python (fastssl/ops/<op>.py, one place for both devices);
+// the C++ files register only their CPU (and CUDA) kernels. build_info is C++-only.
+TORCH_LIBRARY_FRAGMENT(fastssl, m) {
   m.def("build_info() -> str", &fastssl::build_info);
 }
 

@@ -474,11 +474,9 @@ def apply(images, params: AugmentParams, out_size: int, mean=IMAGENET_MEAN, std=
         return reference.ssl_augment(items, params, out_size, mean_t, std_t, out_dtype)
     if not is_u8:
         items = [im.float() for im in items]
-    if be == "cpp":
-        from .cpp import augment as cpp_augment
-        return cpp_augment.ssl_augment(items, params, out_size, mean_t, std_t, out_dtype)
-    from .ops import augment as triton_augment
-    return triton_augment.ssl_augment(items, params, out_size, mean_t, std_t, out_dtype)
+    # C++ on CPU images, Triton on CUDA images: the op's dispatcher picks.
+    from .ops import augment as ops_augment
+    return ops_augment.ssl_augment(items, params, out_size, mean_t, std_t, out_dtype)
 
 
 class SSLAugment:

@@ -1,12 +1,16 @@
-"""Functional API: validate the arguments, pick a backend (``fastssl._dispatch``), run it.
+"""Functional API: validate the arguments, then run the op (``torch.ops.fastssl.<op>``: C++
+on CPU tensors, Triton on CUDA tensors, see ``fastssl/ops``) or the reference, as
+``fastssl._dispatch`` decides.
 
 Every function here raises ``TypeError``/``ValueError`` for bad input before any kernel runs.
+Scalars (temperature, logit scale) reach the kernels as device tensors: no host sync on a
+loss's path.
 """
 from __future__ import annotations
 
 import torch
 
-from . import _dispatch, _validate, distributed, reference
+from . import _dispatch, _validate, distributed, ops, reference
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature=0.1, *, normalize: bool = True,
@@ -76,17 +80,13 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature=0.1, *, normalize: b
         raise ValueError("decoupled=True needs N >= 2: with N = 1 a row has no negative")
     if gather and distributed.world_size() > 1:
         return _nt_xent_gathered(z1, z2, temp, normalize, reduction, decoupled, backend)
-    be = _dispatch.resolve(backend, z1.device, op="nt_xent", cpp_op="ntxent_fwd",
-                           has_triton=True)
+    be = _dispatch.resolve(backend, z1.device, op="nt_xent", cpp_op="ntxent_fwd")
     if be == "reference" or z1.dtype == torch.float64:
         return reference.nt_xent(z1, z2, temp, normalize=normalize, reduction=reduction,
                                  decoupled=decoupled)
-    if be == "cpp":
-        from .cpp import ntxent as cpp_ntxent
-        rows = cpp_ntxent.nt_xent_rows(z1, z2, temp, normalize, decoupled)
-    else:
-        from .ops import ntxent as triton_ntxent
-        rows = triton_ntxent.nt_xent_rows(z1, z2, temp, normalize, decoupled)
+    # One op on every device: the C++ kernel on CPU tensors, the Triton kernel on CUDA ones.
+    rows = ops.nt_xent.nt_xent_rows(z1, z2, _validate.scale_tensor(temp, z1.device), normalize,
+                                    decoupled)
     return _validate.reduce(rows, reduction)
 
 
@@ -99,13 +99,12 @@ def _rows_vs_columns(q, c, scale, target, self_idx, *, normalize, mask_target, b
                      invert=False):
     """Per-row losses (M,) fp32 of local rows q against columns c with targets (global column
     indices); the logits are ``scale * qhat chat^T`` (``1 / scale`` with ``invert``: a
-    temperature). C++ kernel ``xent`` on CPU, the reference elsewhere."""
-    be = _dispatch.resolve(backend, q.device, op=op, cpp_op="xent_fwd", has_triton=False)
+    temperature). The fused ``xent`` op (C++ on CPU, Triton on CUDA), or the reference."""
+    be = _dispatch.resolve(backend, q.device, op=op, cpp_op="xent_fwd")
     if be == "reference" or q.dtype == torch.float64:
         return reference.rows_vs_columns(q, c, 1.0 / scale if invert else scale, target,
                                          self_idx, normalize=normalize, mask_target=mask_target)
-    from .cpp import xent as cpp_xent
-    return cpp_xent.xent_rows(q, c, _validate.scale_tensor(scale, q.device, invert=invert),
+    return ops.xent.xent_rows(q, c, _validate.scale_tensor(scale, q.device, invert=invert),
                               target, self_idx, normalize, mask_target)
 
 
@@ -129,11 +128,6 @@ def _nt_xent_gathered(z1, z2, temp, normalize, reduction, decoupled, backend):
 # ---------------------------------------------------------------------------------------
 
 
-def _normalized(x: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """Rows L2-normalised under autograd (the Triton kernels take normalised rows)."""
-    return torch.nn.functional.normalize(x, dim=1) if normalize else x
-
-
 def info_nce(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None = None,
              temperature=0.07, *, normalize: bool = True, reduction: str = "mean",
              gather: bool = False, backend: str = "auto") -> torch.Tensor:
@@ -146,11 +140,11 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None 
     With a queue (MoCo v1/v2), each query's positive is its own key and the negatives are the
     queue entries:
 
-    .. math:: \ell_i = -\log rac{e^{q_i \cdot k_i / 	au}}
-              {e^{q_i \cdot k_i / 	au} + \sum_{j=1}^{K} e^{q_i \cdot u_j / 	au}}
+    .. math:: \ell_i = -\log \frac{e^{q_i \cdot k_i / \tau}}
+              {e^{q_i \cdot k_i / \tau} + \sum_{j=1}^{K} e^{q_i \cdot u_j / \tau}}
 
     Without a queue (MoCo v3, one direction of CLIP), the other keys of the batch are the
-    negatives: :math:`\ell_i = \log \sum_j e^{q_i \cdot k_j / 	au} - q_i \cdot k_i / 	au`.
+    negatives: :math:`\ell_i = \log \sum_j e^{q_i \cdot k_j / \tau} - q_i \cdot k_i / \tau`.
     The queue never receives a gradient; ``key`` does when it requires one (in MoCo it is
     produced under ``torch.no_grad()``). On CPU the queue is split across all threads, so the
     MoCo shape (256 queries vs 65,536 entries) uses every core.
@@ -159,7 +153,7 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None 
         query: (N, D) queries. float32, bfloat16 or float16 (float64 runs the reference).
         key: (N, D) keys; row i is query i's positive. Same dtype and device as ``query``.
         queue: (K, D) negatives (MoCo's memory queue) or None (in-batch negatives).
-        temperature: :math:`	au`, a float or a 0-dim tensor > 0 (its gradient is computed
+        temperature: :math:`\tau`, a float or a 0-dim tensor > 0 (its gradient is computed
             if it requires one).
         normalize: L2-normalise query, key and queue rows first (eps = 1e-12).
         reduction: ``"mean"`` over the N queries, ``"sum"``, or ``"none"`` (N,).
@@ -207,24 +201,16 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None 
                                 op="info_nce", invert=True)
         return _validate.reduce(rows, reduction).to(query.dtype)
     cpp_op = "info_nce_queue_fwd" if queue is not None else "xent_fwd"
-    be = _dispatch.resolve(backend, query.device, op="info_nce", cpp_op=cpp_op,
-                           has_triton=True)
+    be = _dispatch.resolve(backend, query.device, op="info_nce", cpp_op=cpp_op)
     if be == "reference" or query.dtype == torch.float64:
         return reference.info_nce(query, key, queue, temp, normalize=normalize,
                                   reduction=reduction)
     scale = _validate.scale_tensor(temp, query.device, invert=True)
-    if be == "triton":
-        from .ops import info_nce as tri_info_nce
-        rows = tri_info_nce.info_nce_rows(
-            _normalized(query, normalize), _normalized(key, normalize),
-            None if queue is None else _normalized(queue.detach(), normalize), scale)
-    elif queue is not None:
-        from .cpp import info_nce as cpp_info_nce
-        rows = cpp_info_nce.info_nce_queue_rows(query, key, queue, scale, normalize)
+    if queue is not None:
+        rows = ops.info_nce.info_nce_queue_rows(query, key, queue, scale, normalize)
     else:
-        from .cpp import xent as cpp_xent
         target = torch.arange(n, device=query.device)
-        rows = cpp_xent.xent_rows(query, key, scale, target, torch.full_like(target, -1),
+        rows = ops.xent.xent_rows(query, key, scale, target, torch.full_like(target, -1),
                                   normalize)
     return _validate.reduce(rows, reduction).to(query.dtype)
 
@@ -237,10 +223,10 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale, *, logit_bia
     Radford et al., *Learning Transferable Visual Models From Natural Language Supervision*,
     2021 (https://arxiv.org/abs/2103.00020).
 
-    With :math:`S = s\, \hat I \hat T^	op` (rows L2-normalised, :math:`s` = ``logit_scale``):
+    With :math:`S = s\, \hat I \hat T^\top` (rows L2-normalised, :math:`s` = ``logit_scale``):
 
-    .. math:: \mathcal L = 	frac12 \Big(	frac1B \sum_i ig[\log 	extstyle\sum_j e^{S_{ij}}
-              - S_{ii}ig] + 	frac1B \sum_j ig[\log \sum_i e^{S_{ij}} - S_{jj}ig]\Big)
+    .. math:: \mathcal L = \tfrac12 \Big(\tfrac1B \sum_i \big[\log \textstyle\sum_j e^{S_{ij}}
+              - S_{ii}\big] + \tfrac1B \sum_j \big[\log \sum_i e^{S_{ij}} - S_{jj}\big]\Big)
 
     The fused kernel computes both log-sum-exps from the same tiles, recomputes each tile once
     in backward for both directions, and never forms the B x B matrix.
@@ -296,18 +282,11 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale, *, logit_bia
         i2t = _rows_vs_columns(image, texts, scale, target, none, **kw)
         t2i = _rows_vs_columns(text, images, scale, target, none, **kw)
         return ((i2t.mean() + t2i.mean()) / 2).to(image.dtype)
-    be = _dispatch.resolve(backend, image.device, op="clip_loss", cpp_op="clip_fwd",
-                           has_triton=True)
+    be = _dispatch.resolve(backend, image.device, op="clip_loss", cpp_op="clip_fwd")
     if be == "reference" or image.dtype == torch.float64:
         return reference.clip_loss(image, text, scale, normalize=normalize)
-    if be == "triton":
-        from .ops import clip as tri_clip
-        row, col = tri_clip.clip_rows(_normalized(image, normalize), _normalized(text, normalize),
-                                      _validate.scale_tensor(scale, image.device))
-    else:
-        from .cpp import clip as cpp_clip
-        row, col = cpp_clip.clip_rows(image, text, _validate.scale_tensor(scale, image.device),
-                                      normalize)
+    row, col = ops.clip_loss.clip_rows(image, text, _validate.scale_tensor(scale, image.device),
+                                       normalize)
     return ((row.mean() + col.mean()) / 2).to(image.dtype)
 
 
@@ -317,12 +296,11 @@ def supcon(features: torch.Tensor, labels: torch.Tensor, temperature=0.1, *,
 
     Khosla et al., *Supervised Contrastive Learning*, 2020 (https://arxiv.org/abs/2004.11362).
 
-    With :math:`S = \hat Z \hat Z^	op / 	au` and :math:`P(i)` the other samples with anchor
+    With :math:`S = \hat Z \hat Z^\top / \tau` and :math:`P(i)` the other samples with anchor
     i's label:
 
-    .. math:: \ell_i = -rac{1}{|P(i)|} \sum_{p \in P(i)}
-              \log rac{e^{S_{ip}}}{\sum_{j 
-e i} e^{S_{ij}}}
+    .. math:: \ell_i = -\frac{1}{|P(i)|} \sum_{p \in P(i)}
+              \log \frac{e^{S_{ip}}}{\sum_{j \ne i} e^{S_{ij}}}
 
     The loss is the mean of :math:`\ell_i` over the anchors with :math:`|P(i)| \ge 1`;
     **anchors without a positive are excluded** (and receive no gradient as anchors); if no
@@ -333,7 +311,7 @@ e i} e^{S_{ij}}}
     Args:
         features: (N, D) embeddings. float32, bfloat16 or float16 (float64: reference).
         labels: (N,) integer class labels, on the features' device.
-        temperature: :math:`	au`, a float or a 0-dim tensor > 0.
+        temperature: :math:`\tau`, a float or a 0-dim tensor > 0.
         normalize: L2-normalise the rows first (eps = 1e-12).
         backend: ``"auto"``, ``"cpp"``, ``"triton"`` or ``"reference"``.
 
@@ -356,15 +334,9 @@ e i} e^{S_{ij}}}
     _validate.embeddings("features", features)
     _validate.labels("labels", labels, features.shape[0], features.device)
     temp = _validate.positive_scalar("temperature", temperature, features.device)
-    be = _dispatch.resolve(backend, features.device, op="supcon", cpp_op="supcon_fwd",
-                           has_triton=True)
+    be = _dispatch.resolve(backend, features.device, op="supcon", cpp_op="supcon_fwd")
     if be == "reference" or features.dtype == torch.float64:
         return reference.supcon(features, labels, temp, normalize=normalize)
     alpha = _validate.scale_tensor(temp, features.device, invert=True)
-    if be == "triton":
-        from .ops import supcon as tri_supcon
-        rows, npos = tri_supcon.supcon_rows(_normalized(features, normalize), labels, alpha)
-    else:
-        from .cpp import supcon as cpp_supcon
-        rows, npos = cpp_supcon.supcon_rows(features, labels, alpha, normalize)
+    rows, npos = ops.supcon.supcon_rows(features, labels, alpha, normalize)
     return (rows.sum() / (npos > 0).sum().clamp(min=1)).to(features.dtype)

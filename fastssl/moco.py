@@ -112,9 +112,8 @@ def ema_update_(target: TensorsOrModule, online: TensorsOrModule, momentum, *,
         # The C++ op checks every pair (shape, dtype pair, device) before it writes anything,
         # in ~1/10 of the time of the Python checks (which cost ~1-2% of a ResNet-50 update
         # on CPU); on failure the Python checks run to raise the precise ValueError/TypeError.
-        from .cpp import ema as cpp_ema
         try:
-            cpp_ema.ema_update_(ts, os_, w)
+            torch.ops.fastssl.ema_update_(ts, os_, float(w))
         except RuntimeError:
             _validate.ema_pairs(ts, os_)
             raise
@@ -274,10 +273,6 @@ class MoCoQueue(nn.Module):
         self._backend = _dispatch.resolve(self.backend, self.buffer.device,
                                           op="MoCoQueue.enqueue", cpp_op="moco_enqueue_",
                                           has_triton=True, cuda_op="moco_enqueue_")
-        if self._backend in ("cpp", "cuda"):
-            from .cpp import queue as _cpp_queue  # noqa: F401  (fake registration)
-        elif self._backend == "triton":
-            from .ops import queue as _triton_queue  # noqa: F401  (custom op)
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)

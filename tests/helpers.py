@@ -61,3 +61,13 @@ def assert_close_to_truth(name: str, out: torch.Tensor, truth: torch.Tensor,
     assert err <= tol, (f"{name} ({dtype}): relative error {err:.3g} > tolerance {tol:.3g} "
                         f"(reference's own error {ref_err:.3g}); "
                         f"{first_mismatches(out, truth, tol)}")
+
+
+def kernels(backend: str):
+    """Context in which ``backend`` runs on CPU tensors: for "triton", the ops' Triton kernels
+    replace the C++ ones on the CPU key (interpreter; ``fastssl._dispatch.triton_on_cpu``);
+    put forward, backward and any torch.compile inside it."""
+    import contextlib
+
+    from fastssl import _dispatch
+    return _dispatch.triton_on_cpu() if backend == "triton" else contextlib.nullcontext()

@@ -4,6 +4,7 @@ import torch
 
 import fastssl
 from fastssl import reference
+from helpers import kernels
 from family_helpers import DTYPES, compare
 
 
@@ -77,7 +78,8 @@ def test_triton_interpreter(b, d, dtype):
     image = torch.randn(b, d, dtype=torch.float64, requires_grad=True)
     text = torch.randn(b, d, dtype=torch.float64, requires_grad=True)
     scale = torch.tensor(9.0, dtype=torch.float64, requires_grad=True)
-    compare("clip_loss[triton]",
-            lambda i, t, s: fastssl.clip_loss(i, t, s, backend="triton"),
-            lambda i, t, s: reference.clip_loss(i, t, s),
-            [image, text, scale], dtype)
+    with kernels("triton"):
+        compare("clip_loss[triton]",
+                lambda i, t, s: fastssl.clip_loss(i, t, s, backend="triton"),
+                lambda i, t, s: reference.clip_loss(i, t, s),
+                [image, text, scale], dtype)

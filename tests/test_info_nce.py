@@ -5,7 +5,7 @@ import torch
 import fastssl
 from fastssl import reference
 from family_helpers import DTYPES, compare
-from helpers import assert_close_to_truth
+from helpers import kernels, assert_close_to_truth
 
 SHAPES = [(1, 5, 7), (3, 33, 300), (257, 20, 513)]  # (N, D, K): odd on purpose
 
@@ -102,18 +102,21 @@ def test_triton_interpreter(n, d, k, dtype, with_queue):
     key = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
     queue = torch.randn(k, d, dtype=torch.float64) if with_queue else None
     temp = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
-    compare("info_nce[triton]",
-            lambda a, b, u, t: fastssl.info_nce(a, b, u, t, backend="triton"),
-            lambda a, b, u, t: reference.info_nce(a, b, u, t),
-            [q, key, queue, temp], dtype)
+    with kernels("triton"):
+        compare("info_nce[triton]",
+                lambda a, b, u, t: fastssl.info_nce(a, b, u, t, backend="triton"),
+                lambda a, b, u, t: reference.info_nce(a, b, u, t),
+                [q, key, queue, temp], dtype)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
 @pytest.mark.parametrize("mask_target", [False, True])
 @pytest.mark.parametrize("m,nc,d", [(1, 3, 5), (7, 300, 9), (257, 260, 20)])
-def test_rows_vs_columns_engine(m, nc, d, mask_target):
-    """The C++ engine of every gather=True loss (local rows vs gathered columns, targets and
-    self-masks in global column indices) vs reference.rows_vs_columns, fp32 vs fp64."""
-    from fastssl.cpp import xent
+def test_rows_vs_columns_engine(m, nc, d, mask_target, backend):
+    """The xent op, engine of every gather=True loss (local rows vs gathered columns, targets
+    and self-masks in global column indices), on its C++ and its Triton kernel, vs
+    reference.rows_vs_columns, fp32 vs fp64."""
+    from fastssl.ops import xent
     q = torch.randn(m, d, dtype=torch.float64, requires_grad=True)
     c = torch.randn(nc, d, dtype=torch.float64, requires_grad=True)
     scale = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
@@ -124,8 +127,9 @@ def test_rows_vs_columns_engine(m, nc, d, mask_target):
     gw = torch.autograd.grad((want * w).sum(), [q, c, scale])
     qf, cf = q.detach().float().requires_grad_(), c.detach().float().requires_grad_()
     sf = scale.detach().float().requires_grad_()
-    got = xent.xent_rows(qf, cf, sf, target, self_idx, True, mask_target)
-    gg = torch.autograd.grad((got * w.float()).sum(), [qf, cf, sf])
+    with kernels(backend):
+        got = xent.xent_rows(qf, cf, sf, target, self_idx, True, mask_target)
+        gg = torch.autograd.grad((got * w.float()).sum(), [qf, cf, sf])
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     for a, b in zip(gg, gw):
         assert ((a.double() - b).abs().max() / b.abs().max()).item() < 1e-4

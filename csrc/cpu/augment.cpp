@@ -591,12 +591,6 @@ at::Tensor ssl_augment_cpu(at::TensorList images, const at::Tensor& crop,
 }  // namespace
 }  // namespace fastssl
 
-TORCH_LIBRARY_FRAGMENT(fastssl, m) {
-  m.def("ssl_augment(Tensor[] images, Tensor crop, Tensor flags, Tensor factors, Tensor order, "
-        "Tensor taps, float solarize_threshold, Tensor mean, Tensor std, int out_size, "
-        "ScalarType out_dtype) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(fastssl, CPU, m) {
   m.impl("ssl_augment", &fastssl::ssl_augment_cpu);
 }

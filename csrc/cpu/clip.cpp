@@ -90,14 +90,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_bwd_cpu(
 
 }  // namespace fastssl
 
-TORCH_LIBRARY_FRAGMENT(fastssl, m) {
-  m.def("clip_fwd(Tensor image, Tensor text, Tensor scale, bool normalize)"
-        " -> (Tensor row_loss, Tensor col_loss, Tensor row_lse, Tensor col_lse)");
-  m.def("clip_bwd(Tensor grad_row, Tensor grad_col, Tensor image, Tensor text, Tensor scale, "
-        "Tensor row_lse, Tensor col_lse, bool normalize)"
-        " -> (Tensor dimage, Tensor dtext, Tensor dscale)");
-}
-
 TORCH_LIBRARY_IMPL(fastssl, CPU, m) {
   m.impl("clip_fwd", &fastssl::clip_fwd_cpu);
   m.impl("clip_bwd", &fastssl::clip_bwd_cpu);

@@ -164,8 +164,4 @@ void ema_update_cpu(at::TensorList target, at::TensorList online, double weight)
 }  // namespace
 }  // namespace fastssl
 
-TORCH_LIBRARY_FRAGMENT(fastssl, m) {
-  m.def("ema_update_(Tensor(a!)[] target, Tensor[] online, float weight) -> ()");
-}
-
 TORCH_LIBRARY_IMPL(fastssl, CPU, m) { m.impl("ema_update_", &fastssl::ema_update_cpu); }

@@ -101,14 +101,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_queue_bwd_cpu(
 
 }  // namespace fastssl
 
-TORCH_LIBRARY_FRAGMENT(fastssl, m) {
-  m.def("info_nce_queue_fwd(Tensor query, Tensor key, Tensor queue, Tensor scale, "
-        "bool normalize) -> (Tensor loss, Tensor lse, Tensor pv)");
-  m.def("info_nce_queue_bwd(Tensor grad, Tensor query, Tensor key, Tensor scale, "
-        "Tensor lse, Tensor pv, bool normalize, bool need_dk)"
-        " -> (Tensor dquery, Tensor dkey, Tensor dscale)");
-}
-
 TORCH_LIBRARY_IMPL(fastssl, CPU, m) {
   m.impl("info_nce_queue_fwd", &fastssl::info_nce_queue_fwd_cpu);
   m.impl("info_nce_queue_bwd", &fastssl::info_nce_queue_bwd_cpu);

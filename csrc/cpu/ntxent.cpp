@@ -258,14 +258,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_bwd_cpu(
 
 }  // namespace fastssl
 
-TORCH_LIBRARY_FRAGMENT(fastssl, m) {
-  m.def("ntxent_fwd(Tensor z1, Tensor z2, Tensor temperature, bool normalize, bool decoupled)"
-        " -> (Tensor loss, Tensor lse, Tensor zhat, Tensor norms)");
-  m.def("ntxent_bwd(Tensor grad_loss, Tensor zhat, Tensor norms, Tensor lse, "
-        "Tensor temperature, bool normalize, bool decoupled, ScalarType dtype)"
-        " -> (Tensor dz1, Tensor dz2, Tensor dtemperature)");
-}
-
 TORCH_LIBRARY_IMPL(fastssl, CPU, m) {
   m.impl("ntxent_fwd", &fastssl::ntxent_fwd_cpu);
   m.impl("ntxent_bwd", &fastssl::ntxent_bwd_cpu);

@@ -65,9 +65,4 @@ void moco_enqueue_cpu(at::Tensor buffer, at::Tensor ptr, at::Tensor counter,
 }  // namespace
 }  // namespace fastssl
 
-TORCH_LIBRARY_FRAGMENT(fastssl, m) {
-  m.def("moco_enqueue_(Tensor(a!) buffer, Tensor(b!) ptr, Tensor(c!) counter, Tensor keys)"
-        " -> ()");
-}
-
 TORCH_LIBRARY_IMPL(fastssl, CPU, m) { m.impl("moco_enqueue_", &fastssl::moco_enqueue_cpu); }

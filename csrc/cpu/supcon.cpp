@@ -148,13 +148,6 @@ std::tuple<at::Tensor, at::Tensor> supcon_bwd_cpu(const at::Tensor& grad, const 
 
 }  // namespace fastssl
 
-TORCH_LIBRARY_FRAGMENT(fastssl, m) {
-  m.def("supcon_fwd(Tensor features, Tensor labels, Tensor scale, bool normalize)"
-        " -> (Tensor loss, Tensor lse, Tensor npos)");
-  m.def("supcon_bwd(Tensor grad, Tensor features, Tensor labels, Tensor scale, Tensor lse, "
-        "bool normalize) -> (Tensor dfeatures, Tensor dscale)");
-}
-
 TORCH_LIBRARY_IMPL(fastssl, CPU, m) {
   m.impl("supcon_fwd", &fastssl::supcon_fwd_cpu);
   m.impl("supcon_bwd", &fastssl::supcon_bwd_cpu);

@@ -107,14 +107,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> xent_bwd_cpu(
 
 }  // namespace fastssl
 
-TORCH_LIBRARY_FRAGMENT(fastssl, m) {
-  m.def("xent_fwd(Tensor q, Tensor c, Tensor scale, Tensor target, Tensor self_idx, "
-        "bool normalize, bool mask_target) -> (Tensor loss, Tensor lse)");
-  m.def("xent_bwd(Tensor grad, Tensor q, Tensor c, Tensor scale, Tensor target, "
-        "Tensor self_idx, Tensor lse, bool normalize, bool mask_target, bool need_dc)"
-        " -> (Tensor dq, Tensor dc, Tensor dscale)");
-}
-
 TORCH_LIBRARY_IMPL(fastssl, CPU, m) {
   m.impl("xent_fwd", &fastssl::xent_fwd_cpu);
   m.impl("xent_bwd", &fastssl::xent_bwd_cpu);

@@ -1,2 +1,8 @@
-"""Triton kernels: one module per fused op (kernels + launchers + autograd.Function), each
-listing its ahead-of-time configurations in ``AOT_KERNELS`` (see ``fastssl gpu-report``)."""
+"""The fused ops: one module per op (``nt_xent``, ``info_nce``, ``clip_loss``, ``supcon``,
+``xent`` -- the rows-vs-columns engine of the ``gather=True`` losses --, ``augment``, ``ema``,
+``queue``), each holding its ``torch.library`` schemas, fake, autograd registration and Triton
+CUDA kernels (``_library`` says how; the C++ CPU kernels are in ``csrc/cpu``), plus the Triton
+contrastive engine they share (``contrastive_core``). Importing this package defines every
+``torch.ops.fastssl`` op. Each module lists its ahead-of-time configurations in
+``AOT_KERNELS`` (see ``fastssl gpu-report``)."""
+from . import augment, clip_loss, ema, info_nce, nt_xent, queue, supcon, xent  # noqa: F401

@@ -29,13 +29,14 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _library
 from ._triton_utils import INTERPRET
 
 # Output pixels per program. 1024: 8 warps x 128 pixels; every op is elementwise or a gather,
 # so the block only has to be large enough to cover the latency of the gathers.
 BLOCK = 1024
 NUM_WARPS = 8
-# flags columns (fastssl.cpp.augment.pack_params): flip, jitter, gray, blur, solarize
+# flags columns (pack_params): flip, jitter, gray, blur, solarize
 _FLIP, _JITTER, _GRAY, _BLUR, _SOLARIZE = 0, 1, 2, 3, 4
 
 
@@ -367,15 +368,54 @@ def _flat_view(images: list):
     return first.as_strided((len(images) * n,), (1,))
 
 
+# ---------------------------------------------------------------------------------------
+# The op: ``fastssl::ssl_augment`` (CPU kernel csrc/cpu/augment.cpp; CUDA kernel below).
+# No autograd: augmentation runs on data, before the model. The fake gives the output's shape
+# contract, for torch.compile and torch.library.opcheck.
+# ---------------------------------------------------------------------------------------
+
+_library.define("ssl_augment", "(Tensor[] images, Tensor crop, Tensor flags, Tensor factors, "
+                "Tensor order, Tensor taps, float solarize_threshold, Tensor mean, Tensor std, "
+                "int out_size, ScalarType out_dtype) -> Tensor")
+
+
+@torch.library.register_fake("fastssl::ssl_augment")
+def _ssl_augment_fake(images, crop, flags, factors, order, taps, solarize_threshold, mean,
+                      std, out_size, out_dtype):
+    return images[0].new_empty((len(images), 3, out_size, out_size), dtype=out_dtype)
+
+
+def pack_params(params) -> tuple:
+    """AugmentParams -> the op's (crop, flags, factors, order, taps) CPU tensors; flags
+    columns: flip, jitter, gray, blur, solarize."""
+    flags = torch.stack([params.flip, params.jitter, params.gray, params.blur,
+                         params.solarize], dim=1).to(torch.bool).contiguous()
+    return (params.crop.to(torch.int64).contiguous(), flags,
+            params.factors.to(torch.float32).contiguous(),
+            params.order.to(torch.int64).contiguous(),
+            params.taps.to(torch.float32).contiguous())
+
+
 def ssl_augment(images: list, params, out_size: int, mean: torch.Tensor, std: torch.Tensor,
                 out_dtype: torch.dtype) -> torch.Tensor:
-    """Runs the Triton kernels on a list of B uint8 or fp32 [3, H, W] images (one device).
+    """Runs ``fastssl::ssl_augment`` (C++ on CPU images, Triton on CUDA images) on a list of B
+    uint8 or float32 [3, H, W] images of one device."""
+    crop, flags, factors, order, taps = pack_params(params)
+    return torch.ops.fastssl.ssl_augment(
+        [im.contiguous() for im in images], crop, flags, factors, order, taps,
+        float(params.solarize_threshold), mean.to(torch.float32).contiguous(),
+        std.to(torch.float32).contiguous(), int(out_size), out_dtype)
 
-    A list of differently sized images is packed into one flat buffer (one copy); the images
-    of a batch tensor are used in place.
+
+@_library.triton_kernel("ssl_augment")
+def ssl_augment_triton(images: list, crop, flags, factors, order, taps,
+                       solarize_threshold: float, mean, std, out_size: int,
+                       out_dtype: torch.dtype) -> torch.Tensor:
+    """The CUDA kernel: the Triton passes on a list of B uint8 or fp32 [3, H, W] images (one
+    device). A list of differently sized images is packed into one flat buffer (one copy); the
+    images of a batch tensor are used in place. The parameter tensors live on the host (they
+    are sampled there) and are copied to the device here.
     """
-    from ..cpp.augment import pack_params
-
     device = images[0].device
     B = len(images)
     is_u8 = images[0].dtype == torch.uint8
@@ -385,7 +425,6 @@ def ssl_augment(images: list, params, out_size: int, mean: torch.Tensor, std: to
         flat = torch.cat([im.contiguous().reshape(-1) for im in images])
     numels = torch.tensor([3 * h * w for h, w in sizes], dtype=torch.int64)
     img_off = torch.cumsum(numels, 0) - numels
-    crop, flags, factors, order, taps = pack_params(params)
     K = int(taps.shape[1])
     if not (K // 2 < out_size or K == 1):
         raise ValueError(f"a blur kernel of {K} taps needs out_size > {K // 2}")
@@ -403,12 +442,12 @@ def ssl_augment(images: list, params, out_size: int, mean: torch.Tensor, std: to
     out = torch.empty((B, 3, out_size, out_size), dtype=out_dtype, device=device)
     work = torch.empty((B, 3, out_size, out_size), dtype=torch.float32, device=device)
     partial = torch.zeros((B, n_blocks), dtype=torch.float64, device=device)
-    thr = float(params.solarize_threshold)
+    thr = float(solarize_threshold)
     grid = (B, n_blocks)
     augment_resize_kernel[grid](flat, img_off, hw, crop, flags, factors, order, work, partial,
                                 out, mean_d, std_d, thr, out_size, n_blocks, IS_U8=is_u8,
                                 BLOCK=BLOCK, **_launch_opts(out_dtype))
-    if bool(params.jitter.any()):
+    if bool(flags[:, _JITTER].any()):
         augment_contrast_kernel[grid](work, partial, flags, factors, order, out, mean_d, std_d,
                                       thr, out_size, n_blocks, BLOCK=BLOCK,
                                       NB=triton.next_power_of_2(n_blocks),

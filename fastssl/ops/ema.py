@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _library
+
 # 16 K elements per program: 192 KiB of fp32 traffic, enough to hide the table loads; a
 # ResNet-50 (25.6 M parameters, 161 tensors) becomes ~1.7 K programs, >12 waves on 132 SMs.
 CHUNK = 16384
@@ -164,3 +166,22 @@ def ema_update_(targets: list, onlines: list, weight: float) -> None:
                 tp, op, numels, first, owner, float(weight), CHUNK=CHUNK, BLOCK=BLOCK,
                 TARGET=_TL[tdt], ONLINE=_TL[odt], COMPUTE=compute, ALIGNED=aligned,
                 num_warps=NUM_WARPS)
+
+
+# ---------------------------------------------------------------------------------------
+# The op ``fastssl::ema_update_``: CPU kernel csrc/cpu/ema.cpp, CUDA C++ kernel
+# csrc/cuda/ema.cu (when built with CUDA). The Triton launcher above is the CUDA path that
+# needs no compiled extension (backend "triton"). In place, no autograd (runs under no_grad).
+# ---------------------------------------------------------------------------------------
+
+_library.define("ema_update_", "(Tensor(a!)[] target, Tensor[] online, float weight) -> ()")
+
+
+@torch.library.register_fake("fastssl::ema_update_")
+def _ema_update_fake(target, online, weight) -> None:
+    # A list that mixes devices dispatches here when one of them is "meta": say so, as the
+    # device kernels do.
+    devices = {t.device for t in target} | {o.device for o in online}
+    if len(devices) > 1:
+        raise RuntimeError(f"ema_update_: tensors on several devices: {sorted(map(str, devices))}")
+    return None

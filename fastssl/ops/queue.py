@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _library
+
 BLOCK_R = 8  # key rows per program: 8 x 128 = 8 elements per thread at 4 warps (32 rows: 240+ registers)
 MAX_BLOCK_D = 128
 NUM_WARPS = 4
@@ -115,4 +117,16 @@ def moco_enqueue_triton_(buffer: torch.Tensor, ptr: torch.Tensor, counter: torch
 
 @moco_enqueue_triton_.register_fake
 def _(buffer, ptr, counter, keys) -> None:
+    return None
+
+
+# The op ``fastssl::moco_enqueue_``: CPU kernel csrc/cpu/queue.cpp, CUDA C++ kernel
+# csrc/cuda/queue.cu. It writes the queue buffer, its pointer and (on CUDA) a scratch counter
+# in place and returns nothing, so it traces into torch.compile graphs as one node.
+_library.define("moco_enqueue_", "(Tensor(a!) buffer, Tensor(b!) ptr, Tensor(c!) counter, "
+                "Tensor keys) -> ()")
+
+
+@torch.library.register_fake("fastssl::moco_enqueue_")
+def _moco_enqueue_fake(buffer, ptr, counter, keys) -> None:
     return None

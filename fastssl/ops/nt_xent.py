@@ -67,6 +67,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _library
 from ._triton_utils import (INTERPRET, TL_TYPE, dot_in_fp32, dot_precision, next_pow2,
                             num_sms)
 
@@ -464,55 +465,107 @@ def ntxent_backward(grad_rows: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor,
     return dz1, dz2, dtemp
 
 
-class NTXentFunction(torch.autograd.Function):
-    """Per-row NT-Xent losses (2N,) from the fused Triton kernels; differentiable in z1, z2 and
-    a tensor temperature."""
+def ntxent_fwd_cuda(z1, z2, temperature, normalize: bool, decoupled: bool):
+    """TEMPORARY adapter of the old launchers to the op contract (replaced by the D-loop
+    kernels)."""
+    loss, lse2, zhat, rinv = ntxent_forward(z1, z2, temperature.reshape(1), normalize,
+                                            decoupled)
+    return loss, lse2 * LN2.value, zhat, 1.0 / rinv
 
-    @staticmethod
-    def forward(ctx, z1, z2, temperature, normalize, decoupled):
-        t = temperature.detach().to(device=z1.device, dtype=torch.float32).reshape(1)
-        loss, lse, zhat, rinv = ntxent_forward(z1, z2, t, normalize, decoupled)
-        ctx.save_for_backward(z1, z2, zhat, rinv, lse, t)
-        ctx.normalize, ctx.decoupled = normalize, decoupled
-        ctx.temp_meta = (temperature.dtype, temperature.device, temperature.shape)
-        return loss
 
-    @staticmethod
-    def backward(ctx, grad_rows):
-        z1, z2, zhat, rinv, lse, t = ctx.saved_tensors
-        need_dtemp = ctx.needs_input_grad[2]
-        dz1, dz2, dtemp = ntxent_backward(grad_rows, z1, z2, zhat, rinv, lse, t, ctx.normalize,
-                                          ctx.decoupled, need_dtemp)
-        if dtemp is not None:
-            dtype, device, shape = ctx.temp_meta
-            dtemp = dtemp.to(device=device, dtype=dtype).reshape(shape)
-        return (dz1 if ctx.needs_input_grad[0] else None,
-                dz2 if ctx.needs_input_grad[1] else None, dtemp, None, None)
+def ntxent_bwd_cuda(grad_loss, zhat, norms, lse, temperature, normalize, decoupled, dtype):
+    """TEMPORARY adapter (see ntxent_fwd_cuda)."""
+    n = zhat.shape[0] // 2
+    z = (zhat.float() * norms[:, None]).to(dtype)
+    t = temperature.reshape(1)
+    dz1, dz2, dtemp = ntxent_backward(grad_loss, z[:n], z[n:], zhat, 1.0 / norms,
+                                      lse / LN2.value, t, normalize, decoupled, True)
+    return dz1, dz2, dtemp
+
+
+# ---------------------------------------------------------------------------------------
+# The op: schemas, fake, autograd (one for both devices), the Triton CUDA kernels
+# ---------------------------------------------------------------------------------------
+#
+# Saved-tensor contract (both devices): ntxent_fwd returns (loss (2N,) in the input dtype,
+# lse (2N,) fp32 natural-log LSE, zhat (2N, D), norms (2N,) fp32 raw L2 row norms) and
+# ntxent_bwd consumes (zhat, norms, lse). zhat is the operand the device's kernel multiplies:
+# fp32 on CPU (the C++ kernel computes in fp32), the input dtype on CUDA (tensor cores) --
+# :func:`zhat_dtype`, which the fake uses too.
+
+_library.define("ntxent_fwd", "(Tensor z1, Tensor z2, Tensor temperature, bool normalize, "
+                "bool decoupled) -> (Tensor loss, Tensor lse, Tensor zhat, Tensor norms)")
+_library.define("ntxent_bwd", "(Tensor grad_loss, Tensor zhat, Tensor norms, Tensor lse, "
+                "Tensor temperature, bool normalize, bool decoupled, ScalarType dtype)"
+                " -> (Tensor dz1, Tensor dz2, Tensor dtemperature)")
+
+
+def zhat_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """dtype of the saved normalised rows: the input dtype where Triton runs (CUDA, or CPU
+    inside ``fastssl._dispatch.triton_on_cpu()``), fp32 for the C++ CPU kernel."""
+    from .. import _dispatch
+    if device.type == "cuda" or (device.type == "cpu" and _dispatch.triton_on_cpu_active()):
+        return dtype
+    return torch.float32
+
+
+@torch.library.register_fake("fastssl::ntxent_fwd")
+def _ntxent_fwd_fake(z1, z2, temperature, normalize, decoupled):
+    m, d = 2 * z1.shape[0], z1.shape[1]
+    f32 = torch.float32
+    return (z1.new_empty((m,)), z1.new_empty((m,), dtype=f32),
+            z1.new_empty((m, d), dtype=zhat_dtype(z1.device, z1.dtype)),
+            z1.new_empty((m,), dtype=f32))
+
+
+@torch.library.register_fake("fastssl::ntxent_bwd")
+def _ntxent_bwd_fake(grad_loss, zhat, norms, lse, temperature, normalize, decoupled, dtype):
+    m, d = zhat.shape
+    return (zhat.new_empty((m // 2, d), dtype=dtype), zhat.new_empty((m // 2, d), dtype=dtype),
+            torch.empty_like(temperature))
+
+
+def _setup_context(ctx, inputs, output):
+    z1, _z2, temperature, normalize, decoupled = inputs
+    _loss, lse, zhat, norms = output
+    ctx.save_for_backward(zhat, norms, lse, temperature)
+    ctx.normalize, ctx.decoupled, ctx.dtype = normalize, decoupled, z1.dtype
+
+
+def _backward(ctx, grad_loss, _glse, _gzhat, _gnorms):
+    zhat, norms, lse, temperature = ctx.saved_tensors
+    dz1, dz2, dtemp = torch.ops.fastssl.ntxent_bwd(
+        grad_loss, zhat, norms, lse, temperature, ctx.normalize, ctx.decoupled, ctx.dtype)
+    return dz1, dz2, (dtemp if ctx.needs_input_grad[2] else None), None, None
+
+
+torch.library.register_autograd("fastssl::ntxent_fwd", _backward, setup_context=_setup_context)
+_library.no_double_backward("ntxent_bwd", "nt_xent")
+
+
+@_library.triton_kernel("ntxent_fwd")
+def ntxent_fwd_triton(z1, z2, temperature, normalize: bool, decoupled: bool):
+    return ntxent_fwd_cuda(z1, z2, temperature.reshape(()).to(torch.float32), normalize,
+                           decoupled)
+
+
+@_library.triton_kernel("ntxent_bwd")
+def ntxent_bwd_triton(grad_loss, zhat, norms, lse, temperature, normalize: bool,
+                      decoupled: bool, dtype: torch.dtype):
+    dz1, dz2, dtemp = ntxent_bwd_cuda(grad_loss, zhat, norms, lse,
+                                      temperature.reshape(()).to(torch.float32), normalize,
+                                      decoupled, dtype)
+    return dz1, dz2, dtemp.reshape(temperature.shape).to(temperature.dtype)
 
 
 def nt_xent_rows(z1: torch.Tensor, z2: torch.Tensor, temperature: torch.Tensor,
                  normalize: bool, decoupled: bool) -> torch.Tensor:
-    """Per-row NT-Xent losses (2N,) in the input dtype from the fused Triton kernels.
-
-    Args:
-        z1, z2: (N, D) float32/bfloat16/float16 tensors on CUDA (or CPU under
-            ``TRITON_INTERPRET=1``), D <= 256. Arguments are validated by
-            :func:`fastssl.nt_xent`, which callers should use.
-        temperature: 0-dim tensor > 0 (any float dtype/device); gets a gradient if it
-            requires one.
-        normalize, decoupled: as in :func:`fastssl.nt_xent`.
-
-    Example (interpreter on CPU, or CUDA tensors on a GPU):
-        >>> import os, torch, fastssl
-        >>> z1, z2 = torch.randn(4, 16), torch.randn(4, 16)
-        >>> if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
-        ...     dev = "cuda" if torch.cuda.is_available() else "cpu"
-        ...     rows = fastssl.nt_xent(z1.to(dev), z2.to(dev), 0.5, backend="triton",
-        ...                            reduction="none")
-        ...     ref = fastssl.reference.nt_xent(z1, z2, 0.5, reduction="none")
-        ...     assert torch.allclose(rows.cpu(), ref, atol=1e-4)
-    """
-    return NTXentFunction.apply(z1, z2, temperature, normalize, decoupled)
+    """Per-row NT-Xent losses (2N,) in the input dtype; differentiable in z1, z2 and
+    temperature (a 0-dim fp32 tensor on the embeddings' device). Arguments are validated by
+    :func:`fastssl.nt_xent`, which callers should use."""
+    loss, _lse, _zhat, _norms = torch.ops.fastssl.ntxent_fwd(z1, z2, temperature, normalize,
+                                                             decoupled)
+    return loss
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,270 @@
+"""The op model (fastssl/ops/_library.py): one torch.library schema per op with a C++ CPU kernel
+and a Triton CUDA kernel, one fake and one autograd registration for both; Triton run on CPU
+tensors under the interpreter through ``fastssl._dispatch.triton_on_cpu``.
+
+Checked here for every loss: both kernels registered, the package and its Triton path without
+the C++ extension, no host sync on a loss's path, ``torch.compile(fullgraph=True)`` of a
+training step and ``torch.library.opcheck`` on both backends, double backward raises, and the
+``gather=True`` engine runs fused (on CUDA by dispatch; DDP equality under the interpreter).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.overrides import TorchFunctionMode
+
+import fastssl
+from fastssl import _dispatch, _ext, reference
+from helpers import kernels
+
+needs_cpp = pytest.mark.skipif(not _ext.available(), reason=f"no _C: {_ext.why_unavailable()}")
+BACKENDS = [pytest.param("cpp", marks=needs_cpp), "triton"]
+LOSS_OPS = ["ntxent", "xent", "info_nce_queue", "clip", "supcon"]
+
+
+def _loss_calls():
+    """name -> (make inputs, loss(inputs, backend)); small odd shapes, learnable scalars."""
+    def emb(n=5, d=7):
+        return torch.randn(n, d, requires_grad=True)
+
+    return {
+        "nt_xent": (lambda: (emb(), emb(), torch.tensor(0.3, requires_grad=True)),
+                    lambda a, b, t, be: fastssl.nt_xent(a, b, t, backend=be)),
+        "info_nce_queue": (lambda: (emb(), emb(), torch.randn(11, 7),
+                                    torch.tensor(0.2, requires_grad=True)),
+                           lambda q, k, u, t, be: fastssl.info_nce(q, k, u, t, backend=be)),
+        "info_nce_in_batch": (lambda: (emb(), emb(), torch.tensor(0.2, requires_grad=True)),
+                              lambda q, k, t, be: fastssl.info_nce(q, k, None, t, backend=be)),
+        "clip_loss": (lambda: (emb(), emb(), torch.tensor(9.0, requires_grad=True)),
+                      lambda i, t, s, be: fastssl.clip_loss(i, t, s, backend=be)),
+        "supcon": (lambda: (emb(6), torch.tensor([0, 1, 0, 2, 1, 0]),
+                            torch.tensor(0.1, requires_grad=True)),
+                   lambda z, y, t, be: fastssl.supcon(z, y, t, backend=be)),
+    }
+
+
+def test_every_loss_op_has_both_kernels():
+    for op in LOSS_OPS:
+        for part in ("fwd", "bwd"):
+            name = f"fastssl::{op}_{part}"
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), name
+            if _ext.available():
+                assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"), name
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("fastssl::ssl_augment", "CUDA")
+
+
+def test_triton_on_cpu_swaps_and_restores_the_cpu_kernel():
+    z1, z2 = torch.randn(3, 5), torch.randn(3, 5)
+    with kernels("triton"):
+        assert _dispatch.triton_on_cpu_active()
+        a = fastssl.nt_xent(z1, z2, backend="triton", reduction="none")
+        with pytest.raises(RuntimeError, match="triton_on_cpu"):
+            fastssl.nt_xent(z1, z2, backend="cpp")
+    assert not _dispatch.triton_on_cpu_active()
+    with pytest.raises(ValueError, match="triton_on_cpu"):
+        fastssl.nt_xent(z1, z2, backend="triton")
+    torch.testing.assert_close(a, reference.nt_xent(z1, z2, 0.1, reduction="none"), rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_package_and_triton_path_without_the_extension(tmp_path):
+    """A GPU user needs no C++ compiler: with the extension disabled the ops are defined, their
+    CUDA kernels registered, CPU tensors run the reference after one warning, and the Triton
+    kernels run (here under the interpreter)."""
+    code = textwrap.dedent("""
+        import warnings, torch, fastssl
+        from fastssl import _dispatch, _ext, reference
+        assert not _ext.available() and "FASTSSL_DISABLE_EXT" in _ext.why_unavailable()
+        for op in ("ntxent_fwd", "xent_fwd", "info_nce_queue_fwd", "clip_fwd", "supcon_fwd"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key("fastssl::" + op, "CUDA")
+            assert not torch._C._dispatch_has_kernel_for_dispatch_key("fastssl::" + op, "CPU")
+        z1, z2 = torch.randn(4, 6), torch.randn(4, 6)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            out = fastssl.nt_xent(z1, z2)
+        assert any("reference" in str(x.message) for x in w), [str(x.message) for x in w]
+        with _dispatch.triton_on_cpu():
+            tri = fastssl.nt_xent(z1, z2, backend="triton")
+            cl = fastssl.clip_loss(z1, z2, 5.0, backend="triton")
+        torch.testing.assert_close(tri, out, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(cl, reference.clip_loss(z1, z2, 5.0), rtol=1e-4, atol=1e-5)
+        print("OK")
+    """)
+    env = dict(os.environ, FASTSSL_DISABLE_EXT="1", TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+class _NoHostSync(TorchFunctionMode):
+    """Fails on any read of a tensor's value on the host (a device sync on CUDA) made by
+    fastssl's code; the Triton interpreter's own copies of kernel arguments are exempt (on a
+    GPU the launch passes pointers)."""
+
+    SYNCS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__,
+             torch.Tensor.__int__, torch.Tensor.__bool__, torch.Tensor.__index__,
+             torch.Tensor.numpy}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.SYNCS:
+            frame = sys._getframe(1)
+            while frame is not None and "/torch/" in frame.f_code.co_filename:
+                frame = frame.f_back
+            where = frame.f_code.co_filename if frame is not None else "?"
+            if "/triton/" not in where:
+                raise AssertionError(f"host sync {func.__name__} at {where}:{frame.f_lineno}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", list(_loss_calls()))
+def test_no_host_sync_on_a_loss_path(name):
+    """Forward and backward of every loss with the Triton kernels (the GPU path, here on the
+    interpreter) read no tensor value on the host: no float(), .item(), bool(tensor)."""
+    make, loss_fn = _loss_calls()[name]
+    xs = make()
+    with kernels("triton"):
+        with _NoHostSync():
+            loss = loss_fn(*xs, "triton")
+            loss.backward()
+    assert torch.isfinite(loss)
+
+
+def _step(loss_fn, backend):
+    def step(*xs):
+        loss = loss_fn(*xs, backend)
+        loss.backward()
+        return loss.detach()
+    return step
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(_loss_calls()))
+def test_compile_fullgraph_training_step(name, backend):
+    """forward + backward of each loss compiles as one graph (no graph break: the ops and
+    their fakes and autograd trace), and gives the eager values and gradients."""
+    torch._dynamo.reset()
+    make, loss_fn = _loss_calls()[name]
+    xs = make()
+    xs2 = [x.detach().clone().requires_grad_(x.requires_grad) for x in xs]
+    with kernels(backend):
+        eager = _step(loss_fn, backend)(*xs)
+        compiled = torch.compile(_step(loss_fn, backend), fullgraph=True,
+                                 backend="aot_eager")(*xs2)
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(xs, xs2):
+        if a.requires_grad:
+            torch.testing.assert_close(b.grad, a.grad)
+
+
+@needs_cpp
+def test_compile_inductor_nt_xent():
+    torch._dynamo.reset()
+    z1, z2 = torch.randn(6, 9, requires_grad=True), torch.randn(6, 9, requires_grad=True)
+    step = torch.compile(_step(lambda a, b, be: fastssl.nt_xent(a, b, 0.2, backend=be), "cpp"),
+                         fullgraph=True)
+    torch.testing.assert_close(step(z1, z2), reference.nt_xent(z1, z2, 0.2).detach(),
+                               rtol=1e-5, atol=1e-6)
+
+
+def _op_cases():
+    f = lambda *s: torch.randn(*s, requires_grad=True)  # noqa: E731
+    t = lambda v: torch.tensor(v, requires_grad=True)  # noqa: E731
+    idx = torch.tensor([2, 0, 4, 1])
+    return {
+        "ntxent_fwd": (f(4, 6), f(4, 6), t(0.3), True, False),
+        "xent_fwd": (f(4, 6), f(5, 6), t(3.0), idx, torch.tensor([-1, 3, -1, 0]), True, True),
+        "info_nce_queue_fwd": (f(3, 6), f(3, 6), torch.randn(9, 6), t(5.0), True),
+        "clip_fwd": (f(4, 6), f(4, 6), t(8.0), True),
+        "supcon_fwd": (f(5, 6), torch.tensor([0, 1, 0, 1, 2]), t(10.0), True),
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", list(_op_cases()))
+def test_opcheck(op, backend):
+    with kernels(backend):
+        torch.library.opcheck(getattr(torch.ops.fastssl, op), _op_cases()[op])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(_loss_calls()))
+def test_double_backward_raises(name, backend):
+    make, loss_fn = _loss_calls()[name]
+    xs = make()
+    with kernels(backend):
+        loss = loss_fn(*xs, backend)
+        g = torch.autograd.grad(loss, xs[0], create_graph=True)[0]
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad((g * g).sum(), xs[0])
+
+
+def test_gather_engine_is_fused_on_cuda():
+    """gather=True resolves to the fused xent op on CUDA tensors, whose CUDA kernel is Triton
+    (no O(N^2) reference path)."""
+    from fastssl.ops import _library, xent
+    assert _dispatch.resolve("auto", torch.device("cuda"), op="nt_xent",
+                             cpp_op="xent_fwd") == "triton"
+    assert _library.TRITON_KERNELS["xent_fwd"] is xent.xent_fwd_triton
+    assert _library.TRITON_KERNELS["xent_bwd"] is xent.xent_bwd_triton
+
+
+# --- two gloo processes, Triton kernels under the interpreter --------------------------------
+
+B, D_IN, D, WORLD = 5, 8, 7, 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, port: int) -> None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD)
+    losses = {
+        "nt_xent": lambda a, b, g, be: fastssl.nt_xent(a, b, 0.3, gather=g, backend=be),
+        "nt_xent_decoupled": lambda a, b, g, be: fastssl.nt_xent(a, b, 0.3, gather=g,
+                                                                 decoupled=True, backend=be),
+        "clip_loss": lambda a, b, g, be: fastssl.clip_loss(a, b, 7.0, gather=g, backend=be),
+        "info_nce": lambda a, b, g, be: fastssl.info_nce(a, b, None, 0.2, gather=g, backend=be),
+    }
+    try:
+        for name, loss_fn in losses.items():
+            torch.manual_seed(0)
+            x1, x2 = torch.randn(WORLD * B, D_IN), torch.randn(WORLD * B, D_IN)
+            base = torch.nn.Linear(D_IN, D)
+            # The single-process step on the global batch runs the reference (another path).
+            single = copy.deepcopy(base)
+            opt = torch.optim.SGD(single.parameters(), lr=0.5)
+            z1, z2 = single(torch.cat([x1, x2])).chunk(2)
+            loss_fn(z1, z2, False, "reference").backward()
+            opt.step()
+            ddp = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(base))
+            opt = torch.optim.SGD(ddp.parameters(), lr=0.5)
+            mine = slice(rank * B, (rank + 1) * B)
+            with _dispatch.triton_on_cpu():
+                z1, z2 = ddp(torch.cat([x1[mine], x2[mine]])).chunk(2)
+                loss_fn(z1, z2, True, "triton").backward()
+            opt.step()
+            for p_ddp, p_one in zip(ddp.module.parameters(), single.parameters()):
+                err = ((p_ddp - p_one).abs().max() / p_one.abs().max()).item()
+                assert err <= 1e-5, f"{name}, rank {rank}: differs by {err:.3g}"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_gather_triton_equals_single_process_step():
+    mp.spawn(_ddp_worker, args=(_free_port(),), nprocs=WORLD, join=True)

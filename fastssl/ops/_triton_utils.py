@@ -22,13 +22,17 @@ import functools
 import os
 
 import torch
+import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 FP32_DOT_PRECISIONS = ("bf16x3", "tf32", "tf32x3", "ieee")
 
-# torch dtype -> Triton signature type (for ahead-of-time compilation) and back.
-TL_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# The one dtype-name map: torch dtype -> Triton's name for it (signature types of the
+# ahead-of-time compiles, report entries) and -> the tl dtype (constexpr arguments).
+TL_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+           torch.float64: "fp64"}
+TL_DTYPE = {dtype: getattr(tl, str(dtype).removeprefix("torch.")) for dtype in TL_TYPE}
 
 # What the launchers assume for the SM count under the interpreter: small, so that the
 # column-split path of the grids is exercised by small test shapes.

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from . import _library
+from ._triton_utils import TL_DTYPE, TL_TYPE
 
 # 16 K elements per program: 192 KiB of fp32 traffic, enough to hide the table loads; a
 # ResNet-50 (25.6 M parameters, 161 tensors) becomes ~1.7 K programs, >12 waves on 132 SMs.
@@ -36,10 +37,6 @@ CHUNK = 16384
 BLOCK = 2048  # 8 fp32 per thread at 8 warps: two 16-byte vector loads per operand
 NUM_WARPS = 8
 
-_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
-       torch.float64: tl.float64}
-_SIG = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
-        torch.float64: "fp64"}
 
 
 @triton.jit
@@ -87,15 +84,15 @@ def ema_multi_tensor_kernel(target_ptrs, online_ptrs, numels, first_chunk, chunk
 def _aot(target: torch.dtype, online: torch.dtype, aligned: bool = True) -> dict:
     compute = torch.float64 if target == torch.float64 else torch.float32
     return {
-        "name": f"ema_multi_tensor_kernel[{_SIG[target]}<-{_SIG[online]}"
+        "name": f"ema_multi_tensor_kernel[{TL_TYPE[target]}<-{TL_TYPE[online]}"
                 f"{'' if aligned else ',unaligned'}]",
         "fn": ema_multi_tensor_kernel,
         "signature": {"target_ptrs": "*i64", "online_ptrs": "*i64", "numels": "*i64",
                       "first_chunk": "*i64", "chunk_owner": "*i32", "weight": "fp32",
                       "CHUNK": "constexpr", "BLOCK": "constexpr", "TARGET": "constexpr",
                       "ONLINE": "constexpr", "COMPUTE": "constexpr", "ALIGNED": "constexpr"},
-        "constexprs": {"CHUNK": CHUNK, "BLOCK": BLOCK, "TARGET": _TL[target],
-                       "ONLINE": _TL[online], "COMPUTE": _TL[compute], "ALIGNED": aligned},
+        "constexprs": {"CHUNK": CHUNK, "BLOCK": BLOCK, "TARGET": TL_DTYPE[target],
+                       "ONLINE": TL_DTYPE[online], "COMPUTE": TL_DTYPE[compute], "ALIGNED": aligned},
         "num_warps": NUM_WARPS,
         "tensor_cores": False,
     }
@@ -164,7 +161,7 @@ def ema_update_(targets: list, onlines: list, weight: float) -> None:
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             ema_multi_tensor_kernel[(n_chunks,)](
                 tp, op, numels, first, owner, float(weight), CHUNK=CHUNK, BLOCK=BLOCK,
-                TARGET=_TL[tdt], ONLINE=_TL[odt], COMPUTE=compute, ALIGNED=aligned,
+                TARGET=TL_DTYPE[tdt], ONLINE=TL_DTYPE[odt], COMPUTE=compute, ALIGNED=aligned,
                 num_warps=NUM_WARPS)
 
 

@@ -23,13 +23,12 @@ import triton
 import triton.language as tl
 
 from . import _library
+from ._triton_utils import TL_TYPE
 
 BLOCK_R = 8  # key rows per program: 8 x 128 = 8 elements per thread at 4 warps (32 rows: 240+ registers)
 MAX_BLOCK_D = 128
 NUM_WARPS = 4
 
-_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
-       torch.float64: tl.float64}
 
 
 @triton.jit
@@ -63,7 +62,7 @@ def moco_enqueue_kernel(buffer, ptr, counter, keys, batch, size, first,
 
 
 def _aot(buf: torch.dtype, key: torch.dtype, dim: int = 128, aligned: bool = True) -> dict:
-    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    name = TL_TYPE
     return {
         "name": f"moco_enqueue_kernel[{name[buf]}<-{name[key]},D={dim}"
                 f"{'' if aligned else ',unaligned'}]",

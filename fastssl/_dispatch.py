@@ -132,9 +132,10 @@ def resolve(backend: str, device: torch.device, *, op: str, cpp_op: str | None,
         if env not in BACKENDS:
             raise ValueError(f"FASTSSL_BACKEND must be one of {BACKENDS}, got {env!r}")
         backend = env
-    if device.type == "meta":
-        # Shapes only: the fake (meta) implementations of the ops serve every backend.
-        return "reference" if backend == "reference" or cpp_op is None else "meta"
+    if backend == "auto" and device.type == "meta":
+        # Shapes only: the op's fake (meta) implementation serves (none: the reference).
+        return "meta" if _is_triton_op(cpp_op) or cpp_op in ("ema_update_", "moco_enqueue_") \
+            else "reference"
     if backend == "auto":
         if device.type == "cuda" and has_triton and triton_available()[0]:
             return "triton"

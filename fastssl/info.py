@@ -10,6 +10,26 @@ import torch
 from . import __version__, _dispatch, _ext
 
 
+def op_kernels() -> dict:
+    """``torch.ops.fastssl`` op -> {"cpu": "C++" | None, "cuda": "Triton" | "CUDA C++" | None}:
+    the kernel each device runs (fastssl/ops/_library.py: schemas in Python, C++ CPU kernels
+    from fastssl._C, Triton CUDA kernels from fastssl/ops, CUDA C++ ones from a CUDA build)."""
+    from .ops import _library
+    names = sorted(_library.TRITON_KERNELS) + ["ema_update_", "moco_enqueue_"]
+    _ext.available()  # the C++ registrations, when the extension loads
+    out = {}
+    for name in names:
+        qual = f"{_library.NAMESPACE}::{name}"
+        has = lambda key: torch._C._dispatch_has_kernel_for_dispatch_key(qual, key)  # noqa: E731
+        cuda = None
+        if name in _library.TRITON_KERNELS:
+            cuda = "Triton"
+        elif has("CUDA"):
+            cuda = "CUDA C++"
+        out[name] = {"cpu": "C++" if has("CPU") else None, "cuda": cuda}
+    return out
+
+
 def collect() -> dict:
     triton_ok, triton_why = _dispatch.triton_available()
     triton_version = None
@@ -32,6 +52,7 @@ def collect() -> dict:
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch_cuda_build": torch.version.cuda,
         "backend_env": os.environ.get("FASTSSL_BACKEND"),
+        "ops": op_kernels(),
     }
 
 
@@ -59,6 +80,9 @@ def run(args) -> int:
         print(f"      why not: {info['triton_error']}")
     print(f"  CUDA device: {info['cuda_device'] or 'none'}"
           + ("" if info["torch_cuda_build"] else " (this torch is a CPU build)"))
+    print("  ops (kernel per device; '-': that device runs the pure-PyTorch reference):")
+    for name, k in info["ops"].items():
+        print(f"      {name:<20} CPU: {k['cpu'] or '-':<4}  CUDA: {k['cuda'] or '-'}")
     if info["backend_env"]:
         print(f"  FASTSSL_BACKEND={info['backend_env']}")
     return 0

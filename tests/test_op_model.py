@@ -268,3 +268,31 @@ def _ddp_worker(rank: int, port: int) -> None:
 
 def test_ddp_gather_triton_equals_single_process_step():
     mp.spawn(_ddp_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+
+
+def test_docstrings_hold_no_control_bytes():
+    """Math docstrings are raw strings: no tab / backspace / form-feed bytes where \\tau,
+    \\beta, \\frac were (they render as garbage in help())."""
+    import importlib
+    import pkgutil
+    bad = []
+    for info in pkgutil.walk_packages(fastssl.__path__, "fastssl."):
+        if info.name.endswith("__main__"):
+            continue
+        mod = importlib.import_module(info.name)
+        for obj in [mod, *vars(mod).values()]:
+            doc = getattr(obj, "__doc__", None)
+            if isinstance(doc, str) and getattr(obj, "__module__", info.name) == info.name:
+                if any(ord(ch) < 32 and ch not in "\n" for ch in doc):
+                    bad.append(f"{info.name}.{getattr(obj, '__name__', '')}")
+    assert not bad, bad
+
+
+def test_meta_tensors_give_shapes():
+    z = torch.randn(4, 8, device="meta")
+    t = torch.tensor(0.5, device="meta")
+    assert fastssl.nt_xent(z, z, 0.5).shape == ()
+    assert fastssl.clip_loss(z, z, 3.0).device.type == "meta"
+    assert fastssl.info_nce(z, z, torch.randn(9, 8, device="meta"), 0.2,
+                            reduction="none").shape == (4,)
+    del t

@@ -114,8 +114,8 @@ def _similarity_chunked(Q, C, rows, cols, rmask, cmask, D, stride_q, stride_c,
 
 @triton.jit
 def _index_range(idx):
-    """(min over entries >= 0, max) of an int64 index vector; (2^62, -1) when all are -1."""
-    lo = tl.min(tl.where(idx >= 0, idx, 4611686018427387904), axis=0)
+    """(min over entries >= 0, max) of an index vector; (2^31 - 1, -1) when all are -1."""
+    lo = tl.min(tl.where(idx >= 0, idx, 2147483647), axis=0)
     hi = tl.max(idx, axis=0)
     return lo, hi
 
@@ -137,10 +137,11 @@ def _row_lse_kernel(Q, C, SCALE, TARGET, SELF_IDX, MPART, LPART, PPART, M, NC, D
     rmask = rows < M
     scale = tl.load(SCALE).to(tl.float32)
     if HAS_TARGET:
-        tgt = tl.load(TARGET + rows, mask=rmask, other=-1)
+        # int32 compares in the tiles (indices < M, NC < 2^31): half the registers of int64
+        tgt = tl.load(TARGET + rows, mask=rmask, other=-1).to(tl.int32)
         t_lo, t_hi = _index_range(tgt)
     if HAS_SELF:
-        sidx = tl.load(SELF_IDX + rows, mask=rmask, other=-1)
+        sidx = tl.load(SELF_IDX + rows, mask=rmask, other=-1).to(tl.int32)
         s_lo, s_hi = _index_range(sidx)
     if D_RESIDENT:
         q = _load_rows(Q, rows, rmask, 0, D, stride_q, BLOCK_D, EMULATE)
@@ -234,15 +235,17 @@ def _softmax_grad_kernel(Q, C, SCALE, PSCALE, G, LSE, TARGET, H, CLSE, CTARGET, 
     else:
         p_scale = 1.0
     if HAS_ROW:
-        g = tl.load(G + rows, mask=rmask, other=0.0) * p_scale
+        # A row with lse = -inf (no valid column) gets g = 0 and lse = +inf: exp(S - lse) = 0
+        # and its target term 0, with no per-element test (never 0 * exp(+inf)).
         lse = tl.load(LSE + rows, mask=rmask, other=float("-inf"))
         row_ok = lse > float("-inf")
-        lse = tl.where(row_ok, lse, 0.0)
+        g = tl.where(row_ok, tl.load(G + rows, mask=rmask, other=0.0) * p_scale, 0.0)
+        lse = tl.where(row_ok, lse, float("inf"))
     if HAS_TARGET:
-        tgt = tl.load(TARGET + rows, mask=rmask, other=-1)
+        tgt = tl.load(TARGET + rows, mask=rmask, other=-1).to(tl.int32)
         t_lo, t_hi = _index_range(tgt)
     if HAS_SELF:
-        sidx = tl.load(SELF_IDX + rows, mask=rmask, other=-1)
+        sidx = tl.load(SELF_IDX + rows, mask=rmask, other=-1).to(tl.int32)
         s_lo, s_hi = _index_range(sidx)
     if D_RESIDENT:
         q = _load_rows(Q, rows, rmask, 0, D, stride_q, BLOCK_D, EMULATE)
@@ -269,12 +272,12 @@ def _softmax_grad_kernel(Q, C, SCALE, PSCALE, G, LSE, TARGET, H, CLSE, CTARGET, 
             if (s_lo < j0 + BLOCK_N) & (s_hi >= j0):
                 valid = valid & (sidx[:, None] != cols[None, :])
         if HAS_COL:
-            h = tl.load(H + cols, mask=cmask, other=0.0) * p_scale
             clse = tl.load(CLSE + cols, mask=cmask, other=float("-inf"))
             col_ok = clse > float("-inf")
-            clse = tl.where(col_ok, clse, 0.0)
+            h = tl.where(col_ok, tl.load(H + cols, mask=cmask, other=0.0) * p_scale, 0.0)
+            clse = tl.where(col_ok, clse, float("inf"))
         if HAS_CSELF:
-            csidx = tl.load(CSELF_IDX + cols, mask=cmask, other=-1)
+            csidx = tl.load(CSELF_IDX + cols, mask=cmask, other=-1).to(tl.int32)
             cs_lo, cs_hi = _index_range(csidx)
             if (cs_lo < i0 + BLOCK_M) & (cs_hi >= i0):
                 valid = valid & (csidx[None, :] != rows[:, None])
@@ -284,27 +287,25 @@ def _softmax_grad_kernel(Q, C, SCALE, PSCALE, G, LSE, TARGET, H, CLSE, CTARGET, 
                 if t_hit:
                     valid = valid & (tgt[:, None] != cols[None, :])
         if HAS_CTARGET:
-            ctgt = tl.load(CTARGET + cols, mask=cmask, other=-1)
+            ctgt = tl.load(CTARGET + cols, mask=cmask, other=-1).to(tl.int32)
             ct_lo, ct_hi = _index_range(ctgt)
             ct_hit = (ct_lo < i0 + BLOCK_M) & (ct_hi >= i0)
             if MASK_TARGET:
                 if ct_hit:
                     valid = valid & (ctgt[None, :] != rows[:, None])
-        # 3. [P in fp32] softmax terms selected by tl.where (a row/column with lse = -inf is
-        #    never 0 * exp(+inf)), then the targets' -g / -h folded in before any rounding.
+        # 3. [P in fp32] masked entries are exp(-inf) = 0 (no inf is ever formed), then the
+        #    targets' -g / -h folded in before any rounding.
         p = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if HAS_ROW:
-            p += tl.where(valid & row_ok[:, None], g[:, None] * tl.exp(s - lse[:, None]), 0.0)
+            p += g[:, None] * tl.exp(tl.where(valid, s - lse[:, None], float("-inf")))
         if HAS_TARGET:
             if t_hit:
-                p -= tl.where((tgt[:, None] == cols[None, :]) & row_ok[:, None], g[:, None],
-                              0.0)
+                p -= tl.where(tgt[:, None] == cols[None, :], g[:, None], 0.0)
         if HAS_COL:
-            p += tl.where(valid & col_ok[None, :], h[None, :] * tl.exp(s - clse[None, :]), 0.0)
+            p += h[None, :] * tl.exp(tl.where(valid, s - clse[None, :], float("-inf")))
         if HAS_CTARGET:
             if ct_hit:
-                p -= tl.where((ctgt[None, :] == rows[:, None]) & col_ok[None, :], h[None, :],
-                              0.0)
+                p -= tl.where(ctgt[None, :] == rows[:, None], h[None, :], 0.0)
         # 4. [P @ C] P rounded once to the dot dtype (RNE, as the GPU does).
         pd = round_for_dot(p, C.dtype.element_ty, EMULATE)
         if D_RESIDENT:
@@ -357,8 +358,27 @@ def _sum_splits_kernel(PART, OUT, M, D, SPLITS, BLOCK_R: tl.constexpr, BLOCK_D: 
 # (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) per (arch, dtype class, D bucket) and
 # kernel; the D bucket is the largest D the configuration serves with the accumulator resident
 # (D <= BLOCK_D), "chunked" serves every larger D. Chosen by the sweep in the module docstring.
+_CHUNKED = {
+    (80, "half"): {"lse": (64, 64, 64, 8, 3), "grad": (64, 32, 64, 8, 3)},
+    (90, "half"): {"lse": (128, 64, 64, 8, 3), "grad": (64, 64, 64, 8, 3)},
+    (80, "fp32"): {"lse": (64, 64, 32, 8, 2), "grad": (64, 32, 32, 8, 2)},
+    (90, "fp32"): {"lse": (64, 64, 32, 8, 2), "grad": (64, 64, 32, 8, 2)},
+}
 TILES = {
     "interpret": {"lse": (16, 32, 64, 4, 1), "grad": (32, 16, 64, 4, 1)},
+    (80, "half", 64): {"lse": (64, 64, 64, 4, 3), "grad": (64, 64, 64, 4, 3)},
+    (80, "half", 128): {"lse": (64, 64, 128, 4, 3), "grad": (64, 32, 128, 8, 2)},
+    (80, "half", 256): {"lse": (64, 64, 256, 8, 2), "grad": (64, 32, 256, 8, 2)},
+    (90, "half", 64): {"lse": (64, 64, 64, 4, 3), "grad": (64, 32, 64, 4, 3)},
+    (90, "half", 128): {"lse": (64, 64, 128, 4, 3), "grad": (64, 64, 128, 8, 2)},
+    (90, "half", 256): {"lse": (64, 64, 256, 8, 2), "grad": (64, 32, 256, 8, 2)},
+    (80, "fp32", 64): {"lse": (64, 32, 64, 4, 2), "grad": (64, 16, 64, 8, 2)},
+    (80, "fp32", 128): {"lse": (64, 32, 128, 8, 2), "grad": (64, 16, 128, 8, 2)},
+    (80, "fp32", 256): {"lse": _CHUNKED[80, "fp32"]["lse"], "grad": _CHUNKED[80, "fp32"]["grad"]},
+    (90, "fp32", 64): {"lse": (64, 32, 64, 4, 2), "grad": (64, 32, 64, 8, 2)},
+    (90, "fp32", 128): {"lse": (64, 32, 128, 8, 2), "grad": (64, 16, 128, 8, 2)},
+    (90, "fp32", 256): {"lse": (64, 32, 256, 8, 2), "grad": _CHUNKED[90, "fp32"]["grad"]},
+    **{(arch, klass, "chunked"): cfg for (arch, klass), cfg in _CHUNKED.items()},
 }
 D_BUCKETS = (64, 128, 256)
 SWEEP_D = (64, 128, 256, 512, 768, 1024)
@@ -444,6 +464,11 @@ def _check_vector(name: str, t, n: int, dtype: torch.dtype, device: torch.device
     return t.contiguous()
 
 
+def _no_index(device: torch.device) -> torch.Tensor:
+    """An int64 stand-in for an absent index array (never read)."""
+    return torch.empty(1, dtype=torch.int64, device=device)
+
+
 def _launch_args(q: torch.Tensor, d: int, kernel: str, m: int, nc: int) -> dict:
     arch = _arch(q.device) if q.device.type == "cuda" else None
     return plan(m, nc, d, kernel, q.dtype, num_sms(q.device), arch)
@@ -484,9 +509,10 @@ def row_lse(q: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, *, target=Non
     cfg = _launch_args(q, d, "lse", m, nc)
     splits = cfg["splits"]
     part = torch.empty((3, splits, m), dtype=torch.float32, device=q.device)
+    no_index = _no_index(q.device)
     _row_lse_kernel[(cfg["row_blocks"], splits)](
-        q, c, scale, target if target is not None else lse,
-        self_idx if self_idx is not None else lse, part[0], part[1], part[2],
+        q, c, scale, target if target is not None else no_index,
+        self_idx if self_idx is not None else no_index, part[0], part[1], part[2],
         m, nc, d, q.stride(0), c.stride(0), cfg["tiles_per_split"],
         HAS_TARGET=target is not None, HAS_SELF=self_idx is not None,
         MASK_TARGET=bool(mask_target), MASK_DIAG=bool(mask_diag),
@@ -557,10 +583,15 @@ def softmax_grad(q: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, *, row=N
                                                device=dev)
     scale_p = q.dtype == torch.float16
     p_scale = _fp16_p_scale(g, h) if scale_p else scale
-    dummy = out  # never read when the matching HAS_* flag is False
+    # stand-ins of the declared pointer types, never read (their HAS_* flag is False)
+    no_value, no_index = out, _no_index(dev)
     _softmax_grad_kernel[(cfg["row_blocks"], splits)](
-        q, c, scale, p_scale, *(t if t is not None else dummy for t in
-                                (g, lse, target, h, clse, col_target, self_idx, col_self_idx)),
+        q, c, scale, p_scale, g if g is not None else no_value,
+        lse if lse is not None else no_value, target if target is not None else no_index,
+        h if h is not None else no_value, clse if clse is not None else no_value,
+        col_target if col_target is not None else no_index,
+        self_idx if self_idx is not None else no_index,
+        col_self_idx if col_self_idx is not None else no_index,
         part, m, nc, d, q.stride(0), c.stride(0), cfg["tiles_per_split"],
         HAS_ROW=row is not None, HAS_COL=col is not None, HAS_TARGET=target is not None,
         HAS_CTARGET=col_target is not None, HAS_SELF=self_idx is not None,
@@ -573,3 +604,97 @@ def softmax_grad(q: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, *, row=N
         _sum_splits_kernel[(triton.cdiv(m, SUM_BLOCK_R), triton.cdiv(d, SUM_BLOCK_D))](
             part, out, m, d, splits, BLOCK_R=SUM_BLOCK_R, BLOCK_D=SUM_BLOCK_D)
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# Ahead-of-time entries (``fastssl gpu-report``)
+# ---------------------------------------------------------------------------------------
+
+_LSE_FLAGS = ("HAS_TARGET", "HAS_SELF", "MASK_TARGET", "MASK_DIAG")
+_GRAD_FLAGS = ("HAS_ROW", "HAS_COL", "HAS_TARGET", "HAS_CTARGET", "HAS_SELF", "HAS_CSELF",
+               "MASK_TARGET", "MASK_DIAG")
+# The flag combinations each op's launch sites pass (see the lead's op files); "all" sets every
+# flag: the register-heaviest variant, the one the tile sweep checks.
+VARIANTS = {
+    # in-batch / gathered InfoNCE and NT-Xent: targets, self index, decoupled or not; the column
+    # gradient is the swapped call; MoCo's queue: no target, row term only.
+    "info_nce": [("lse", dict(HAS_TARGET=True, HAS_SELF=True, MASK_TARGET=dcl))
+                 for dcl in (False, True)] +
+                [("grad", dict(HAS_ROW=True, HAS_TARGET=True, HAS_SELF=True, MASK_TARGET=dcl))
+                 for dcl in (False, True)] +
+                [("grad", dict(HAS_COL=True, HAS_CTARGET=True, HAS_CSELF=True,
+                               MASK_TARGET=dcl)) for dcl in (False, True)] +
+                [("lse", {}), ("grad", dict(HAS_ROW=True))],
+    "clip_loss": [("lse", dict(HAS_TARGET=True)),
+                  ("grad", dict(HAS_ROW=True, HAS_COL=True, HAS_TARGET=True,
+                                HAS_CTARGET=True))],
+    "supcon": [("lse", dict(MASK_DIAG=True)),
+               ("grad", dict(HAS_ROW=True, HAS_COL=True, MASK_DIAG=True))],
+    "all": [("lse", {f: True for f in _LSE_FLAGS}), ("grad", {f: True for f in _GRAD_FLAGS})],
+}
+VARIANTS["nt_xent"] = VARIANTS["info_nce"]
+
+
+def kernel_entry(op: str, kernel: str, dtype: torch.dtype, d: int, tile: tuple, flags: dict,
+                 arch: int | None = None, tag: str = "") -> dict:
+    """One AOT entry of ``kernel`` ("lse" / "grad") with ``tile`` = (BLOCK_M, BLOCK_N,
+    BLOCK_D, num_warps, num_stages) as :func:`row_lse` / :func:`softmax_grad` launch it for
+    ``dtype`` at width ``d`` on a GPU."""
+    bm, bn, bd, warps, stages = tile
+    common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, D_RESIDENT=d <= bd, EMULATE=False,
+                  INPUT_PRECISION="ieee" if dtype != torch.float32 else fp32_default())
+    if kernel == "lse":
+        fn, names = _row_lse_kernel, _LSE_FLAGS
+        pointers = dict(Q=dtype, C=dtype, SCALE=torch.float32, TARGET=torch.int64,
+                        SELF_IDX=torch.int64, MPART=torch.float32, LPART=torch.float32,
+                        PPART=torch.float32)
+        constexprs = {f: bool(flags.get(f, False)) for f in names}
+    else:
+        fn, names = _softmax_grad_kernel, _GRAD_FLAGS
+        pointers = dict(Q=dtype, C=dtype, SCALE=torch.float32, PSCALE=torch.float32,
+                        G=torch.float32, LSE=torch.float32, TARGET=torch.int64,
+                        H=torch.float32, CLSE=torch.float32, CTARGET=torch.int64,
+                        SELF_IDX=torch.int64, CSELF_IDX=torch.int64, OUT=torch.float32)
+        constexprs = {f: bool(flags.get(f, False)) for f in names}
+        constexprs["SCALE_P"] = dtype == torch.float16
+    flag_tag = "".join(f[0] + f.split("_")[-1][:2].lower() for f in names if constexprs[f])
+    tag = ",".join(t for t in (tag, f"{bm}x{bn}x{bd}w{warps}s{stages}", flag_tag) if t)
+    return aot_entry(fn, op=op, dtype=dtype, D=d, pointers=pointers,
+                     constexprs={**constexprs, **common}, tensor_cores=True,
+                     num_warps=warps, num_stages=stages, arch=arch, tag=tag)
+
+
+def fp32_default() -> str:
+    """The fp32 dot precision the launchers use on a GPU (``FASTSSL_FP32_DOT``)."""
+    from ._triton_utils import fp32_dot_precision
+    return fp32_dot_precision()
+
+
+def aot_entries(op: str) -> list:
+    """Every (kernel, configuration, dtype, D) the launchers of ``op`` can compile on sm_80 /
+    sm_90: the flag combinations of ``VARIANTS[op]`` x dtypes x ``SWEEP_D`` x the tile of
+    each (arch, dtype, D) (``"arch"`` set: tiles are picked per arch), plus the two
+    dtype-independent split reductions."""
+    if op not in VARIANTS:
+        raise ValueError(f"unknown op {op!r}; known: {sorted(VARIANTS)}")
+    entries, seen = [], set()
+    for kernel, flags in VARIANTS[op]:
+        for dtype in _DTYPES:
+            for d in SWEEP_D:
+                for arch in (80, 90):
+                    e = kernel_entry(op, kernel, dtype, d, tiles(kernel, dtype, d, arch),
+                                     flags, arch)
+                    if e["name"] not in seen:
+                        seen.add(e["name"])
+                        entries.append(e)
+    entries.append(aot_entry(_lse_combine_kernel, op=op, dtype=torch.float32, D=None,
+                             pointers=dict(MPART=torch.float32, LPART=torch.float32,
+                                           PPART=torch.float32, LSE=torch.float32,
+                                           POS=torch.float32),
+                             constexprs=dict(BLOCK=COMBINE_BLOCK), tensor_cores=False,
+                             num_warps=4, num_stages=1))
+    entries.append(aot_entry(_sum_splits_kernel, op=op, dtype=torch.float32, D=None,
+                             pointers=dict(PART=torch.float32, OUT=torch.float32),
+                             constexprs=dict(BLOCK_R=SUM_BLOCK_R, BLOCK_D=SUM_BLOCK_D),
+                             tensor_cores=False, num_warps=4, num_stages=1))
+    return entries

@@ -62,7 +62,40 @@ interpreter tests see the GPU's error). fp32 inputs: ``tl.dot(input_precision=..
 ``FASTSSL_FP32_DOT`` (default "bf16x3", accepted by the NVIDIA backends of triton 3.6 and 3.9:
 ``allowed_dot_input_precisions`` of both lists tf32, tf32x3, ieee, bf16x3, bf16x6).
 
-Tiles (``TILES``): TILES_TABLE_PLACEHOLDER
+Tiles (``TILES``): BLOCK_M x BLOCK_N x BLOCK_D, warps / stages, per (arch, dtype, D bucket),
+picked from ``scripts/sweep_contrastive_core.py`` (triton 3.9: ``triton.compile`` for
+GPUTarget("cuda", 80 / 90, 32), Triton's ptxas -v, ``cuobjdump -res-usage``) on the
+register-heaviest flag variant (every mask and both P terms). Every row below: 0 spill bytes,
+shared memory within the limit (sm_80: 166,912 B; sm_90: 232,448 B), tensor cores (sm_80:
+mma.sync; sm_90: wgmma.mma_async in every kernel). "ch" = chunked (D > BLOCK_D).
+
+    arch  dtype      D     row_lse (regs, smem B)           softmax_grad (regs, smem B)
+    sm_80 bf16/fp16  64    64x64x64   4/3 (216, 16384)      64x64x64   4/3 (255, 29696)
+                     128   64x64x128  4/3 (164, 20480)      64x32x128  8/2 (255, 34048)
+                     256   64x64x256  8/2 (166, 49152)      64x32x256  8/2 (255, 66816)
+                     >256  64x64x64ch 8/3 (228, 16384)      64x32x64ch 8/3 (255, 24576)
+    sm_80 fp32       64    64x32x64   4/2 (183, 24576)      64x16x64   8/2 (226, 21120)
+                     >64   64x64x32ch 8/2 (253, 16384)      64x32x32ch 8/2 (234, 12288)
+    sm_90 bf16/fp16  64    64x64x64   4/3 (126, 16384)      64x32x64   4/3 (247, 16384)
+                     128   64x64x128  4/3 (140, 32768)      64x64x128  8/2 (255, 43520)
+                     256   64x64x256  8/2 (128, 65536)      64x64x64ch 8/3 (255, 32768)
+                     >256  128x64x64ch 8/3 (254, 24576)     64x64x64ch 8/3 (255, 32768)
+    sm_90 fp32       64    64x32x64   4/2 (118, 32768)      64x32x64   8/2 (186, 42240)
+                     128   64x32x128  8/2 (114, 65536)      64x16x128  8/2 (237, 53888)
+                     256   64x32x256  8/2 (178, 131072)     64x64x32ch 8/2 (251, 32768)
+                     >256  64x64x32ch 8/2 (204, 24576)      64x64x32ch 8/2 (251, 32768)
+
+What the sweep rejected (spill bytes): sm_80 fp32 resident D = 128 (LSE 64x32x128 8 warps
+144, gradient 64x16x128 92) and sm_90 16-bit resident gradient at D = 256 (64x32x256 8 warps
+368, 64x64x256 708): those buckets use the chunked tiles. 4 warps spilled in most chunked
+configurations (e.g. 16-bit gradient 64x64x64: 1,248 B sm_80, 1,912 B sm_90). fp32 uses
+``FASTSSL_FP32_DOT``'s precision (default bf16x3: its operand halves double the register
+footprint, hence the smaller tiles); the sweep compiled bf16x3. The same compiles on triton
+3.6.0 (the GPU machine's) accept bf16x3 and give 0 spills for the two configurations
+re-checked there (16-bit gradient chunked sm_90, fp32 LSE D = 128 sm_90). Other sm_8x GPUs
+(86 / 89: 99 KiB shared per block) take the sm_80 table: its largest allocation is 66,816 B.
+Under the interpreter: 16/32 x 32/16 x 64 tiles (BLOCK_M != BLOCK_N catches transposition
+slips), ``num_sms`` = 16 so small test shapes take the column-split path.
 """
 from __future__ import annotations
 
@@ -371,10 +404,10 @@ TILES = {
     (80, "half", 256): {"lse": (64, 64, 256, 8, 2), "grad": (64, 32, 256, 8, 2)},
     (90, "half", 64): {"lse": (64, 64, 64, 4, 3), "grad": (64, 32, 64, 4, 3)},
     (90, "half", 128): {"lse": (64, 64, 128, 4, 3), "grad": (64, 64, 128, 8, 2)},
-    (90, "half", 256): {"lse": (64, 64, 256, 8, 2), "grad": (64, 32, 256, 8, 2)},
+    (90, "half", 256): {"lse": (64, 64, 256, 8, 2), "grad": _CHUNKED[90, "half"]["grad"]},
     (80, "fp32", 64): {"lse": (64, 32, 64, 4, 2), "grad": (64, 16, 64, 8, 2)},
-    (80, "fp32", 128): {"lse": (64, 32, 128, 8, 2), "grad": (64, 16, 128, 8, 2)},
-    (80, "fp32", 256): {"lse": _CHUNKED[80, "fp32"]["lse"], "grad": _CHUNKED[80, "fp32"]["grad"]},
+    (80, "fp32", 128): _CHUNKED[80, "fp32"],
+    (80, "fp32", 256): _CHUNKED[80, "fp32"],
     (90, "fp32", 64): {"lse": (64, 32, 64, 4, 2), "grad": (64, 32, 64, 8, 2)},
     (90, "fp32", 128): {"lse": (64, 32, 128, 8, 2), "grad": (64, 16, 128, 8, 2)},
     (90, "fp32", 256): {"lse": (64, 32, 256, 8, 2), "grad": _CHUNKED[90, "fp32"]["grad"]},

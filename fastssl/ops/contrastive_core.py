@@ -1,52 +1,101 @@
-"""Triton kernels of the contrastive core shared by ``info_nce``, ``clip_loss`` and ``supcon``
-(``fastssl/ops/{info_nce,clip,supcon}.py``): rows Qhat (M x D) against columns Chat (Nc x D),
-``S = alpha Qhat Chat^T``, never stored.
+r"""Triton "rows vs columns" contrastive engine: rows Qhat (M x D) against columns Chat (NC x D),
+``S = scale * Qhat Chat^T``, never stored. Shared by info_nce / clip_loss / supcon / the fused
+gather losses (the op files call :func:`row_lse` and :func:`softmax_grad`; they normalise, save
+tensors, multiply gradients by the scale and register the ops).
 
-* :func:`row_lse` -- ``_lse_kernel``: program (row block I, column split s) streams the column
-  tiles of split s with an online (max, sum) (flash-attention forward without the output) and
-  writes per-split partials (splits x M fp32, twice); ``_lse_combine_kernel`` merges them in
-  split order. Reads (M + Nc·M/BLOCK_M)·D, writes 2·splits·M + M floats.
-* :func:`softmax_grad` -- ``_softmax_grad_kernel``: ``alpha * P @ Chat`` with
-  ``P_ij = g_i exp(S_ij - lse_i) + h_j exp(S_ij - clse_j)`` (either term optional), program
-  (I, s) recomputing S over split s's column tiles and writing a partial dQ (splits x M x D
-  fp32; with one split it is the output itself); ``_sum_splits_kernel`` adds the partials in
-  split order. The column-side gradient is the same kernel with the roles of rows and columns
-  swapped (``P^T`` has the same form), so no atomics are needed.
+Kernels
+-------
+* :func:`row_lse` -- ``_row_lse_kernel``: program (row block I, column split s) streams the
+  column tiles of split s: S tile by a K-loop over D (``tl.dot`` per D-chunk, fp32
+  accumulation), the target logit ``pos`` read from that same tile, then the masks (ragged
+  columns, diagonal, self index, target with ``mask_target``), then the online (max, sum)
+  (flash-attention forward without an output). Per-split partials (3 x splits x M fp32) are
+  merged by ``_lse_combine_kernel`` in split order.
+* :func:`softmax_grad` -- ``_softmax_grad_kernel``: ``sum_j P_ij c_j`` with, in fp32,
+      P_ij = g_i (valid_ij exp(S_ij - lse_i) - [j = t_i]) + h_j (valid_ij exp(S_ij - clse_j)
+             - [i = ct_j])                                   (either term optional)
+  The -g_i / -h_j of the targets are folded into P in fp32 *before* P is rounded to the dot
+  dtype: the target's probability 1 - eps would otherwise cancel after rounding (fp16 CLIP,
+  B = 37, confident pairs: 4.8e-2 relative error in dI when the fold came after the cast).
+  A row whose lse is -inf (no valid column) / a column whose clse is -inf is selected out
+  with ``tl.where`` (never 0 * exp(+inf)). Per-split partials (splits x M x D fp32; with one
+  split, the output itself) are added in split order by ``_sum_splits_kernel``. The column-side
+  gradient is this kernel with rows and columns swapped (P^T has the same form): no atomics.
+* fp16: P is multiplied by a power of two ``2^14 / max(|g|, |h|)`` (computed on the device,
+  no host sync), undone exactly on the output: with mean reduction over 65,536 rows,
+  g = 1.5e-5 would put every P entry below fp16's smallest normal (6.1e-5).
+
+Masks cost only in the tiles they touch: the ragged-column mask in the last tile, the diagonal
+in tiles crossing it, a self/target index only in tiles inside [min, max] of that row block's
+(or column tile's) indices (scalar branches around tile work).
+
+Width: any D. The S tile is a GEMM K-loop over D-chunks of BLOCK_D. The P @ C accumulator
+(BLOCK_M x D fp32) stays in registers only while D <= BLOCK_D ("resident": one chunk; q and
+the column tile are then loaded once per tile and used by both dots). Above that the program
+accumulates its own (BLOCK_M, D) output rows chunk-wise in global memory: per column tile,
+for each D-chunk, load the fp32 chunk (skipped on the split's first tile), add P @ C_chunk,
+store; a CTA barrier per tile orders the store before the next tile's load. No atomics: the
+program owns those rows. Why not tile the output D over the grid instead? Each output D-tile
+would recompute the full-D S tile: FLOPs per (row, column) pair 2D (S) x T + 2D (P@C) with T =
+D / BLOCK_D_out output tiles, i.e. (2T + 2) / 4 of the minimum: 1.5x at D = 512, 2.5x at
+D = 1024 (BLOCK_D_out = 256), plus T x the exps. Chunk-wise accumulation keeps the minimum
+4 D FLOPs and 1 exp per pair per term and adds 8 BLOCK_M D bytes (fp32 read + write) per
+column tile against 4 BLOCK_M BLOCK_N D FLOPs: BLOCK_N / 2 FLOP per byte, served from L2
+(the rows of one program: BLOCK_M x D x 4 = 256 KiB at D = 1024; 132 programs: 33 MiB < 50
+MiB L2 of an H100) -- the chunk-wise read-modify-write triples the L2 traffic of the
+column tiles (BLOCK_N D b read twice) but costs no tensor-core work, and it leaves the grid
+(hence the column-split logic) unchanged. Chunked mode also re-reads the q chunk per column
+tile (from L1/L2).
 
 Grid: (cdiv(M, BLOCK_M), splits). Columns are split only when the row blocks alone are fewer
 than the SMs (``_triton_utils.num_sms``): splits = cdiv(tiles, cdiv(tiles, cdiv(sms,
-row_blocks))), every split non-empty, so partials are bounded by ~(sms + row_blocks) x BLOCK_M
-rows (dQ: ~(sms + row_blocks) BLOCK_M D 4 bytes, ~4.4 MB at D = 128 on 132 SMs). All reductions
-run in a fixed order: results are bitwise reproducible for a given shape and GPU, no atomics.
-Grids on an H100 (132 SMs), D = 128 (``plan``):
-    MoCo, N = 256 queries vs a K = 65,536 queue (was 4 programs per pass): bf16/fp16 LSE
-        4 row blocks x 32 splits (32 tiles of 64 columns each) = 128 programs, gradient
-        4 x 33 = 132 (63 tiles of 32); fp32 4 x 33 = 132 both passes. dQ partials: 33 x 256
-        x 128 fp32 = 4.3 MB. (A100, 108 SMs: 4 x 27.)
-    CLIP, B = 16,384 (row and column passes alike): 256 row blocks >= 132 SMs -> 256 x 1
-        programs, no partials, no combine traffic.
-Counts per ``row_lse``: 2 M Nc D FLOPs (x3 products for fp32 bf16x3), M Nc exp; per
-``softmax_grad``: 4 M Nc D FLOPs, M Nc exp per present term (g and/or h); split overhead
-(2 splits M + splits M D fp32 written and read once) is O(M D), only when M is small.
+row_blocks))), every split non-empty; partials are bounded by ~(sms + row_blocks) BLOCK_M D 4
+bytes (35 MB at D = 1024 on 132 SMs). All merges run in a fixed order: bitwise reproducible
+for a given shape and GPU.
+Counts: ``row_lse`` 2 M NC D FLOPs (x3 products for fp32 bf16x3), M NC exp; ``softmax_grad``
+4 M NC D FLOPs, M NC exp per present term.
 
-Tile configs (``CONFIGS``: BLOCK_M x BLOCK_N, warps), each checked with ``fastssl gpu-report``
-for 0 spills and tensor-core instructions (mma.sync / wgmma) on sm_80 and sm_90 at D = 128;
-``aot_entries`` lists exactly these. bf16/fp16: LSE 64 x 64, 4 warps; gradient 64 x 32, 4
-warps (64 x 64 spilled 8-32 bytes on sm_90 and 12 on sm_80 with both P terms: CLIP). fp32 dots
-run as ``tl.dot(input_precision=...)`` from ``FASTSSL_FP32_DOT`` (default ``"bf16x3"``: three
-bf16 tensor-core products, ~1e-5 relative; see :mod:`fastssl.ops._triton_utils`), whose
-operand halves double the register footprint (64 x 64 spilled 128-156 bytes on sm_80): LSE
-64 x 32, 4 warps; gradient 64 x 16, 8 warps (4 warps spilled 12 bytes on sm_80 for CLIP;
-BLOCK_M = 32 loses wgmma on sm_90). Under the interpreter fp32 products are exact and tiles
-are small (BLOCK_M != BLOCK_N) to keep tests fast, and ``num_sms`` is small so small test
-shapes take the column-split path. Larger D (BLOCK_D > 128) uses the same tiles and is not
-covered by the spill check.
+Precision: fp32 accumulation everywhere; 16-bit inputs are tensor-core operands as given; P is
+rounded to the input dtype with :func:`fastssl.ops._triton_utils.round_for_dot`, which under
+the interpreter reproduces the GPU's round-to-nearest-even and exact 16-bit products (so the
+interpreter tests see the GPU's error). fp32 inputs: ``tl.dot(input_precision=...)`` from
+``FASTSSL_FP32_DOT`` (default "bf16x3", accepted by the NVIDIA backends of triton 3.6 and 3.9:
+``allowed_dot_input_precisions`` of both lists tf32, tf32x3, ieee, bf16x3, bf16x6).
 
-The inputs are already L2-normalised (the op files do it with ``F.normalize`` under autograd);
-target / positive terms and the gradient of alpha are O(M·D) PyTorch epilogues in the op files.
-Differences from the C++ core (csrc/cpu/contrastive_core.*), by design for simplicity: CLIP's
-column LSE is a second launch with the roles swapped (one extra S pass on the GPU), and the
-only mask is the diagonal (``MASK_DIAG``: NT-Xent/SupCon self-similarity).
+Tiles (``TILES``): BLOCK_M x BLOCK_N x BLOCK_D, warps / stages, per (arch, dtype, D bucket),
+picked from ``scripts/sweep_contrastive_core.py`` (triton 3.9: ``triton.compile`` for
+GPUTarget("cuda", 80 / 90, 32), Triton's ptxas -v, ``cuobjdump -res-usage``) on the
+register-heaviest flag variant (every mask and both P terms). Every row below: 0 spill bytes,
+shared memory within the limit (sm_80: 166,912 B; sm_90: 232,448 B), tensor cores (sm_80:
+mma.sync; sm_90: wgmma.mma_async in every kernel). "ch" = chunked (D > BLOCK_D).
+
+    arch  dtype      D     row_lse (regs, smem B)           softmax_grad (regs, smem B)
+    sm_80 bf16/fp16  64    64x64x64   4/3 (216, 16384)      64x64x64   4/3 (255, 29696)
+                     128   64x64x128  4/3 (164, 20480)      64x32x128  8/2 (255, 34048)
+                     256   64x64x256  8/2 (166, 49152)      64x32x256  8/2 (255, 66816)
+                     >256  64x64x64ch 8/3 (228, 16384)      64x32x64ch 8/3 (255, 24576)
+    sm_80 fp32       64    64x32x64   4/2 (183, 24576)      64x16x64   8/2 (226, 21120)
+                     >64   64x64x32ch 8/2 (253, 16384)      64x32x32ch 8/2 (234, 12288)
+    sm_90 bf16/fp16  64    64x64x64   4/3 (126, 16384)      64x32x64   4/3 (247, 16384)
+                     128   64x64x128  4/3 (140, 32768)      64x64x128  8/2 (255, 43520)
+                     256   64x64x256  8/2 (128, 65536)      64x64x64ch 8/3 (255, 32768)
+                     >256  128x64x64ch 8/3 (254, 24576)     64x64x64ch 8/3 (255, 32768)
+    sm_90 fp32       64    64x32x64   4/2 (118, 32768)      64x32x64   8/2 (186, 42240)
+                     128   64x32x128  8/2 (114, 65536)      64x16x128  8/2 (237, 53888)
+                     256   64x32x256  8/2 (178, 131072)     64x64x32ch 8/2 (251, 32768)
+                     >256  64x64x32ch 8/2 (204, 24576)      64x64x32ch 8/2 (251, 32768)
+
+What the sweep rejected (spill bytes): sm_80 fp32 resident D = 128 (LSE 64x32x128 8 warps
+144, gradient 64x16x128 92) and sm_90 16-bit resident gradient at D = 256 (64x32x256 8 warps
+368, 64x64x256 708): those buckets use the chunked tiles. 4 warps spilled in most chunked
+configurations (e.g. 16-bit gradient 64x64x64: 1,248 B sm_80, 1,912 B sm_90). fp32 uses
+``FASTSSL_FP32_DOT``'s precision (default bf16x3: its operand halves double the register
+footprint, hence the smaller tiles); the sweep compiled bf16x3. The same compiles on triton
+3.6.0 (the GPU machine's) accept bf16x3 and give 0 spills for the two configurations
+re-checked there (16-bit gradient chunked sm_90, fp32 LSE D = 128 sm_90). Other sm_8x GPUs
+(86 / 89: 99 KiB shared per block) take the sm_80 table: its largest allocation is 66,816 B.
+Under the interpreter: 16/32 x 32/16 x 64 tiles (BLOCK_M != BLOCK_N catches transposition
+slips), ``num_sms`` = 16 so small test shapes take the column-split path.
 """
 from __future__ import annotations
 
@@ -54,60 +103,128 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import INTERPRET, TL_TYPE, dot_in_fp32, dot_precision, num_sms
+from ._aot import aot_entry
+from ._triton_utils import (INTERPRET, dot_precision, emulate_dot_rounding, num_sms,
+                            round_for_dot)
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel; see the module docstring.
-CONFIGS = {
-    "half": dict(lse=(64, 64, 4, 3), grad=(64, 32, 4, 3)),
-    "fp32": dict(lse=(64, 32, 4, 2), grad=(64, 16, 8, 2)),
-    "interpret": dict(lse=(32, 16, 4, 1), grad=(32, 16, 4, 1)),
-}
-COMBINE_BLOCK = 256  # rows per program of the LSE combine
-ROW_BLOCK = 8        # rows per program of the dQ split sum (memory-bound)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DTYPE_CLASS = {torch.float32: "fp32", torch.bfloat16: "half", torch.float16: "half"}
+# fp16 P pre-scale: max |P| <= |g| + |h| <= 2 max(|g|, |h|), so 2^14 keeps |P| <= 2^15 < 65504.
+FP16_P_TARGET = 2.0 ** 14
+COMBINE_BLOCK = 256   # rows per program of the LSE combine (memory-bound, O(splits M))
+SUM_BLOCK_R = 8       # rows x SUM_BLOCK_D columns per program of the split sum
+SUM_BLOCK_D = 128
+
+
+# ---------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _lse_kernel(Q, C, MPART, LPART, M, NC, D, alpha, stride_q, stride_c, TILES_PER_SPLIT,
-                MASK_DIAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
+def _load_rows(PTR, idx, inb, d0, D, stride, BLOCK_D: tl.constexpr, AS_FP32: tl.constexpr):
+    """Rows ``idx`` of a (rows x D) matrix, columns [d0, d0 + BLOCK_D); 0 outside."""
+    dd = d0 + tl.arange(0, BLOCK_D)
+    x = tl.load(PTR + idx.to(tl.int64)[:, None] * stride + dd[None, :],
+                mask=inb[:, None] & (dd < D)[None, :], other=0.0)
+    if AS_FP32:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _similarity_chunked(Q, C, rows, cols, rmask, cmask, D, stride_q, stride_c,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        AS_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    # GEMM K-loop: reads (BLOCK_M + BLOCK_N) D elements, 2 BLOCK_M BLOCK_N D FLOPs.
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        qk = _load_rows(Q, rows, rmask, d0, D, stride_q, BLOCK_D, AS_FP32)
+        ck = _load_rows(C, cols, cmask, d0, D, stride_c, BLOCK_D, AS_FP32)
+        acc = tl.dot(qk, tl.trans(ck), acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _index_range(idx):
+    """(min over entries >= 0, max) of an index vector; (2^31 - 1, -1) when all are -1."""
+    lo = tl.min(tl.where(idx >= 0, idx, 2147483647), axis=0)
+    hi = tl.max(idx, axis=0)
+    return lo, hi
+
+
+@triton.jit
+def _row_lse_kernel(Q, C, SCALE, TARGET, SELF_IDX, MPART, LPART, PPART, M, NC, D,
+                    stride_q, stride_c, TILES_PER_SPLIT,
+                    HAS_TARGET: tl.constexpr, HAS_SELF: tl.constexpr,
+                    MASK_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    D_RESIDENT: tl.constexpr, EMULATE: tl.constexpr,
+                    INPUT_PRECISION: tl.constexpr):
+    # reads BLOCK_M D (once if resident, per column tile if not) + the split's columns x D;
+    # writes 3 BLOCK_M fp32 partials.
+    pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    dd = tl.arange(0, BLOCK_D)
+    i0 = pid_m * BLOCK_M
+    rows = i0 + tl.arange(0, BLOCK_M)
     rmask = rows < M
-    q = tl.load(Q + rows[:, None] * stride_q + dd[None, :],
-                mask=rmask[:, None] & (dd[None, :] < D), other=0.0)
-    if DOT_FP32:
-        q = q.to(tl.float32)
+    scale = tl.load(SCALE).to(tl.float32)
+    if HAS_TARGET:
+        # int32 compares in the tiles (indices < M, NC < 2^31): half the registers of int64
+        tgt = tl.load(TARGET + rows, mask=rmask, other=-1).to(tl.int32)
+        t_lo, t_hi = _index_range(tgt)
+    if HAS_SELF:
+        sidx = tl.load(SELF_IDX + rows, mask=rmask, other=-1).to(tl.int32)
+        s_lo, s_hi = _index_range(sidx)
+    if D_RESIDENT:
+        q = _load_rows(Q, rows, rmask, 0, D, stride_q, BLOCK_D, EMULATE)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    pos = tl.zeros([BLOCK_M], tl.float32)
     j_begin = pid_s * TILES_PER_SPLIT * BLOCK_N
     j_end = tl.minimum(j_begin + TILES_PER_SPLIT * BLOCK_N, NC)
     for j0 in range(j_begin, j_end, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         cmask = cols < NC
-        c = tl.load(C + cols[:, None] * stride_c + dd[None, :],
-                    mask=cmask[:, None] & (dd[None, :] < D), other=0.0)
-        if DOT_FP32:
-            c = c.to(tl.float32)
-        # 1. S tile = alpha Q C^T (fp32 accumulation on the tensor cores).
-        s = tl.dot(q, tl.trans(c), input_precision=INPUT_PRECISION) * alpha
-        valid = cmask[None, :] & (rows[:, None] >= 0)
+        # 1. [Similarity] S = scale (Q C^T), fp32 accumulation on the tensor cores.
+        if D_RESIDENT:
+            c = _load_rows(C, cols, cmask, 0, D, stride_c, BLOCK_D, EMULATE)
+            s = tl.dot(q, tl.trans(c), input_precision=INPUT_PRECISION)
+        else:
+            s = _similarity_chunked(Q, C, rows, cols, rmask, cmask, D, stride_q, stride_c,
+                                    BLOCK_M, BLOCK_N, BLOCK_D, EMULATE, INPUT_PRECISION)
+        s = s * scale
+        # 2. [Target] the positive logit from this very tile (the loss is lse - pos: both
+        #    must come from the same rounding of S), before any mask.
+        if HAS_TARGET:
+            if (t_lo < j0 + BLOCK_N) & (t_hi >= j0):
+                is_t = tgt[:, None] == cols[None, :]
+                pos += tl.sum(tl.where(is_t, s, 0.0), axis=1)
+                if MASK_TARGET:
+                    s = tl.where(is_t, float("-inf"), s)
+        # 3. [Masks] only the tiles they touch pay for them.
+        if j0 + BLOCK_N > NC:
+            s = tl.where(cmask[None, :], s, float("-inf"))
         if MASK_DIAG:
-            valid = valid & (rows[:, None] != cols[None, :])
-        s = tl.where(valid, s, float("-inf"))
-        # 2. [Online softmax] rescale the running sum to the new max (-inf: nothing seen yet).
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+            if (j0 < i0 + BLOCK_M) & (i0 < j0 + BLOCK_N):
+                s = tl.where(rows[:, None] == cols[None, :], float("-inf"), s)
+        if HAS_SELF:
+            if (s_lo < j0 + BLOCK_N) & (s_hi >= j0):
+                s = tl.where(sidx[:, None] == cols[None, :], float("-inf"), s)
+        # 4. [Online softmax] running max and sum; a row with nothing valid yet keeps -inf.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp(m_i - shift) + tl.sum(tl.exp(s - shift[:, None]), 1)
+        l_i = l_i * tl.exp(m_i - shift) + tl.sum(tl.exp(s - shift[:, None]), axis=1)
         m_i = m_new
-    tl.store(MPART + pid_s * M + rows, m_i, mask=rmask)
-    tl.store(LPART + pid_s * M + rows, l_i, mask=rmask)
+    out = pid_s * M + rows
+    tl.store(MPART + out, m_i, mask=rmask)
+    tl.store(LPART + out, l_i, mask=rmask)
+    tl.store(PPART + out, pos, mask=rmask)
 
 
 @triton.jit
-def _lse_combine_kernel(MPART, LPART, LSE, M, SPLITS, BLOCK: tl.constexpr):
-    # reads 2 SPLITS M fp32, writes M fp32; split order fixed: deterministic.
+def _lse_combine_kernel(MPART, LPART, PPART, LSE, POS, M, SPLITS, BLOCK: tl.constexpr):
+    # reads 3 SPLITS M fp32, writes 2 M fp32; split order fixed: deterministic.
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inb = rows < M
     m = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -115,191 +232,502 @@ def _lse_combine_kernel(MPART, LPART, LSE, M, SPLITS, BLOCK: tl.constexpr):
         m = tl.maximum(m, tl.load(MPART + s * M + rows, mask=inb, other=float("-inf")))
     shift = tl.where(m == float("-inf"), 0.0, m)
     total = tl.zeros([BLOCK], tl.float32)
+    pos = tl.zeros([BLOCK], tl.float32)
     for s in range(SPLITS):
         ms = tl.load(MPART + s * M + rows, mask=inb, other=float("-inf"))
         total += tl.load(LPART + s * M + rows, mask=inb, other=0.0) * tl.exp(ms - shift)
-    # A row with every column masked (SupCon with N = 1) has lse = -inf.
+        # the target lies in one split; the others add an exact 0.
+        pos += tl.load(PPART + s * M + rows, mask=inb, other=0.0)
     lse = tl.where(m == float("-inf"), m, m + tl.log(tl.where(total > 0, total, 1.0)))
     tl.store(LSE + rows, lse, mask=inb)
+    tl.store(POS + rows, pos, mask=inb)
 
 
 @triton.jit
-def _softmax_grad_kernel(Q, C, G, LSE, H, CLSE, OUT, M, NC, D, alpha, stride_q, stride_c,
-                         stride_o, TILES_PER_SPLIT, HAS_ROW: tl.constexpr,
-                         HAS_COL: tl.constexpr, MASK_DIAG: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    # OUT: (splits, M, D) fp32 partials, split s at OUT + s * M * stride_o.
-    pid = tl.program_id(0)
+def _softmax_grad_kernel(Q, C, SCALE, PSCALE, G, LSE, TARGET, H, CLSE, CTARGET, SELF_IDX,
+                         CSELF_IDX, OUT, M, NC, D, stride_q, stride_c, TILES_PER_SPLIT,
+                         HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr,
+                         HAS_TARGET: tl.constexpr, HAS_CTARGET: tl.constexpr,
+                         HAS_SELF: tl.constexpr, HAS_CSELF: tl.constexpr,
+                         MASK_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr,
+                         SCALE_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_D: tl.constexpr, D_RESIDENT: tl.constexpr,
+                         EMULATE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    # OUT: (splits, M, D) fp32, split s at OUT + s M D. Per column tile: reads BLOCK_N D
+    # (twice if not resident) + BLOCK_M D (q, if not resident) elements, and if not resident
+    # reads + writes BLOCK_M D fp32 of the program's own output rows.
+    pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    dd = tl.arange(0, BLOCK_D)
+    i0 = pid_m * BLOCK_M
+    rows = i0 + tl.arange(0, BLOCK_M)
     rmask = rows < M
-    q = tl.load(Q + rows[:, None] * stride_q + dd[None, :],
-                mask=rmask[:, None] & (dd[None, :] < D), other=0.0)
-    if DOT_FP32:
-        q = q.to(tl.float32)
-    g = tl.zeros([BLOCK_M], tl.float32)
-    lse = tl.zeros([BLOCK_M], tl.float32)
+    out_base = OUT + pid_s.to(tl.int64) * M * D
+    scale = tl.load(SCALE).to(tl.float32)
+    if SCALE_P:
+        p_scale = tl.load(PSCALE).to(tl.float32)
+    else:
+        p_scale = 1.0
     if HAS_ROW:
-        g = tl.load(G + rows, mask=rmask, other=0.0)
-        lse = tl.load(LSE + rows, mask=rmask, other=0.0)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        # A row with lse = -inf (no valid column) gets g = 0 and lse = +inf: exp(S - lse) = 0
+        # and its target term 0, with no per-element test (never 0 * exp(+inf)).
+        lse = tl.load(LSE + rows, mask=rmask, other=float("-inf"))
+        row_ok = lse > float("-inf")
+        g = tl.where(row_ok, tl.load(G + rows, mask=rmask, other=0.0) * p_scale, 0.0)
+        lse = tl.where(row_ok, lse, float("inf"))
+    if HAS_TARGET:
+        tgt = tl.load(TARGET + rows, mask=rmask, other=-1).to(tl.int32)
+        t_lo, t_hi = _index_range(tgt)
+    if HAS_SELF:
+        sidx = tl.load(SELF_IDX + rows, mask=rmask, other=-1).to(tl.int32)
+        s_lo, s_hi = _index_range(sidx)
+    if D_RESIDENT:
+        q = _load_rows(Q, rows, rmask, 0, D, stride_q, BLOCK_D, EMULATE)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     j_begin = pid_s * TILES_PER_SPLIT * BLOCK_N
     j_end = tl.minimum(j_begin + TILES_PER_SPLIT * BLOCK_N, NC)
     for j0 in range(j_begin, j_end, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         cmask = cols < NC
-        c = tl.load(C + cols[:, None] * stride_c + dd[None, :],
-                    mask=cmask[:, None] & (dd[None, :] < D), other=0.0)
-        if DOT_FP32:
-            c = c.to(tl.float32)
-        # 1. Recompute the S tile.
-        s = tl.dot(q, tl.trans(c), input_precision=INPUT_PRECISION) * alpha
-        valid = cmask[None, :] & rmask[:, None]
+        # 1. [Similarity] recompute the S tile (as in _row_lse_kernel).
+        if D_RESIDENT:
+            c = _load_rows(C, cols, cmask, 0, D, stride_c, BLOCK_D, EMULATE)
+            s = tl.dot(q, tl.trans(c), input_precision=INPUT_PRECISION)
+        else:
+            s = _similarity_chunked(Q, C, rows, cols, rmask, cmask, D, stride_q, stride_c,
+                                    BLOCK_M, BLOCK_N, BLOCK_D, EMULATE, INPUT_PRECISION)
+        s = s * scale
+        # 2. [Masks] valid_ij, shared by both terms.
+        valid = rmask[:, None] & cmask[None, :]
         if MASK_DIAG:
-            valid = valid & (rows[:, None] != cols[None, :])
-        # 2. P = g_i softmax_row + h_j softmax_col (fp32), 0 where masked.
+            if (j0 < i0 + BLOCK_M) & (i0 < j0 + BLOCK_N):
+                valid = valid & (rows[:, None] != cols[None, :])
+        if HAS_SELF:
+            if (s_lo < j0 + BLOCK_N) & (s_hi >= j0):
+                valid = valid & (sidx[:, None] != cols[None, :])
+        if HAS_COL:
+            clse = tl.load(CLSE + cols, mask=cmask, other=float("-inf"))
+            col_ok = clse > float("-inf")
+            h = tl.where(col_ok, tl.load(H + cols, mask=cmask, other=0.0) * p_scale, 0.0)
+            clse = tl.where(col_ok, clse, float("inf"))
+        if HAS_CSELF:
+            csidx = tl.load(CSELF_IDX + cols, mask=cmask, other=-1).to(tl.int32)
+            cs_lo, cs_hi = _index_range(csidx)
+            if (cs_lo < i0 + BLOCK_M) & (cs_hi >= i0):
+                valid = valid & (csidx[None, :] != rows[:, None])
+        if HAS_TARGET:
+            t_hit = (t_lo < j0 + BLOCK_N) & (t_hi >= j0)
+            if MASK_TARGET:
+                if t_hit:
+                    valid = valid & (tgt[:, None] != cols[None, :])
+        if HAS_CTARGET:
+            ctgt = tl.load(CTARGET + cols, mask=cmask, other=-1).to(tl.int32)
+            ct_lo, ct_hi = _index_range(ctgt)
+            ct_hit = (ct_lo < i0 + BLOCK_M) & (ct_hi >= i0)
+            if MASK_TARGET:
+                if ct_hit:
+                    valid = valid & (ctgt[None, :] != rows[:, None])
+        # 3. [P in fp32] masked entries are exp(-inf) = 0 (no inf is ever formed), then the
+        #    targets' -g / -h folded in before any rounding.
         p = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if HAS_ROW:
-            p += g[:, None] * tl.exp(s - lse[:, None])
+            p += g[:, None] * tl.exp(tl.where(valid, s - lse[:, None], float("-inf")))
+        if HAS_TARGET:
+            if t_hit:
+                p -= tl.where(tgt[:, None] == cols[None, :], g[:, None], 0.0)
         if HAS_COL:
-            h = tl.load(H + cols, mask=cmask, other=0.0)
-            cl = tl.load(CLSE + cols, mask=cmask, other=0.0)
-            p += h[None, :] * tl.exp(s - cl[None, :])
-        p = tl.where(valid, p, 0.0)
-        # 3. acc += P C (bi bj D flops on the tensor cores).
-        acc = tl.dot(p.to(c.dtype), c, acc, input_precision=INPUT_PRECISION)
-    tl.store(OUT + pid_s * M * stride_o + rows[:, None] * stride_o + dd[None, :], acc * alpha,
-             mask=rmask[:, None] & (dd[None, :] < D))
+            p += h[None, :] * tl.exp(tl.where(valid, s - clse[None, :], float("-inf")))
+        if HAS_CTARGET:
+            if ct_hit:
+                p -= tl.where(ctgt[None, :] == rows[:, None], h[None, :], 0.0)
+        # 4. [P @ C] P rounded once to the dot dtype (RNE, as the GPU does).
+        pd = round_for_dot(p, C.dtype.element_ty, EMULATE)
+        if D_RESIDENT:
+            acc = tl.dot(pd, c, acc, input_precision=INPUT_PRECISION)
+        else:
+            # the program owns these output rows: read-modify-write per D-chunk, no atomics;
+            # the split's first tile starts from 0 instead of reading.
+            last = j0 + BLOCK_N >= j_end
+            # (a row vector, not a scalar: the interpreter's `2-D mask & scalar` is int32)
+            not_first = (rows * 0 + j0) > j_begin
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + tl.arange(0, BLOCK_D)
+                ck = _load_rows(C, cols, cmask, d0, D, stride_c, BLOCK_D, EMULATE)
+                optr = out_base + rows.to(tl.int64)[:, None] * D + dd[None, :]
+                omask = rmask[:, None] & (dd < D)[None, :]
+                prev = tl.load(optr, mask=omask & not_first[:, None], other=0.0)
+                o = tl.dot(pd, ck, prev, input_precision=INPUT_PRECISION)
+                if SCALE_P:
+                    o = o * tl.where(last, 1.0 / p_scale, 1.0)
+                tl.store(optr, o, mask=omask)
+            # the next tile's loads of these rows may run on other threads of the CTA.
+            tl.debug_barrier()
+    if D_RESIDENT:
+        if SCALE_P:
+            acc = acc * (1.0 / p_scale)  # a power of two: exact
+        dd = tl.arange(0, BLOCK_D)
+        tl.store(out_base + rows.to(tl.int64)[:, None] * D + dd[None, :], acc,
+                 mask=rmask[:, None] & (dd < D)[None, :])
 
 
 @triton.jit
 def _sum_splits_kernel(PART, OUT, M, D, SPLITS, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    # reads SPLITS M D fp32, writes M D fp32; split order fixed: deterministic.
+    # reads SPLITS BLOCK_R BLOCK_D fp32, writes BLOCK_R BLOCK_D; split order fixed.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    dd = tl.arange(0, BLOCK_D)
+    dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = (rows < M)[:, None] & (dd < D)[None, :]
-    off = rows[:, None] * D + dd[None, :]
+    off = rows.to(tl.int64)[:, None] * D + dd[None, :]
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    for s in range(SPLITS):
-        acc += tl.load(PART + s * M * D + off, mask=mask, other=0.0)
+    part = PART + off  # advanced by one (M, D) split per step: 64-bit pointer arithmetic
+    for _ in range(SPLITS):
+        acc += tl.load(part, mask=mask, other=0.0)
+        part += M * D
     tl.store(OUT + off, acc, mask=mask)
 
 
 # ---------------------------------------------------------------------------------------
-# Launch configuration and launchers
+# Tiles and grid
+# ---------------------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) per (arch, dtype class, D bucket) and
+# kernel; the D bucket is the largest D the configuration serves with the accumulator resident
+# (D <= BLOCK_D), "chunked" serves every larger D. Chosen by the sweep in the module docstring.
+_CHUNKED = {
+    (80, "half"): {"lse": (64, 64, 64, 8, 3), "grad": (64, 32, 64, 8, 3)},
+    (90, "half"): {"lse": (128, 64, 64, 8, 3), "grad": (64, 64, 64, 8, 3)},
+    (80, "fp32"): {"lse": (64, 64, 32, 8, 2), "grad": (64, 32, 32, 8, 2)},
+    (90, "fp32"): {"lse": (64, 64, 32, 8, 2), "grad": (64, 64, 32, 8, 2)},
+}
+TILES = {
+    "interpret": {"lse": (16, 32, 64, 4, 1), "grad": (32, 16, 64, 4, 1)},
+    (80, "half", 64): {"lse": (64, 64, 64, 4, 3), "grad": (64, 64, 64, 4, 3)},
+    (80, "half", 128): {"lse": (64, 64, 128, 4, 3), "grad": (64, 32, 128, 8, 2)},
+    (80, "half", 256): {"lse": (64, 64, 256, 8, 2), "grad": (64, 32, 256, 8, 2)},
+    (90, "half", 64): {"lse": (64, 64, 64, 4, 3), "grad": (64, 32, 64, 4, 3)},
+    (90, "half", 128): {"lse": (64, 64, 128, 4, 3), "grad": (64, 64, 128, 8, 2)},
+    (90, "half", 256): {"lse": (64, 64, 256, 8, 2), "grad": _CHUNKED[90, "half"]["grad"]},
+    (80, "fp32", 64): {"lse": (64, 32, 64, 4, 2), "grad": (64, 16, 64, 8, 2)},
+    (80, "fp32", 128): _CHUNKED[80, "fp32"],
+    (80, "fp32", 256): _CHUNKED[80, "fp32"],
+    (90, "fp32", 64): {"lse": (64, 32, 64, 4, 2), "grad": (64, 32, 64, 8, 2)},
+    (90, "fp32", 128): {"lse": (64, 32, 128, 8, 2), "grad": (64, 16, 128, 8, 2)},
+    (90, "fp32", 256): {"lse": (64, 32, 256, 8, 2), "grad": _CHUNKED[90, "fp32"]["grad"]},
+    **{(arch, klass, "chunked"): cfg for (arch, klass), cfg in _CHUNKED.items()},
+}
+D_BUCKETS = (64, 128, 256)
+SWEEP_D = (64, 128, 256, 512, 768, 1024)
+
+
+def _arch(device: torch.device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    # sm_90 and later: the sm_90 table (wgmma); sm_8x: the sm_80 table (its configs fit 99 KiB
+    # of shared memory too, see the table).
+    return 90 if major >= 9 else 80
+
+
+def _bucket(d: int):
+    for b in D_BUCKETS:
+        if d <= b:
+            return b
+    return "chunked"
+
+
+def tiles(kernel: str, dtype: torch.dtype, d: int, arch: int | None) -> tuple:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) of ``kernel`` ("lse" / "grad")
+    for ``dtype`` at width ``d`` on ``sm_<arch>`` (None: the interpreter)."""
+    if arch is None:
+        return TILES["interpret"][kernel]
+    return TILES[(arch, _DTYPE_CLASS[dtype], _bucket(d))][kernel]
+
+
+def plan(m: int, nc: int, d: int, kernel: str, dtype: torch.dtype, sms: int,
+         arch: int | None) -> dict:
+    """Tiles and grid of ``kernel`` for M = ``m`` rows against ``nc`` columns of width ``d``
+    on a GPU with ``sms`` SMs; the grid is ``(row_blocks, splits)``."""
+    bm, bn, bd, warps, stages = tiles(kernel, dtype, d, arch)
+    row_blocks, n_tiles = triton.cdiv(m, bm), max(1, triton.cdiv(nc, bn))
+    splits = 1 if row_blocks >= sms else min(n_tiles, triton.cdiv(sms, row_blocks))
+    per = triton.cdiv(n_tiles, splits)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, D_RESIDENT=d <= bd, num_warps=warps,
+                num_stages=stages, row_blocks=row_blocks, splits=triton.cdiv(n_tiles, per),
+                tiles_per_split=per)
+
+
+# ---------------------------------------------------------------------------------------
+# Launchers (plain functions: no autograd; the op files register the ops)
 # ---------------------------------------------------------------------------------------
 
 
-def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+def _check_operands(q: torch.Tensor, c: torch.Tensor, scale: torch.Tensor) -> None:
+    for name, t in (("q", q), ("c", c)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (rows x D), got shape {tuple(t.shape)}")
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"q must be float32, bfloat16 or float16, got {q.dtype}")
+    if c.dtype != q.dtype:
+        raise TypeError(f"q and c must have the same dtype, got {q.dtype} and {c.dtype}")
+    if q.shape[1] != c.shape[1]:
+        raise ValueError(f"q and c must have the same width D, got {tuple(q.shape)} and "
+                         f"{tuple(c.shape)}")
+    if q.device != c.device:
+        raise ValueError(f"q and c must be on one device, got {q.device} and {c.device}")
+    if q.device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"the Triton contrastive core needs CUDA tensors (or TRITON_INTERPRET=1"
+                         f" before import), got {q.device}")
+    if not isinstance(scale, torch.Tensor):
+        raise TypeError(f"scale must be a 1-element float32 tensor (read on the device, no host "
+                        f"sync), got {type(scale).__name__}")
+    if scale.numel() != 1 or scale.dtype != torch.float32 or scale.device != q.device:
+        raise ValueError(f"scale must be a 0-dim or 1-element float32 tensor on {q.device}, got "
+                         f"shape {tuple(scale.shape)} {scale.dtype} on {scale.device}")
 
 
-def config_name(dtype: torch.dtype, interpret: bool = INTERPRET) -> str:
-    if interpret:
-        return "interpret"
-    return "fp32" if dtype == torch.float32 else "half"
+def _check_vector(name: str, t, n: int, dtype: torch.dtype, device: torch.device):
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if t.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device}, got {t.device}")
+    return t.contiguous()
 
 
-def plan(m: int, nc: int, kernel: str, dtype: torch.dtype, sms: int,
-         interpret: bool = INTERPRET) -> dict:
-    """Tiles and grid of ``kernel`` ("lse" or "grad") for M = ``m`` rows against ``nc``
-    columns on a GPU with ``sms`` SMs: ``BLOCK_M, BLOCK_N, num_warps, num_stages,
-    row_blocks, splits, tiles_per_split``; the grid is ``(row_blocks, splits)``."""
-    bm, bn, warps, stages = CONFIGS[config_name(dtype, interpret)][kernel]
-    row_blocks, tiles = triton.cdiv(m, bm), max(1, triton.cdiv(nc, bn))
-    splits = 1 if row_blocks >= sms else min(tiles, triton.cdiv(sms, row_blocks))
-    per = triton.cdiv(tiles, splits)
-    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
-                row_blocks=row_blocks, splits=triton.cdiv(tiles, per), tiles_per_split=per)
+def _no_index(device: torch.device) -> torch.Tensor:
+    """An int64 stand-in for an absent index array (never read)."""
+    return torch.empty(1, dtype=torch.int64, device=device)
 
 
-def row_lse(q: torch.Tensor, c: torch.Tensor, alpha: float, *, mask_diag: bool = False):
-    """(M,) fp32 row log-sum-exp of ``alpha q c^T`` (diagonal masked with ``mask_diag``)."""
-    q, c = q.contiguous(), c.contiguous()
+def _launch_args(q: torch.Tensor, d: int, kernel: str, m: int, nc: int) -> dict:
+    arch = _arch(q.device) if q.device.type == "cuda" else None
+    return plan(m, nc, d, kernel, q.dtype, num_sms(q.device), arch)
+
+
+def row_lse(q: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, *, target=None,
+            self_idx=None, mask_target: bool = False, mask_diag: bool = False):
+    r"""Row log-sum-exp and target logit of ``S = scale q c^T`` (S never stored).
+
+    Args:
+        q: (M, D) rows, L2-normalised by the caller, fp32 / bf16 / fp16.
+        c: (NC, D) columns, same dtype and device.
+        scale: 0-dim or 1-element fp32 tensor on the device (read by the kernel).
+        target: (M,) int64 column of row i's target, -1 for none (or None).
+        self_idx: (M,) int64 column masked out of row i (its own copy), -1 for none.
+        mask_target: also mask the target column out of the log-sum-exp (decoupled loss).
+        mask_diag: mask column j = i.
+
+    Returns:
+        ``(lse, pos)``, both (M,) fp32: ``lse_i = log sum_{valid j} exp(S_ij)`` (-inf when row
+        i has no valid column), ``pos_i = S_{i, target_i}`` from the same tile arithmetic as
+        the lse (0 where there is no target; extracted even when ``mask_target`` masks it).
+    """
+    _check_operands(q, c, scale)
     m, d = q.shape
-    cfg = plan(m, c.shape[0], "lse", q.dtype, num_sms(q.device))
+    nc = c.shape[0]
+    target = _check_vector("target", target, m, torch.int64, q.device)
+    self_idx = _check_vector("self_idx", self_idx, m, torch.int64, q.device)
+    if mask_target and target is None:
+        raise ValueError("mask_target=True needs a target")
+    lse = torch.empty(m, dtype=torch.float32, device=q.device)
+    pos = torch.empty(m, dtype=torch.float32, device=q.device)
+    if m == 0:
+        return lse, pos
+    if nc == 0:
+        return lse.fill_(float("-inf")), pos.zero_()
+    q, c = q.contiguous(), c.contiguous()
+    cfg = _launch_args(q, d, "lse", m, nc)
     splits = cfg["splits"]
-    part = torch.empty((2, splits, m), dtype=torch.float32, device=q.device)
-    _lse_kernel[(cfg["row_blocks"], splits)](
-        q, c, part[0], part[1], m, c.shape[0], d, alpha, q.stride(0), c.stride(0),
-        cfg["tiles_per_split"], MASK_DIAG=mask_diag, BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_block_d(d), DOT_FP32=dot_in_fp32(q.dtype),
+    part = torch.empty((3, splits, m), dtype=torch.float32, device=q.device)
+    no_index = _no_index(q.device)
+    _row_lse_kernel[(cfg["row_blocks"], splits)](
+        q, c, scale, target if target is not None else no_index,
+        self_idx if self_idx is not None else no_index, part[0], part[1], part[2],
+        m, nc, d, q.stride(0), c.stride(0), cfg["tiles_per_split"],
+        HAS_TARGET=target is not None, HAS_SELF=self_idx is not None,
+        MASK_TARGET=bool(mask_target), MASK_DIAG=bool(mask_diag),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+        D_RESIDENT=cfg["D_RESIDENT"], EMULATE=emulate_dot_rounding(q.dtype),
         INPUT_PRECISION=dot_precision(q.dtype), num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
-    out = torch.empty(m, dtype=torch.float32, device=q.device)
-    _lse_combine_kernel[(triton.cdiv(m, COMBINE_BLOCK),)](part[0], part[1], out, m, splits,
-                                                         BLOCK=COMBINE_BLOCK)
-    return out
+    _lse_combine_kernel[(triton.cdiv(m, COMBINE_BLOCK),)](
+        part[0], part[1], part[2], lse, pos, m, splits, BLOCK=COMBINE_BLOCK)
+    return lse, pos
 
 
-def softmax_grad(q, c, alpha: float, g=None, lse=None, h=None, clse=None, *,
+def _fp16_p_scale(g, h) -> torch.Tensor:
+    """Power of two 2^floor(log2(2^14 / max(|g|, |h|))) as a 1-element device tensor."""
+    amax = torch.stack([t.abs().amax().float() for t in (g, h) if t is not None]).amax()
+    return torch.exp2(torch.floor(torch.log2(FP16_P_TARGET / amax.clamp_min(2.0 ** -100))))
+
+
+def softmax_grad(q: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, *, row=None, col=None,
+                 self_idx=None, col_self_idx=None, mask_target: bool = False,
                  mask_diag: bool = False) -> torch.Tensor:
-    """(M, D) fp32 ``alpha * P c`` with ``P_ij = g_i exp(S_ij - lse_i) + h_j exp(S_ij -
-    clse_j)``; pass (g, lse) and/or (h, clse)."""
-    q, c = q.contiguous(), c.contiguous()
+    r"""``sum_j P_ij c_j`` (M, D) fp32, NOT multiplied by the scale (callers do).
+
+    Args:
+        q, c, scale: as in :func:`row_lse`.
+        row: ``(g (M,), lse (M,), target (M,) or None)``, fp32 / fp32 / int64:
+            ``P_ij += g_i (valid_ij exp(S_ij - lse_i) - [j = target_i])``.
+        col: ``(h (NC,), clse (NC,), col_target (NC,) or None)`` (the transposed direction):
+            ``P_ij += h_j (valid_ij exp(S_ij - clse_j) - [i = col_target_j])``.
+        self_idx: (M,) int64, column j = self_idx[i] is not valid for row i (-1: none).
+        col_self_idx: (NC,) int64, row i = col_self_idx[j] is not valid for column j.
+        mask_target: targets of the present terms are not valid either.
+        mask_diag: i = j is not valid.
+
+    Rows (for ``row``) / columns (for ``col``) whose lse is -inf contribute exactly 0.
+    """
+    _check_operands(q, c, scale)
+    if row is None and col is None:
+        raise ValueError("softmax_grad needs row=(g, lse, target) and/or col=(h, clse, target)")
     m, d = q.shape
-    cfg = plan(m, c.shape[0], "grad", q.dtype, num_sms(q.device))
+    nc = c.shape[0]
+    dev = q.device
+    g = lse = target = h = clse = col_target = None
+    for name, term in (("row", row), ("col", col)):
+        if term is not None and (not isinstance(term, (tuple, list)) or len(term) != 3
+                                 or term[0] is None or term[1] is None):
+            raise ValueError(f"{name} must be a tuple (weights, lse, target or None) with "
+                             f"tensor weights and lse")
+    if row is not None:
+        g = _check_vector("row weights g", row[0], m, torch.float32, dev)
+        lse = _check_vector("row lse", row[1], m, torch.float32, dev)
+        target = _check_vector("row target", row[2], m, torch.int64, dev)
+    if col is not None:
+        h = _check_vector("col weights h", col[0], nc, torch.float32, dev)
+        clse = _check_vector("col lse", col[1], nc, torch.float32, dev)
+        col_target = _check_vector("col target", col[2], nc, torch.int64, dev)
+    self_idx = _check_vector("self_idx", self_idx, m, torch.int64, dev)
+    col_self_idx = _check_vector("col_self_idx", col_self_idx, nc, torch.int64, dev)
+    if mask_target and target is None and col_target is None:
+        raise ValueError("mask_target=True needs a target in row or col")
+    if m == 0 or nc == 0 or d == 0:
+        return torch.zeros((m, d), dtype=torch.float32, device=dev)
+    out = torch.empty((m, d), dtype=torch.float32, device=dev)
+    q, c = q.contiguous(), c.contiguous()
+    cfg = _launch_args(q, d, "grad", m, nc)
     splits = cfg["splits"]
-    out = torch.empty(m, d, dtype=torch.float32, device=q.device)
     part = out if splits == 1 else torch.empty((splits, m, d), dtype=torch.float32,
-                                               device=q.device)
-    dummy = out  # never read when the matching HAS_* is False
+                                               device=dev)
+    scale_p = q.dtype == torch.float16
+    p_scale = _fp16_p_scale(g, h) if scale_p else scale
+    # stand-ins of the declared pointer types, never read (their HAS_* flag is False)
+    no_value, no_index = out, _no_index(dev)
     _softmax_grad_kernel[(cfg["row_blocks"], splits)](
-        q, c, g if g is not None else dummy, lse if lse is not None else dummy,
-        h if h is not None else dummy, clse if clse is not None else dummy, part,
-        m, c.shape[0], d, alpha, q.stride(0), c.stride(0), d, cfg["tiles_per_split"],
-        HAS_ROW=g is not None, HAS_COL=h is not None, MASK_DIAG=mask_diag,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_block_d(d),
-        DOT_FP32=dot_in_fp32(q.dtype), INPUT_PRECISION=dot_precision(q.dtype),
+        q, c, scale, p_scale, g if g is not None else no_value,
+        lse if lse is not None else no_value, target if target is not None else no_index,
+        h if h is not None else no_value, clse if clse is not None else no_value,
+        col_target if col_target is not None else no_index,
+        self_idx if self_idx is not None else no_index,
+        col_self_idx if col_self_idx is not None else no_index,
+        part, m, nc, d, q.stride(0), c.stride(0), cfg["tiles_per_split"],
+        HAS_ROW=row is not None, HAS_COL=col is not None, HAS_TARGET=target is not None,
+        HAS_CTARGET=col_target is not None, HAS_SELF=self_idx is not None,
+        HAS_CSELF=col_self_idx is not None, MASK_TARGET=bool(mask_target),
+        MASK_DIAG=bool(mask_diag), SCALE_P=scale_p, BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], D_RESIDENT=cfg["D_RESIDENT"],
+        EMULATE=emulate_dot_rounding(q.dtype), INPUT_PRECISION=dot_precision(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if splits > 1:
-        _sum_splits_kernel[(triton.cdiv(m, ROW_BLOCK),)](part, out, m, d, splits,
-                                                         BLOCK_R=ROW_BLOCK,
-                                                         BLOCK_D=_block_d(d))
+        _sum_splits_kernel[(triton.cdiv(m, SUM_BLOCK_R), triton.cdiv(d, SUM_BLOCK_D))](
+            part, out, m, d, splits, BLOCK_R=SUM_BLOCK_R, BLOCK_D=SUM_BLOCK_D)
     return out
 
 
-def aot_entries(op: str, *, mask_diag: bool, has_col: bool) -> list:
-    """The AOT_KERNELS entries of an op: every kernel and config its launchers use on a GPU
-    (``CONFIGS`` "half" for bf16/fp16, "fp32" with bf16x3 dots for fp32; D = 128)."""
-    entries = []
-    common = {"M": "i32", "NC": "i32", "D": "i32", "alpha": "fp32", "stride_q": "i32",
-              "stride_c": "i32"}
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        ty = TL_TYPE[dtype]
-        cfg = CONFIGS[config_name(dtype, interpret=False)]
-        prec = "bf16x3" if dtype == torch.float32 else "ieee"
-        bm, bn, warps, stages = cfg["lse"]
-        entries.append({
-            "name": f"{op}_lse_{ty}", "fn": _lse_kernel,
-            "signature": {"Q": f"*{ty}", "C": f"*{ty}", "MPART": "*fp32", "LPART": "*fp32",
-                          **common, "TILES_PER_SPLIT": "i32"},
-            "constexprs": {"MASK_DIAG": mask_diag, "BLOCK_M": bm, "BLOCK_N": bn,
-                           "BLOCK_D": 128, "DOT_FP32": False, "INPUT_PRECISION": prec},
-            "tensor_cores": True, "num_warps": warps, "num_stages": stages})
-        bm, bn, warps, stages = cfg["grad"]
-        entries.append({
-            "name": f"{op}_softmax_grad_{ty}", "fn": _softmax_grad_kernel,
-            "signature": {"Q": f"*{ty}", "C": f"*{ty}", "G": "*fp32", "LSE": "*fp32",
-                          "H": "*fp32", "CLSE": "*fp32", "OUT": "*fp32", **common,
-                          "stride_o": "i32", "TILES_PER_SPLIT": "i32"},
-            "constexprs": {"HAS_ROW": True, "HAS_COL": has_col, "MASK_DIAG": mask_diag,
-                           "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": 128, "DOT_FP32": False,
-                           "INPUT_PRECISION": prec},
-            "tensor_cores": True, "num_warps": warps, "num_stages": stages})
-    # The split reductions are dtype-independent (fp32 partials); listed once per op.
-    entries.append({
-        "name": f"{op}_lse_combine", "fn": _lse_combine_kernel,
-        "signature": {"MPART": "*fp32", "LPART": "*fp32", "LSE": "*fp32", "M": "i32",
-                      "SPLITS": "i32"},
-        "constexprs": {"BLOCK": COMBINE_BLOCK}, "tensor_cores": False, "num_warps": 4,
-        "num_stages": 1})
-    entries.append({
-        "name": f"{op}_sum_splits", "fn": _sum_splits_kernel,
-        "signature": {"PART": "*fp32", "OUT": "*fp32", "M": "i32", "D": "i32",
-                      "SPLITS": "i32"},
-        "constexprs": {"BLOCK_R": ROW_BLOCK, "BLOCK_D": 128}, "tensor_cores": False,
-        "num_warps": 4, "num_stages": 1})
+# ---------------------------------------------------------------------------------------
+# Ahead-of-time entries (``fastssl gpu-report``)
+# ---------------------------------------------------------------------------------------
+
+_LSE_FLAGS = ("HAS_TARGET", "HAS_SELF", "MASK_TARGET", "MASK_DIAG")
+_GRAD_FLAGS = ("HAS_ROW", "HAS_COL", "HAS_TARGET", "HAS_CTARGET", "HAS_SELF", "HAS_CSELF",
+               "MASK_TARGET", "MASK_DIAG")
+# The flag combinations each op's launch sites pass (see the lead's op files); "all" sets every
+# flag: the register-heaviest variant, the one the tile sweep checks.
+VARIANTS = {
+    # in-batch / gathered InfoNCE and NT-Xent: targets, self index, decoupled or not; the column
+    # gradient is the swapped call; MoCo's queue: no target, row term only.
+    "info_nce": [("lse", dict(HAS_TARGET=True, HAS_SELF=True, MASK_TARGET=dcl))
+                 for dcl in (False, True)] +
+                [("grad", dict(HAS_ROW=True, HAS_TARGET=True, HAS_SELF=True, MASK_TARGET=dcl))
+                 for dcl in (False, True)] +
+                [("grad", dict(HAS_COL=True, HAS_CTARGET=True, HAS_CSELF=True,
+                               MASK_TARGET=dcl)) for dcl in (False, True)] +
+                [("lse", {}), ("grad", dict(HAS_ROW=True))],
+    "clip_loss": [("lse", dict(HAS_TARGET=True)),
+                  ("grad", dict(HAS_ROW=True, HAS_COL=True, HAS_TARGET=True,
+                                HAS_CTARGET=True))],
+    "supcon": [("lse", dict(MASK_DIAG=True)),
+               ("grad", dict(HAS_ROW=True, HAS_COL=True, MASK_DIAG=True))],
+    "all": [("lse", {f: True for f in _LSE_FLAGS}), ("grad", {f: True for f in _GRAD_FLAGS})],
+}
+VARIANTS["nt_xent"] = VARIANTS["info_nce"]
+
+
+def kernel_entry(op: str, kernel: str, dtype: torch.dtype, d: int, tile: tuple, flags: dict,
+                 arch: int | None = None, tag: str = "") -> dict:
+    """One AOT entry of ``kernel`` ("lse" / "grad") with ``tile`` = (BLOCK_M, BLOCK_N,
+    BLOCK_D, num_warps, num_stages) as :func:`row_lse` / :func:`softmax_grad` launch it for
+    ``dtype`` at width ``d`` on a GPU."""
+    bm, bn, bd, warps, stages = tile
+    common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, D_RESIDENT=d <= bd, EMULATE=False,
+                  INPUT_PRECISION="ieee" if dtype != torch.float32 else fp32_default())
+    if kernel == "lse":
+        fn, names = _row_lse_kernel, _LSE_FLAGS
+        pointers = dict(Q=dtype, C=dtype, SCALE=torch.float32, TARGET=torch.int64,
+                        SELF_IDX=torch.int64, MPART=torch.float32, LPART=torch.float32,
+                        PPART=torch.float32)
+        constexprs = {f: bool(flags.get(f, False)) for f in names}
+    else:
+        fn, names = _softmax_grad_kernel, _GRAD_FLAGS
+        pointers = dict(Q=dtype, C=dtype, SCALE=torch.float32, PSCALE=torch.float32,
+                        G=torch.float32, LSE=torch.float32, TARGET=torch.int64,
+                        H=torch.float32, CLSE=torch.float32, CTARGET=torch.int64,
+                        SELF_IDX=torch.int64, CSELF_IDX=torch.int64, OUT=torch.float32)
+        constexprs = {f: bool(flags.get(f, False)) for f in names}
+        constexprs["SCALE_P"] = dtype == torch.float16
+    flag_tag = "".join(f[0] + f.split("_")[-1][:2].lower() for f in names if constexprs[f])
+    tag = ",".join(t for t in (tag, f"{bm}x{bn}x{bd}w{warps}s{stages}", flag_tag) if t)
+    return aot_entry(fn, op=op, dtype=dtype, D=d, pointers=pointers,
+                     constexprs={**constexprs, **common}, tensor_cores=True,
+                     num_warps=warps, num_stages=stages, arch=arch, tag=tag)
+
+
+def fp32_default() -> str:
+    """The fp32 dot precision the launchers use on a GPU (``FASTSSL_FP32_DOT``)."""
+    from ._triton_utils import fp32_dot_precision
+    return fp32_dot_precision()
+
+
+def aot_entries(op: str) -> list:
+    """Every (kernel, configuration, dtype, D) the launchers of ``op`` can compile on sm_80 /
+    sm_90: the flag combinations of ``VARIANTS[op]`` x dtypes x ``SWEEP_D`` x the tile of
+    each (arch, dtype, D) (``"arch"`` set: tiles are picked per arch), plus the two
+    dtype-independent split reductions."""
+    if op not in VARIANTS:
+        raise ValueError(f"unknown op {op!r}; known: {sorted(VARIANTS)}")
+    entries, seen = [], set()
+    for kernel, flags in VARIANTS[op]:
+        for dtype in _DTYPES:
+            for d in SWEEP_D:
+                for arch in (80, 90):
+                    e = kernel_entry(op, kernel, dtype, d, tiles(kernel, dtype, d, arch),
+                                     flags, arch)
+                    if e["name"] not in seen:
+                        seen.add(e["name"])
+                        entries.append(e)
+    entries.append(aot_entry(_lse_combine_kernel, op=op, dtype=torch.float32, D=None,
+                             pointers=dict(MPART=torch.float32, LPART=torch.float32,
+                                           PPART=torch.float32, LSE=torch.float32,
+                                           POS=torch.float32),
+                             constexprs=dict(BLOCK=COMBINE_BLOCK), tensor_cores=False,
+                             num_warps=4, num_stages=1))
+    entries.append(aot_entry(_sum_splits_kernel, op=op, dtype=torch.float32, D=None,
+                             pointers=dict(PART=torch.float32, OUT=torch.float32),
+                             constexprs=dict(BLOCK_R=SUM_BLOCK_R, BLOCK_D=SUM_BLOCK_D),
+                             tensor_cores=False, num_warps=4, num_stages=1))
     return entries

@@ -37,8 +37,13 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result
 def triton_available() -> tuple[bool, str | None]:
+    return _triton_available()
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_available() -> tuple[bool, str | None]:
     try:
         import triton  # noqa: F401
         return True, None

@@ -58,6 +58,9 @@ def has_op(name: str) -> bool:
         return False
 
 
+# Constant for a process (registrations happen at import): torch.compile folds the answer
+# instead of tracing into the dispatcher query (a graph break).
+@torch.compiler.assume_constant_result
 def has_kernel(name: str, dispatch_key: str) -> bool:
     """True when ``torch.ops.fastssl.<name>`` has a kernel for ``dispatch_key`` (``"CPU"``,
     ``"CUDA"``): the CUDA C++ kernels exist only in builds with CUDA."""

@@ -108,8 +108,10 @@ def test_package_and_triton_path_without_the_extension(tmp_path):
 
 class _NoHostSync(TorchFunctionMode):
     """Fails on any read of a tensor's value on the host (a device sync on CUDA) made by
-    fastssl's code; the Triton interpreter's own copies of kernel arguments are exempt (on a
-    GPU the launch passes pointers)."""
+    fastssl's code. Exempt: the Triton interpreter's own copies of kernel arguments (on a GPU
+    the launch passes pointers), and ``_validate``, which reads a temperature on the host only
+    when it is a CPU tensor in eager mode (no device sync; CUDA tensors and compiled code get
+    ``torch._assert_async`` there, tested in test_fuzz / test_ntxent)."""
 
     SYNCS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__,
              torch.Tensor.__int__, torch.Tensor.__bool__, torch.Tensor.__index__,
@@ -121,7 +123,7 @@ class _NoHostSync(TorchFunctionMode):
             while frame is not None and "/torch/" in frame.f_code.co_filename:
                 frame = frame.f_back
             where = frame.f_code.co_filename if frame is not None else "?"
-            if "/triton/" not in where:
+            if "/triton/" not in where and not where.endswith("fastssl/_validate.py"):
                 raise AssertionError(f"host sync {func.__name__} at {where}:{frame.f_lineno}")
         return func(*args, **(kwargs or {}))
 
@@ -139,27 +141,27 @@ def test_no_host_sync_on_a_loss_path(name):
     assert torch.isfinite(loss)
 
 
-def _step(loss_fn, backend):
-    def step(*xs):
-        loss = loss_fn(*xs, backend)
-        loss.backward()
-        return loss.detach()
-    return step
+def _loss_only(loss_fn, backend):
+    return lambda *xs: loss_fn(*xs, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(_loss_calls()))
 def test_compile_fullgraph_training_step(name, backend):
-    """forward + backward of each loss compiles as one graph (no graph break: the ops and
-    their fakes and autograd trace), and gives the eager values and gradients."""
+    """The loss compiles as one graph (fullgraph: no graph break -- the ops, their fakes and the
+    scalar handling trace) and AOTAutograd compiles its backward from the one autograd
+    registration; values and gradients equal eager's. (Dynamo does not trace
+    ``Tensor.backward()`` itself: a compiled training step calls it on the compiled loss.)"""
     torch._dynamo.reset()
     make, loss_fn = _loss_calls()[name]
     xs = make()
     xs2 = [x.detach().clone().requires_grad_(x.requires_grad) for x in xs]
     with kernels(backend):
-        eager = _step(loss_fn, backend)(*xs)
-        compiled = torch.compile(_step(loss_fn, backend), fullgraph=True,
+        eager = loss_fn(*xs, backend)
+        eager.backward()
+        compiled = torch.compile(_loss_only(loss_fn, backend), fullgraph=True,
                                  backend="aot_eager")(*xs2)
+        compiled.backward()
     torch.testing.assert_close(compiled, eager)
     for a, b in zip(xs, xs2):
         if a.requires_grad:
@@ -170,10 +172,14 @@ def test_compile_fullgraph_training_step(name, backend):
 def test_compile_inductor_nt_xent():
     torch._dynamo.reset()
     z1, z2 = torch.randn(6, 9, requires_grad=True), torch.randn(6, 9, requires_grad=True)
-    step = torch.compile(_step(lambda a, b, be: fastssl.nt_xent(a, b, 0.2, backend=be), "cpp"),
-                         fullgraph=True)
-    torch.testing.assert_close(step(z1, z2), reference.nt_xent(z1, z2, 0.2).detach(),
-                               rtol=1e-5, atol=1e-6)
+    loss = torch.compile(lambda a, b: fastssl.nt_xent(a, b, 0.2, backend="cpp"),
+                         fullgraph=True)(z1, z2)
+    loss.backward()
+    a, b = z1.detach().requires_grad_(), z2.detach().requires_grad_()
+    want = reference.nt_xent(a, b, 0.2)
+    want.backward()
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(z1.grad, a.grad, rtol=1e-4, atol=1e-6)
 
 
 def _op_cases():

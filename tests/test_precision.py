@@ -21,7 +21,7 @@ def _grads(fn, xs, dtype, backend):
     leaves = [x.detach().to(dtype).requires_grad_(x.requires_grad) if x.is_floating_point()
               else x for x in xs]
     with kernels(backend):
-        loss = fn(*leaves, backend)
+        loss = fn(*leaves, be=backend)
         wrt = [x for x in leaves if x.requires_grad]
         return [loss.detach()] + list(torch.autograd.grad(loss, wrt))
 
@@ -58,9 +58,11 @@ def test_clip_confident_pairs(dtype):
 def test_info_nce_confident_pairs(dtype, queue):
     q = torch.randn(37, 64, dtype=torch.float64)
     k = q + 0.3 * torch.randn(37, 64, dtype=torch.float64)
-    u = torch.randn(50, 64, dtype=torch.float64) if queue else None
-    _check("info_nce", lambda a, b, be: fastssl.info_nce(a, b, u, 0.05, backend=be),
-           [q.requires_grad_(), k.requires_grad_()], dtype)
+    xs = [q.requires_grad_(), k.requires_grad_()]
+    if queue:  # a float input without gradient: cast to the test dtype with the others
+        xs.append(torch.randn(50, 64, dtype=torch.float64))
+    _check("info_nce", lambda a, b, *u, be: fastssl.info_nce(a, b, *(u or [None]), 0.05,
+                                                             backend=be), xs, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -17,3 +17,18 @@ import pytest  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _triton_kernels_on_cpu(request):
+    """A test parametrized with ``backend="triton"`` runs on CPU tensors: inside it, the ops'
+    Triton kernels replace the C++ ones on the CPU key (``fastssl._dispatch.triton_on_cpu``,
+    the interpreter), for its forward, backward and any torch.compile alike."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is None or callspec.params.get("backend") != "triton" \
+            or torch.cuda.is_available():
+        yield
+        return
+    from fastssl import _dispatch
+    with _dispatch.triton_on_cpu():
+        yield

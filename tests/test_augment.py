@@ -105,11 +105,14 @@ def test_normalize_and_cast(backend, out_dtype):
 
 
 @needs_cpp
-def test_cpp_opcheck():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    """One schema, two kernels: opcheck on the C++ kernel and on the Triton kernel (the
+    conftest fixture puts the latter on the CPU key for backend="triton")."""
     x = _images("uint8", 3)
     p = sample_params(3, (19, 23), 11, "byol", 0, _gen(4))
-    from fastssl.cpp import augment as cpp_augment
-    crop, flags, factors, order, taps = cpp_augment.pack_params(p)
+    from fastssl.ops import augment as ops_augment
+    crop, flags, factors, order, taps = ops_augment.pack_params(p)
     torch.library.opcheck(torch.ops.fastssl.ssl_augment,
                           (list(x.unbind(0)), crop, flags, factors, order, taps, 0.5,
                            torch.zeros(3), torch.ones(3), 11, torch.float32))

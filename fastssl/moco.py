@@ -327,7 +327,6 @@ class MoCoQueue(nn.Module):
         self._resolve()
         return out
 
-    @torch.no_grad()
     def enqueue(self, keys: torch.Tensor, *, gather: bool = False) -> None:
         """Writes ``keys`` at the write pointer and advances it, in place, on the device.
 
@@ -346,8 +345,21 @@ class MoCoQueue(nn.Module):
                 ``RuntimeError``: see ``fastssl._validate.queue_ptr``).
         """
         _validate.queue_keys(keys, self.dim, self.buffer.device)
-        _validate.queue_ptr(self.ptr, self.size, self.buffer.device)
-        keys = keys.detach()
+        be = self._backend
+        # The C++ kernel checks the pointer itself (it reads it on the host anyway): in eager
+        # mode the Python check runs only on its failure, to raise the same ValueError as the
+        # other backends, so the normal path costs nothing extra. The Triton and CUDA kernels
+        # trust the pointer (a corrupted one writes out of bounds) and the reference would
+        # wrap it silently: checked first, without a host sync on CUDA. The check runs before
+        # the no_grad region: under torch.compile an error raised inside a traced no_grad
+        # region leaves grad mode disabled (torch 2.13).
+        cpp_checks = be == "cpp" and not _validate._is_compiling()
+        if not cpp_checks and keys.shape[0] > 0:
+            _validate.queue_ptr(self.ptr, self.size, self.buffer.device)
+        with torch.no_grad():
+            self._enqueue(keys.detach(), gather, cpp_checks)
+
+    def _enqueue(self, keys: torch.Tensor, gather: bool, cpp_checks: bool) -> None:
         if gather:
             keys = distributed.gather_no_grad(keys, what="MoCoQueue.enqueue")
         if keys.dtype != self.buffer.dtype:
@@ -355,7 +367,13 @@ class MoCoQueue(nn.Module):
         if keys.shape[0] == 0:
             return
         be = self._backend
-        if be in ("cpp", "cuda"):
+        if cpp_checks:
+            try:
+                torch.ops.fastssl.moco_enqueue_(self.buffer, self.ptr, self._counter, keys)
+            except RuntimeError:
+                _validate.queue_ptr(self.ptr, self.size, self.buffer.device)
+                raise
+        elif be in ("cpp", "cuda"):
             torch.ops.fastssl.moco_enqueue_(self.buffer, self.ptr, self._counter, keys)
         elif be == "triton":
             torch.ops.fastssl.moco_enqueue_triton_(self.buffer, self.ptr, self._counter, keys)

@@ -479,3 +479,14 @@ def test_queue_ptr_check_under_compile():
     q.ptr.fill_(9)
     with pytest.raises(RuntimeError, match="MoCoQueue.ptr is outside"):
         f(torch.ones(2, 4))
+
+
+def test_queue_ptr_error_under_compile_leaves_grad_mode_on():
+    # The check runs before enqueue's no_grad region: a traced no_grad region that raises
+    # would leave grad mode disabled for the rest of the process.
+    q = fastssl.MoCoQueue(4, 5, init="zeros", backend="reference")
+    f = torch.compile(q.enqueue, fullgraph=True, backend="eager")
+    q.ptr.fill_(9)
+    with pytest.raises(RuntimeError, match="MoCoQueue.ptr is outside"):
+        f(torch.ones(2, 4))
+    assert torch.is_grad_enabled()

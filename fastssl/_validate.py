@@ -111,6 +111,12 @@ def positive_scalar(name: str, value, device: torch.device) -> torch.Tensor:
         elif value.device.type != "meta":
             _value_check_async(name, value)
         return value.reshape(())
+    if _is_compiling():
+        # A float argument of a compiled function may be symbolic (dynamo makes it dynamic
+        # once it changes between calls): no Python value to test, so the tensor is checked.
+        t = torch.tensor(value, dtype=torch.float64)
+        _value_check_async(name, t)
+        return t
     v = float(value)
     if not (math.isfinite(v) and v > 0):
         raise ValueError(f"{name} must be > 0 and finite, got {v}")

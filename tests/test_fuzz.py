@@ -892,6 +892,23 @@ def test_compiled_tensor_temperature_is_checked_inductor():
         f(x, y, torch.tensor(-0.5))
 
 
+def test_compiled_python_float_temperature_that_changes():
+    """A float argument of a compiled function becomes symbolic once it changes between calls
+    (dynamo's automatic dynamic shapes): fullgraph must still hold, values stay right, and a
+    bad value still raises (before: a graph break on math.isfinite of a SymFloat)."""
+    torch._dynamo.reset()
+    x, y = torch.randn(6, 5), torch.randn(6, 5)
+    backend = BACKENDS[0]
+    fastssl.nt_xent(x, y, 0.5, backend=backend)
+    f = torch.compile(lambda a, b, t: fastssl.nt_xent(a, b, t, backend=backend),
+                      fullgraph=True, backend="eager")
+    for t in (0.5, 0.25, 0.3):
+        torch.testing.assert_close(f(x, y, t), fastssl.nt_xent(x, y, t, backend=backend))
+    for bad in (-0.5, math.nan, 0.0):
+        with pytest.raises(RuntimeError, match="temperature must be > 0 and finite"):
+            f(x, y, bad)
+
+
 def test_eager_cpu_tensor_temperature_is_a_value_error():
     with pytest.raises(ValueError, match="temperature must be > 0 and finite, got -0.5"):
         fastssl.nt_xent(torch.randn(3, 4), torch.randn(3, 4), torch.tensor(-0.5))

@@ -6,7 +6,8 @@ nt_xent (plain and decoupled), clip_loss and info_nce's in-batch mode, plus the 
 ranks with unequal batch sizes. The single-process step runs the reference backend, and each
 rank's gathered loss is checked against an fp64 formula of its rows vs the whole batch, so the
 gathered-columns engine is compared with other code, never with itself. (A 1-rank group would
-not help: with world size 1, gather=True takes the plain path by design.) One spawn of two processes runs all of it (~10 s).
+not help: with world size 1, gather=True takes the plain path by design.) One spawn of two
+processes runs all of it (~10 s).
 """
 import copy
 import os

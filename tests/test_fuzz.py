@@ -133,7 +133,8 @@ def _compare(got, want, dtype):
     if got.shape != want.shape:
         return f"shape {tuple(got.shape)} != {tuple(want.shape)}"
     if not torch.equal(torch.isnan(got), torch.isnan(want)):
-        return f"NaN pattern differs: got {got.flatten()[:4].tolist()} want {want.flatten()[:4].tolist()}"
+        return (f"NaN pattern differs: got {got.flatten()[:4].tolist()} "
+                f"want {want.flatten()[:4].tolist()}")
     fin = torch.isfinite(want)
     if not torch.equal(torch.isfinite(got), fin):
         return "inf pattern differs"
@@ -337,7 +338,9 @@ def _nan_cases(seed, backends):
                     x, y = _emb(g, n, d, dtype, "contiguous"), _emb(g, n, d, dtype, "contiguous")
                     which = rng.choice(["x", "y"]) if loss != "supcon" else "x"
                     (x if which == "x" else y)[rng.randrange(n), rng.randrange(d)] = bad
-                    kw = {"labels": torch.tensor([0, 0] + [1] * (n - 2))} if loss == "supcon" else {}
+                    kw = {}
+                    if loss == "supcon":
+                        kw["labels"] = torch.tensor([0, 0] + [1] * (n - 2))
                     if loss == "info_nce_queue":
                         kw["queue"] = _emb(g, 3, d, dtype, "contiguous")
                     t = 3.0 if loss == "clip_loss" else 0.2
@@ -414,7 +417,8 @@ def _bad_loss_cases(backends):
             # the second embedding argument
             add("y-shape", good, y[:, :5], 0.5, ValueError, f"{a} and {b} must have the same shape")
             add("y-rows", good, y[:3], 0.5, ValueError, f"{a} and {b} must have the same shape")
-            add("y-dtype", good, y.double(), 0.5, TypeError, f"{a} and {b} must have the same dtype")
+            add("y-dtype", good, y.double(), 0.5,
+                TypeError, f"{a} and {b} must have the same dtype")
             add("y-bf16", good, y.bfloat16(), 0.5, TypeError, "same dtype")
             add("y-meta", good, y.to("meta"), 0.5, ValueError, "same device")
             add("y-none", good, None, 0.5, TypeError, f"{b} must be a torch.Tensor")
@@ -502,21 +506,31 @@ def test_fuzz_loss_modules():
         cases += _module_cases(i, backend, x, y, t, lab, queue)
     bad_ctor = [
         ("NTXentLoss-t-neg", lambda: fastssl.NTXentLoss(temperature=-1), ValueError, "temperature"),
-        ("NTXentLoss-t-zero", lambda: fastssl.NTXentLoss(temperature=0.0), ValueError, "temperature"),
-        ("NTXentLoss-t-nan", lambda: fastssl.NTXentLoss(temperature=math.nan), ValueError, "temperature"),
-        ("NTXentLoss-t-str", lambda: fastssl.NTXentLoss(temperature="0.1"), TypeError, "temperature"),
+        ("NTXentLoss-t-zero", lambda: fastssl.NTXentLoss(temperature=0.0),
+         ValueError, "temperature"),
+        ("NTXentLoss-t-nan", lambda: fastssl.NTXentLoss(temperature=math.nan),
+         ValueError, "temperature"),
+        ("NTXentLoss-t-str", lambda: fastssl.NTXentLoss(temperature="0.1"),
+         TypeError, "temperature"),
         ("NTXentLoss-t-param-neg", lambda: fastssl.NTXentLoss(
             temperature=torch.nn.Parameter(torch.tensor(-0.1))), ValueError, "temperature"),
-        ("NTXentLoss-reduction", lambda: fastssl.NTXentLoss(reduction="avg"), ValueError, "reduction"),
+        ("NTXentLoss-reduction", lambda: fastssl.NTXentLoss(reduction="avg"),
+         ValueError, "reduction"),
         ("NTXentLoss-backend", lambda: fastssl.NTXentLoss(backend="gpu"), ValueError, "backend"),
-        ("InfoNCELoss-t-neg", lambda: fastssl.InfoNCELoss(temperature=-0.07), ValueError, "temperature"),
-        ("InfoNCELoss-t-inf", lambda: fastssl.InfoNCELoss(temperature=math.inf), ValueError, "temperature"),
+        ("InfoNCELoss-t-neg", lambda: fastssl.InfoNCELoss(temperature=-0.07),
+         ValueError, "temperature"),
+        ("InfoNCELoss-t-inf", lambda: fastssl.InfoNCELoss(temperature=math.inf),
+         ValueError, "temperature"),
         ("SupConLoss-t-neg", lambda: fastssl.SupConLoss(temperature=-1), ValueError, "temperature"),
         ("SupConLoss-backend", lambda: fastssl.SupConLoss(backend="x"), ValueError, "backend"),
-        ("CLIPLoss-init-0", lambda: fastssl.CLIPLoss(init_temperature=0), ValueError, "init_temperature"),
-        ("CLIPLoss-init-neg", lambda: fastssl.CLIPLoss(init_temperature=-1), ValueError, "init_temperature"),
-        ("CLIPLoss-init-nan", lambda: fastssl.CLIPLoss(init_temperature=math.nan), ValueError, "init_temperature"),
-        ("CLIPLoss-init-str", lambda: fastssl.CLIPLoss(init_temperature="0.07"), TypeError, "init_temperature"),
+        ("CLIPLoss-init-0", lambda: fastssl.CLIPLoss(init_temperature=0),
+         ValueError, "init_temperature"),
+        ("CLIPLoss-init-neg", lambda: fastssl.CLIPLoss(init_temperature=-1),
+         ValueError, "init_temperature"),
+        ("CLIPLoss-init-nan", lambda: fastssl.CLIPLoss(init_temperature=math.nan),
+         ValueError, "init_temperature"),
+        ("CLIPLoss-init-str", lambda: fastssl.CLIPLoss(init_temperature="0.07"),
+         TypeError, "init_temperature"),
         ("CLIPLoss-max-0", lambda: fastssl.CLIPLoss(max_scale=0), ValueError, "max_scale"),
         ("CLIPLoss-max-neg", lambda: fastssl.CLIPLoss(max_scale=-5.0), ValueError, "max_scale"),
         ("CLIPLoss-max-nan", lambda: fastssl.CLIPLoss(max_scale=math.nan), ValueError, "max_scale"),
@@ -648,15 +662,19 @@ def test_fuzz_moco_queue():
                  "keys must be a torch.Tensor"),
                 ("keys-meta", lambda: mk().enqueue(torch.zeros(2, 4, device="meta")), ValueError,
                  "keys are on meta"),
-                ("ptr-7", lambda: _with_ptr(mk(), 7), ValueError, r"ptr = 7 is outside \[0, size = 5\)"),
+                ("ptr-7", lambda: _with_ptr(mk(), 7),
+                 ValueError, r"ptr = 7 is outside \[0, size = 5\)"),
                 ("ptr-neg", lambda: _with_ptr(mk(), -3), ValueError, "ptr = -3 is outside"),
                 ("ptr-float", lambda: _set_ptr(mk(), torch.tensor(1.0)), ValueError, "0-dim int64"),
                 ("ptr-1d", lambda: _set_ptr(mk(), torch.tensor([1])), ValueError, "0-dim int64"),
-                ("dim-0", lambda: fastssl.MoCoQueue(0, 5, backend=backend), ValueError, "dim must be >= 1"),
-                ("size-float", lambda: fastssl.MoCoQueue(4, 5.0, backend=backend), TypeError, "size must be an int"),
+                ("dim-0", lambda: fastssl.MoCoQueue(0, 5, backend=backend),
+                 ValueError, "dim must be >= 1"),
+                ("size-float", lambda: fastssl.MoCoQueue(4, 5.0, backend=backend),
+                 TypeError, "size must be an int"),
                 ("dtype-int", lambda: fastssl.MoCoQueue(4, 5, dtype=torch.int32, backend=backend),
                  TypeError, "dtype must be a floating"),
-                ("init", lambda: fastssl.MoCoQueue(4, 5, init="ones", backend=backend), ValueError, "init must be")]:
+                ("init", lambda: fastssl.MoCoQueue(4, 5, init="ones", backend=backend),
+                 ValueError, "init must be")]:
             cases.append(err(f"queue-bad-{backend}-{what}", fn, exc, match))
     assert _report(cases) >= 80
 
@@ -697,18 +715,23 @@ def test_fuzz_momentum_encoder_and_schedule():
                         torch.cat([w.reshape(-1) for w in want]))
             cases.append(ok(f"encoder-{mode}-m{m}", fn, torch.float32))
     for what, fn, exc, match in [
-            ("not-module", lambda: fastssl.MomentumEncoder([torch.zeros(2)]), TypeError, "nn.Module"),
-            ("buffers-bad", lambda: fastssl.MomentumEncoder(net, buffers="mean"), ValueError, "buffers"),
+            ("not-module", lambda: fastssl.MomentumEncoder([torch.zeros(2)]),
+             TypeError, "nn.Module"),
+            ("buffers-bad", lambda: fastssl.MomentumEncoder(net, buffers="mean"),
+             ValueError, "buffers"),
             ("buffers-int", lambda: fastssl.MomentumEncoder(net, buffers=2), TypeError, "buffers"),
             ("backend", lambda: fastssl.MomentumEncoder(net, backend="gpu"), ValueError, "backend"),
             ("update-momentum", lambda: fastssl.MomentumEncoder(net).update(net, 2.0), ValueError,
              "momentum must be in"),
             ("update-other-net", lambda: fastssl.MomentumEncoder(net).update(
                 torch.nn.Linear(3, 4), 0.9), ValueError, "same parameters|same buffers"),
-            ("schedule-step", lambda: fastssl.momentum_schedule(11, 10), ValueError, "step must be in"),
+            ("schedule-step", lambda: fastssl.momentum_schedule(11, 10),
+             ValueError, "step must be in"),
             ("schedule-total", lambda: fastssl.momentum_schedule(0, 0), ValueError, "total_steps"),
-            ("schedule-float", lambda: fastssl.momentum_schedule(0.5, 10), TypeError, "step must be an int"),
-            ("schedule-base", lambda: fastssl.momentum_schedule(1, 10, base=-1.0), ValueError, "momentum")]:
+            ("schedule-float", lambda: fastssl.momentum_schedule(0.5, 10),
+             TypeError, "step must be an int"),
+            ("schedule-base", lambda: fastssl.momentum_schedule(1, 10, base=-1.0),
+             ValueError, "momentum")]:
         cases.append(err(f"encoder-bad-{what}", fn, exc, match))
     for k in (0, 1, 5, 10):
         want = 1.0 - (1.0 - 0.9) * (math.cos(math.pi * k / 10) + 1) / 2
@@ -734,7 +757,8 @@ def test_fuzz_reference_functions():
                  lambda: truth_nt_xent(x, y, t, reduction="none")),
                 ("info_nce", lambda: reference.info_nce(x, y, q, t),
                  lambda: truth_info_nce(x, y, q, t)),
-                ("clip_loss", lambda: reference.clip_loss(x, y, 1 / t), lambda: truth_clip(x, y, 1 / t)),
+                ("clip_loss", lambda: reference.clip_loss(x, y, 1 / t),
+                 lambda: truth_clip(x, y, 1 / t)),
                 ("supcon", lambda: reference.supcon(x, lab, t), lambda: truth_supcon(x, lab, t))]:
             cases.append(ok(f"reference-{name}-n{n}-d{d}-#{i}",
                             lambda got=got, want=want: (got(), want()), F64))
@@ -746,7 +770,8 @@ def _identity(b, h, w, flip=False):
     return AugmentParams(
         crop=torch.tensor([[0, 0, h, w]] * b), flip=torch.full((b,), flip), jitter=off,
         factors=torch.tensor([[1.0, 1.0, 1.0, 0.0]] * b), order=torch.tensor([[0, 1, 2, 3]] * b),
-        gray=off, blur=off, sigma=torch.ones(b), taps=augment.gaussian_taps(torch.ones(b), min(3, 2 * h - 1)),
+        gray=off, blur=off, sigma=torch.ones(b),
+        taps=augment.gaussian_taps(torch.ones(b), min(3, 2 * h - 1)),
         solarize=off, solarize_threshold=0.5, in_sizes=[(h, w)] * b)
 
 
@@ -776,37 +801,46 @@ def test_fuzz_augment():
     x = torch.zeros(2, 3, 9, 9, dtype=torch.uint8)
     p = sample_params(2, (9, 9), 4, generator=torch.Generator().manual_seed(0))
     bad = [
-        ("recipe-frac-inf", lambda: AugmentRecipe(blur_kernel_frac=math.inf), ValueError, "blur_kernel_frac"),
+        ("recipe-frac-inf", lambda: AugmentRecipe(blur_kernel_frac=math.inf),
+         ValueError, "blur_kernel_frac"),
         ("recipe-hue", lambda: AugmentRecipe(hue=0.7), ValueError, "hue"),
         ("recipe-hue-nan", lambda: AugmentRecipe(hue=math.nan), ValueError, "hue"),
         ("recipe-flip-p", lambda: AugmentRecipe(flip_p=1.5), ValueError, "flip_p"),
         ("recipe-contrast-neg", lambda: AugmentRecipe(contrast=-0.1), ValueError, "contrast"),
-        ("recipe-saturation-inf", lambda: AugmentRecipe(saturation=math.inf), ValueError, "saturation"),
-        ("recipe-scale-order", lambda: AugmentRecipe(crop_scale=(0.9, 0.1)), ValueError, "crop_scale"),
-        ("recipe-scale-3", lambda: AugmentRecipe(crop_scale=(0.1, 0.5, 0.9)), ValueError, "crop_scale"),
+        ("recipe-saturation-inf", lambda: AugmentRecipe(saturation=math.inf),
+         ValueError, "saturation"),
+        ("recipe-scale-order", lambda: AugmentRecipe(crop_scale=(0.9, 0.1)),
+         ValueError, "crop_scale"),
+        ("recipe-scale-3", lambda: AugmentRecipe(crop_scale=(0.1, 0.5, 0.9)),
+         ValueError, "crop_scale"),
         ("recipe-ratio-0", lambda: AugmentRecipe(crop_ratio=(0.0, 1.0)), ValueError, "crop_ratio"),
         ("recipe-sigma-str", lambda: AugmentRecipe(blur_sigma=("a", 1.0)), TypeError, "blur_sigma"),
         ("recipe-bool", lambda: AugmentRecipe(gray_p=True), TypeError, "gray_p"),
         ("sample-in-size-1", lambda: sample_params(2, (8,), 4), ValueError, "in_size"),
         ("sample-in-size-int", lambda: sample_params(2, 8, 4), TypeError, "in_size"),
         ("sample-in-size-0", lambda: sample_params(2, (0, 8), 4), ValueError, "H, W >= 1"),
-        ("sample-in-size-float", lambda: sample_params(2, (8.0, 8.0), 4), ValueError, "in_size|H, W"),
+        ("sample-in-size-float", lambda: sample_params(2, (8.0, 8.0), 4),
+         ValueError, "in_size|H, W"),
         ("sample-batch-0", lambda: sample_params(0, (8, 8), 4), ValueError, "batch_size"),
         ("sample-out-float", lambda: sample_params(2, (8, 8), 4.0), TypeError, "out_size"),
-        ("sample-generator-int", lambda: sample_params(2, (8, 8), 4, generator=0), TypeError, "generator"),
-        ("sample-strength-neg", lambda: sample_params(2, (8, 8), 4, strength=-1.0), ValueError, "strength"),
+        ("sample-generator-int", lambda: sample_params(2, (8, 8), 4, generator=0),
+         TypeError, "generator"),
+        ("sample-strength-neg", lambda: sample_params(2, (8, 8), 4, strength=-1.0),
+         ValueError, "strength"),
         ("sample-recipe-int", lambda: sample_params(2, (8, 8), 4, recipe=3), TypeError, "recipe"),
         ("ssl-generator-int", lambda: SSLAugment(8, generator=0), TypeError, "generator"),
         ("ssl-out-0", lambda: SSLAugment(0), ValueError, "out_size"),
         ("ssl-dtype", lambda: SSLAugment(8, out_dtype=torch.int8), TypeError, "out_dtype"),
         ("ssl-backend", lambda: SSLAugment(8, backend="gpu"), ValueError, "backend"),
-        ("ssl-mean-nan", lambda: SSLAugment(8, mean=(math.nan, 0, 0)), ValueError, "mean must be finite"),
+        ("ssl-mean-nan", lambda: SSLAugment(8, mean=(math.nan, 0, 0)),
+         ValueError, "mean must be finite"),
         ("ssl-std-zero", lambda: SSLAugment(8, std=(1, 0, 1)), ValueError, "std"),
         ("ssl-meta", lambda: SSLAugment(4)(x.to("meta")), ValueError, "meta"),
         ("apply-meta", lambda: augment.apply(x.to("meta"), p, 4), ValueError, "meta"),
         ("apply-int32", lambda: augment.apply(x.int(), p, 4), TypeError, "uint8"),
         ("apply-2ch", lambda: augment.apply(x[:, :2], p, 4), ValueError, "3 \\(RGB\\)"),
-        ("apply-params", lambda: augment.apply(x, "p", 4), TypeError, "params must be AugmentParams"),
+        ("apply-params", lambda: augment.apply(x, "p", 4),
+         TypeError, "params must be AugmentParams"),
         ("apply-batch", lambda: augment.apply(x[:1], p, 4), ValueError, "drawn for 2 images"),
         ("apply-small", lambda: augment.apply(x[:, :, :2, :2], p, 4), ValueError, "does not fit"),
         ("apply-empty-image", lambda: augment.apply([torch.zeros(3, 0, 4, dtype=torch.uint8)] * 2,
@@ -920,7 +954,9 @@ def test_meta_tensors_propagate_shapes(loss):
     or a meta temperature; the value check needs a value, so a meta temperature skips it."""
     x = torch.empty(4, 6, device="meta")
     for t in (0.5, torch.tensor(0.5), torch.tensor(0.5, device="meta")):
-        kw = {"labels": torch.zeros(4, dtype=torch.int64, device="meta")} if loss == "supcon" else {}
+        kw = {}
+        if loss == "supcon":
+            kw["labels"] = torch.zeros(4, dtype=torch.int64, device="meta")
         if loss == "info_nce_queue":
             kw["queue"] = torch.empty(9, 6, device="meta")
         out = _call(loss, "auto", x, x, t, **kw)

@@ -3,7 +3,8 @@
     python -m pytest benchmarks/bench_moco.py --benchmark-only --benchmark-group-by=param:size
 
 Providers of one group run on identical inputs (the OpBench specs of fastssl/bench); the
-torch.compile warm-up happens in untimed rounds.
+torch.compile warm-up happens in untimed rounds. Every timed enqueue wraps around the end of
+the queue (fastssl/bench/op_queue.py resets the pointer before each call).
 """
 from __future__ import annotations
 

@@ -59,12 +59,38 @@ def same_device_dtype(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> 
                             f"{first.dtype} and {t.dtype}")
 
 
+def _value_check_async(name: str, value: torch.Tensor) -> None:
+    """``value > 0`` and finite, checked without reading the value on the host.
+
+    Why ``torch._assert_async`` and not ``torch._check``: ``torch._check`` takes a Python
+    bool (a tensor condition raises TypeError; ``torch._check_tensor_all`` calls ``.item()``,
+    a host sync, and under ``torch.compile`` an unbacked symbol with an unreadable message),
+    whereas ``_assert_async`` is an op that dynamo traces with no graph break and inductor
+    keeps: the compiled graph raises ``RuntimeError(<message>)`` on CPU. On CUDA it is a
+    device-side assertion: no host sync; a bad value stops the process at the next sync
+    (``device-side assert triggered``) instead of training on a wrong loss.
+    """
+    v = value.detach()
+    torch._assert_async((v > 0) & (v < math.inf),  # NaN fails both comparisons
+                        f"{name} must be > 0 and finite")
+
+
 def positive_scalar(name: str, value, device: torch.device) -> torch.Tensor:
     """A float or a one-element floating tensor, > 0 and finite; returned as a 0-dim tensor
     (the caller's tensor itself when it is one, so its gradient flows).
 
-    The value check reads a tensor's value on the host (a sync on CUDA); it is skipped while
-    ``torch.compile`` traces, where the value is not known.
+    A Python number becomes a float64 0-dim tensor: exact (a Python float is a double), so
+    float64 inputs get float64 results with no fp32 rounding of the temperature; the fused
+    kernels read fp32 (:func:`scale_tensor`), and a 0-dim tensor never widens the dtype of
+    the (N, D) operands it is combined with.
+
+    How a tensor's value is checked (never skipped):
+
+    * CPU tensor, eager: read on the host (no device sync) -> ``ValueError``.
+    * under ``torch.compile`` (any device), or a CUDA tensor in eager mode:
+      ``torch._assert_async`` (see :func:`_value_check_async`): no graph break, no host sync;
+      ``RuntimeError`` naming the argument.
+    * meta tensor: nothing to read (shape propagation only), so no value check.
     """
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
         raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
@@ -76,15 +102,46 @@ def positive_scalar(name: str, value, device: torch.device) -> torch.Tensor:
             raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
         if value.device != device and value.device.type != "cpu":
             raise ValueError(f"{name} is on {value.device} but the embeddings are on {device}")
-        if not _is_compiling():
+        if _is_compiling():
+            _value_check_async(name, value)
+        elif value.device.type == "cpu":
             v = float(value.detach())
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be > 0 and finite, got {v}")
+        elif value.device.type != "meta":
+            _value_check_async(name, value)
         return value.reshape(())
+    if _is_compiling():
+        # A float argument of a compiled function may be symbolic (dynamo makes it dynamic
+        # once it changes between calls): no Python value to test, so the tensor is checked.
+        t = torch.tensor(value, dtype=torch.float64)
+        _value_check_async(name, t)
+        return t
     v = float(value)
     if not (math.isfinite(v) and v > 0):
         raise ValueError(f"{name} must be > 0 and finite, got {v}")
-    return torch.tensor(v, dtype=torch.float32)
+    return torch.tensor(v, dtype=torch.float64)
+
+
+def positive_number(name: str, value, *, allow_inf: bool = False) -> None:
+    """Construction-time check of a temperature-like argument (a module's ``__init__``):
+    a number or a one-element floating tensor, > 0 and finite (``allow_inf``: or +inf).
+    A tensor is read once on the host (not a hot path); meta tensors have no value."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must have exactly one element, got shape "
+                             f"{tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        if value.device.type == "meta":
+            return
+        value = value.detach().item()
+    v = float(value)
+    if not (v > 0 and (math.isfinite(v) or (allow_inf and v == math.inf))):
+        raise ValueError(f"{name} must be > 0 and {'not NaN' if allow_inf else 'finite'}, "
+                         f"got {v}")
 
 
 def reduction(value: str) -> str:
@@ -186,6 +243,32 @@ def queue_keys(keys, dim: int, device: torch.device) -> torch.Tensor:
     return keys
 
 
+def queue_ptr(ptr, size: int, device: torch.device) -> None:
+    """``MoCoQueue.ptr``: a 0-dim int64 tensor on the queue's device, in [0, size).
+
+    The same check on every backend, so a corrupted pointer (assigned by hand, or a buffer
+    restored without ``load_state_dict``) never wraps silently. The value is read on the host
+    only for an eager CPU pointer; on CUDA and under ``torch.compile`` it is a
+    ``torch._assert_async`` (no host sync, no graph break; see :func:`_value_check_async`).
+    """
+    if not isinstance(ptr, torch.Tensor):
+        raise TypeError(f"MoCoQueue.ptr must be a torch.Tensor, got {type(ptr).__name__}")
+    if ptr.dim() != 0 or ptr.dtype != torch.int64:
+        raise ValueError(f"MoCoQueue.ptr must be a 0-dim int64 tensor, got {ptr.dtype} of "
+                         f"shape {tuple(ptr.shape)}")
+    if ptr.device != device:
+        raise ValueError(f"MoCoQueue.ptr is on {ptr.device} but the queue is on {device}")
+    if ptr.device.type == "cpu" and not _is_compiling():
+        p = int(ptr)
+        if not 0 <= p < size:
+            raise ValueError(f"MoCoQueue.ptr = {p} is outside [0, size = {size}): the queue "
+                             "state is corrupted")
+    elif ptr.device.type != "meta":
+        torch._assert_async((ptr >= 0) & (ptr < size),
+                            f"MoCoQueue.ptr is outside [0, size = {size}): the queue state is "
+                            "corrupted")
+
+
 def positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -224,10 +307,13 @@ def queue(name: str, t, like: torch.Tensor, like_name: str) -> torch.Tensor:
     return t
 
 
-def scale_tensor(value: torch.Tensor, device: torch.device, *,
-                 invert: bool = False) -> torch.Tensor:
-    """A validated 0-dim scalar as the fp32 0-dim tensor the C++ kernels read: the logit
-    multiplier (``1 / value`` with ``invert``, for a temperature), computed in fp32 so that a
-    low-precision learnable temperature keeps an fp32-accurate gradient chain."""
-    v = value.to(device=device, dtype=torch.float32).reshape(())
+def scale_tensor(value: torch.Tensor, device: torch.device, *, invert: bool = False,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A validated 0-dim scalar as the 0-dim tensor the kernels read: the logit multiplier
+    (``1 / value`` with ``invert``, for a temperature), computed in fp32 so that a
+    low-precision learnable temperature keeps an fp32-accurate gradient chain. With
+    ``dtype=torch.float64`` (float64 inputs) it stays float64: rounding it to fp32 would put
+    a 6e-8 relative error into every fp64 logit."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    v = value.to(device=device, dtype=compute).reshape(())
     return 1.0 / v if invert else v

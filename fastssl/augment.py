@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -87,9 +88,20 @@ class AugmentRecipe:
     solarize_threshold: float = 0.5
 
     def __post_init__(self):
+        def number(name, v):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise TypeError(f"AugmentRecipe.{name} must be a number, got "
+                                f"{type(v).__name__}")
+            if not math.isfinite(v):
+                raise ValueError(f"AugmentRecipe.{name} must be finite, got {v!r}")
+
         def pair(name, lo_min=0.0):
             v = getattr(self, name)
-            if len(v) != 2 or not (lo_min <= v[0] <= v[1]) or not all(map(math.isfinite, v)):
+            if not isinstance(v, (tuple, list)) or len(v) != 2:
+                raise ValueError(f"AugmentRecipe.{name} must be a (min, max) pair, got {v!r}")
+            for x in v:
+                number(name, x)
+            if not (lo_min <= v[0] <= v[1]):
                 raise ValueError(f"AugmentRecipe.{name} must be (min, max) with "
                                  f"{lo_min} <= min <= max, got {v!r}")
         pair("crop_scale")
@@ -101,15 +113,22 @@ class AugmentRecipe:
         for name in ("flip_p", "jitter_p", "gray_p", "blur_p", "solarize_p",
                      "solarize_threshold"):
             v = getattr(self, name)
+            number(name, v)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"AugmentRecipe.{name} must be in [0, 1], got {v!r}")
         for name in ("brightness", "contrast", "saturation"):
+            number(name, getattr(self, name))
             if not getattr(self, name) >= 0.0:
                 raise ValueError(f"AugmentRecipe.{name} must be >= 0, got {getattr(self, name)!r}")
+        number("hue", self.hue)
         if not 0.0 <= self.hue <= 0.5:
             raise ValueError(f"AugmentRecipe.hue must be in [0, 0.5], got {self.hue!r}")
+        # Finite too: an infinite fraction made kernel_size() raise OverflowError at the first
+        # call instead of here.
+        number("blur_kernel_frac", self.blur_kernel_frac)
         if not self.blur_kernel_frac >= 0.0:
-            raise ValueError("AugmentRecipe.blur_kernel_frac must be >= 0")
+            raise ValueError(f"AugmentRecipe.blur_kernel_frac must be >= 0, got "
+                             f"{self.blur_kernel_frac!r}")
 
     def kernel_size(self, out_size: int) -> int:
         k = int(self.blur_kernel_frac * out_size)
@@ -215,21 +234,43 @@ def gaussian_taps(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
     return pdf / pdf.sum(dim=1, keepdim=True)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _in_sizes(batch_size: int, in_size) -> list:
-    if (isinstance(in_size, (tuple, list)) and len(in_size) == 2
-            and all(isinstance(v, int) for v in in_size)):
+    if not isinstance(in_size, (tuple, list)):
+        raise TypeError(f"in_size must be (H, W) or a list of (H, W), got "
+                        f"{type(in_size).__name__}")
+    if in_size and all(_is_int(v) for v in in_size):  # one (H, W) for every image
+        if len(in_size) != 2:
+            raise ValueError(f"in_size must be (H, W) (two ints) or a list of (H, W), got "
+                             f"{in_size!r}")
         sizes = [tuple(in_size)] * batch_size
-    elif isinstance(in_size, (tuple, list)):
+    else:
+        for i, s in enumerate(in_size):
+            if not isinstance(s, (tuple, list)):
+                raise ValueError(f"in_size must be (H, W) or a list of (H, W); in_size[{i}] "
+                                 f"is {s!r}")
         sizes = [tuple(s) for s in in_size]
         if len(sizes) != batch_size:
             raise ValueError(f"in_size lists {len(sizes)} image sizes for batch_size "
                              f"{batch_size}")
-    else:
-        raise TypeError(f"in_size must be (H, W) or a list of (H, W), got {in_size!r}")
     for s in sizes:
-        if len(s) != 2 or not all(isinstance(v, int) and v >= 1 for v in s):
+        if len(s) != 2 or not all(_is_int(v) and v >= 1 for v in s):
             raise ValueError(f"every image size must be (H, W) with H, W >= 1, got {s!r}")
     return sizes
+
+
+def _check_generator(generator) -> None:
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a CPU torch.Generator or None, got "
+                        f"{type(generator).__name__}")
+    if generator.device.type != "cpu":
+        raise ValueError("generator must be a CPU torch.Generator: parameters are drawn on "
+                         f"the host, got one on {generator.device}")
 
 
 def _check_out_size(out_size) -> int:
@@ -287,9 +328,7 @@ def sample_params(batch_size: int, in_size, out_size: int, recipe="simclr", view
     out_size = _check_out_size(out_size)
     rec = get_recipe(recipe, view, strength=strength)
     sizes = _in_sizes(batch_size, in_size)
-    if generator is not None and generator.device.type != "cpu":
-        raise ValueError("generator must be a CPU torch.Generator: parameters are drawn on "
-                         "the host")
+    _check_generator(generator)
     B, g = batch_size, generator
 
     def rand(*shape):
@@ -386,6 +425,9 @@ def _check_images(images):
     else:
         raise TypeError(f"images must be a [B, 3, H, W] tensor or a list of [3, H, W] tensors, "
                         f"got {type(images).__name__}")
+    if device.type == "meta":
+        raise ValueError("images are meta tensors (shapes without data): augmentation reads "
+                         "pixel values, pass CPU or CUDA images")
     if dtype != torch.uint8 and dtype not in (torch.float32, torch.float64, torch.float16,
                                               torch.bfloat16):
         raise TypeError(f"images must be uint8 (0..255) or floating point in [0, 1], got "
@@ -517,6 +559,9 @@ class SSLAugment:
         if backend not in _dispatch.BACKENDS:
             raise ValueError(f"backend must be one of {_dispatch.BACKENDS}, got {backend!r}")
         self.mean, self.std = _norm_vector("mean", mean), _norm_vector("std", std)
+        if bool((self.std == 0).any()):
+            raise ValueError(f"std must be non-zero, got {self.std.tolist()}")
+        _check_generator(generator)
         self.out_dtype, self.backend, self.generator = out_dtype, backend, generator
 
     def sample(self, images) -> tuple:

@@ -5,7 +5,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import functional
+from . import _dispatch, _validate, functional
+
+
+def _check_config(temperature_name: str, temperature, backend: str, reduction=None) -> None:
+    """Construction-time checks, so a bad configuration fails where it is written, not at
+    the first forward pass (the forward pass checks again: a learnable temperature moves)."""
+    _validate.positive_number(temperature_name, temperature)
+    if reduction is not None:
+        _validate.reduction(reduction)
+    if backend not in _dispatch.BACKENDS:
+        raise ValueError(f"backend must be one of {_dispatch.BACKENDS}, got {backend!r}")
 
 
 class NTXentLoss(nn.Module):
@@ -17,6 +27,10 @@ class NTXentLoss(nn.Module):
     Args:
         temperature: float, or a tensor/``nn.Parameter`` to learn it (its gradient is computed).
         normalize, reduction, gather, decoupled, backend: as in :func:`fastssl.nt_xent`.
+
+    Raises:
+        TypeError, ValueError: at construction, for a temperature that is not a number or a
+            one-element floating tensor > 0 and finite, or an unknown reduction or backend.
 
     Shapes:
         ``forward(z1, z2)``: z1, z2 (N, D) -> scalar, or (2N,) with ``reduction="none"``.
@@ -35,6 +49,7 @@ class NTXentLoss(nn.Module):
     def __init__(self, temperature=0.1, *, normalize: bool = True, reduction: str = "mean",
                  gather: bool = False, decoupled: bool = False, backend: str = "auto"):
         super().__init__()
+        _check_config("temperature", temperature, backend, reduction)
         self.temperature = temperature
         self.normalize, self.reduction, self.gather = normalize, reduction, gather
         self.decoupled, self.backend = decoupled, backend
@@ -61,6 +76,10 @@ class InfoNCELoss(nn.Module):
         temperature: float, or a tensor/``nn.Parameter`` to learn it.
         normalize, reduction, gather, backend: as in :func:`fastssl.info_nce`.
 
+    Raises:
+        TypeError, ValueError: at construction, for a temperature that is not a number or a
+            one-element floating tensor > 0 and finite, or an unknown reduction or backend.
+
     Shapes:
         ``forward(query, key, queue=None)``: query, key (N, D), queue (K, D) or None ->
         scalar, or (N,) with ``reduction="none"``.
@@ -81,6 +100,7 @@ class InfoNCELoss(nn.Module):
     def __init__(self, temperature=0.07, *, normalize: bool = True, reduction: str = "mean",
                  gather: bool = False, backend: str = "auto"):
         super().__init__()
+        _check_config("temperature", temperature, backend, reduction)
         self.temperature = temperature
         self.normalize, self.reduction, self.gather, self.backend = (normalize, reduction,
                                                                      gather, backend)
@@ -103,8 +123,13 @@ class CLIPLoss(nn.Module):
     Args:
         init_temperature: initial temperature (logit scale = 1 / temperature).
         learnable: learn the scale (an ``nn.Parameter``) or keep it fixed.
-        max_scale: upper clamp of the scale.
+        max_scale: upper clamp of the scale, > 0 (``math.inf``: no clamp).
         normalize, gather, backend: as in :func:`fastssl.clip_loss`.
+
+    Raises:
+        TypeError: ``init_temperature`` or ``max_scale`` not a number.
+        ValueError: ``init_temperature`` <= 0 or not finite, ``max_scale`` <= 0 or NaN,
+            unknown backend (at construction).
 
     Shapes:
         ``forward(image, text)``: image, text (B, D) -> scalar.
@@ -124,7 +149,12 @@ class CLIPLoss(nn.Module):
                  max_scale: float = 100.0, normalize: bool = True, gather: bool = False,
                  backend: str = "auto"):
         super().__init__()
-        init = torch.tensor(1.0 / init_temperature).log()
+        if isinstance(init_temperature, torch.Tensor):
+            raise TypeError("init_temperature must be a float (the module owns the learnable "
+                            "log scale), got a tensor")
+        _check_config("init_temperature", init_temperature, backend)
+        _validate.positive_number("max_scale", max_scale, allow_inf=True)
+        init = torch.tensor(1.0 / float(init_temperature)).log()
         if learnable:
             self.log_scale = nn.Parameter(init)
         else:
@@ -148,6 +178,10 @@ class SupConLoss(nn.Module):
         temperature: float, or a tensor/``nn.Parameter`` to learn it.
         normalize, backend: as in :func:`fastssl.supcon`.
 
+    Raises:
+        TypeError, ValueError: at construction, for a temperature that is not a number or a
+            one-element floating tensor > 0 and finite, or an unknown backend.
+
     Shapes:
         ``forward(features, labels)``: features (N, D), labels (N,) integers -> scalar.
 
@@ -163,6 +197,7 @@ class SupConLoss(nn.Module):
 
     def __init__(self, temperature=0.1, *, normalize: bool = True, backend: str = "auto"):
         super().__init__()
+        _check_config("temperature", temperature, backend)
         self.temperature = temperature
         self.normalize, self.backend = normalize, backend
 

@@ -164,6 +164,9 @@ def momentum_schedule(step: int, total_steps: int, base: float = 0.996,
     return final - (final - base) * (math.cos(math.pi * step / total_steps) + 1.0) / 2.0
 
 
+BUFFER_MODES = ("ema", "copy", "frozen")
+
+
 class MomentumEncoder(nn.Module):
     """A momentum (key / target / teacher) copy of an encoder, updated by EMA.
 
@@ -172,9 +175,28 @@ class MomentumEncoder(nn.Module):
 
     Args:
         online: the encoder to copy.
-        buffers: whether :meth:`update` also averages floating buffers (see
-            :func:`ema_update_`).
+        buffers: what :meth:`update` does with the copy's buffers (BatchNorm running
+            statistics and the like):
+
+            * ``"ema"`` (default): floating buffers get the same EMA as the parameters,
+              other buffers (``num_batches_tracked``) are copied. This is timm
+              ``ModelEmaV3``'s default (it averages the whole ``state_dict``), so an EMA model
+              used in eval mode has statistics that follow the online model, and a key
+              encoder run in train mode (MoCo, lightly) still moves its statistics with its
+              own forward passes, only blended with the online model's at the momentum.
+            * ``"copy"``: parameters by EMA, every buffer copied from the online model (timm
+              ``ModelEmaV3(exclude_buffers=True)``).
+            * ``"frozen"``: parameters only (lightly's ``update_momentum`` and official MoCo
+              touch only parameters); buffers change only through the copy's own forward
+              passes in train mode, and stay at their copy-time values in eval mode. This was
+              the default before: choose it to keep that behaviour.
+
+            ``True`` and ``False`` (the older boolean form) mean ``"ema"`` and ``"frozen"``.
         backend: the backend :meth:`update` uses (see :func:`ema_update_`).
+
+    Raises:
+        TypeError: ``online`` not a module, ``buffers`` not a string or bool.
+        ValueError: an unknown ``buffers`` mode.
 
     Example:
         >>> import torch, fastssl
@@ -186,14 +208,23 @@ class MomentumEncoder(nn.Module):
         False
     """
 
-    def __init__(self, online: nn.Module, *, buffers: bool = False, backend: str = "auto"):
+    def __init__(self, online: nn.Module, *, buffers="ema", backend: str = "auto"):
         super().__init__()
         if not isinstance(online, nn.Module):
             raise TypeError(f"online must be an nn.Module, got {type(online).__name__}")
+        if isinstance(buffers, bool):
+            buffers = "ema" if buffers else "frozen"
+        if not isinstance(buffers, str):
+            raise TypeError(f"buffers must be one of {BUFFER_MODES}, got "
+                            f"{type(buffers).__name__}")
+        if buffers not in BUFFER_MODES:
+            raise ValueError(f"buffers must be one of {BUFFER_MODES}, got {buffers!r}")
+        if backend not in _dispatch.BACKENDS:
+            raise ValueError(f"backend must be one of {_dispatch.BACKENDS}, got {backend!r}")
         self.module = copy.deepcopy(online)
         for p in self.module.parameters():
             p.requires_grad_(False)
-        self.ema_buffers = buffers
+        self.buffers_mode = buffers
         self.backend = backend
 
     def forward(self, *args, **kwargs):
@@ -202,9 +233,21 @@ class MomentumEncoder(nn.Module):
 
     @torch.no_grad()
     def update(self, online: nn.Module, momentum) -> None:
-        """``self.module <- momentum * self.module + (1 - momentum) * online``."""
-        ema_update_(self.module, online, momentum, buffers=self.ema_buffers,
+        """``self.module <- momentum * self.module + (1 - momentum) * online`` (parameters;
+        buffers as the ``buffers`` mode says)."""
+        ema_update_(self.module, online, momentum, buffers=self.buffers_mode == "ema",
                     backend=self.backend)
+        if self.buffers_mode == "copy":
+            mine, theirs = dict(self.module.named_buffers()), dict(online.named_buffers())
+            if list(mine) != list(theirs):
+                raise ValueError("the momentum encoder and online must have the same buffers; "
+                                 f"they differ in {sorted(set(mine) ^ set(theirs))[:5] or 'order'}")
+            for name, dst in mine.items():
+                src = theirs[name]
+                if dst.shape != src.shape:
+                    raise ValueError(f"buffer {name}: shape {tuple(src.shape)} in online, "
+                                     f"{tuple(dst.shape)} in the momentum encoder")
+                dst.copy_(src)
 
 
 class MoCoQueue(nn.Module):
@@ -279,7 +322,6 @@ class MoCoQueue(nn.Module):
         self._resolve()
         return out
 
-    @torch.no_grad()
     def enqueue(self, keys: torch.Tensor, *, gather: bool = False) -> None:
         """Writes ``keys`` at the write pointer and advances it, in place, on the device.
 
@@ -292,10 +334,27 @@ class MoCoQueue(nn.Module):
 
         Raises:
             TypeError: keys not a floating tensor.
-            ValueError: keys not 2-D, keys.shape[1] != dim, keys on another device.
+            ValueError: keys not 2-D, keys.shape[1] != dim, keys on another device; a
+                corrupted ``ptr`` (not a 0-dim int64 tensor in [0, size)) -- the same error
+                on every backend (on CUDA and under ``torch.compile``, an asynchronous
+                ``RuntimeError``: see ``fastssl._validate.queue_ptr``).
         """
         _validate.queue_keys(keys, self.dim, self.buffer.device)
-        keys = keys.detach()
+        be = self._backend
+        # The C++ kernel checks the pointer itself (it reads it on the host anyway): in eager
+        # mode the Python check runs only on its failure, to raise the same ValueError as the
+        # other backends, so the normal path costs nothing extra. The Triton and CUDA kernels
+        # trust the pointer (a corrupted one writes out of bounds) and the reference would
+        # wrap it silently: checked first, without a host sync on CUDA. The check runs before
+        # the no_grad region: under torch.compile an error raised inside a traced no_grad
+        # region leaves grad mode disabled (torch 2.13).
+        cpp_checks = be == "cpp" and not _validate._is_compiling()
+        if not cpp_checks and keys.shape[0] > 0:
+            _validate.queue_ptr(self.ptr, self.size, self.buffer.device)
+        with torch.no_grad():
+            self._enqueue(keys.detach(), gather, cpp_checks)
+
+    def _enqueue(self, keys: torch.Tensor, gather: bool, cpp_checks: bool) -> None:
         if gather:
             keys = distributed.gather_no_grad(keys, what="MoCoQueue.enqueue")
         if keys.dtype != self.buffer.dtype:
@@ -303,7 +362,13 @@ class MoCoQueue(nn.Module):
         if keys.shape[0] == 0:
             return
         be = self._backend
-        if be in ("cpp", "cuda"):
+        if cpp_checks:
+            try:
+                torch.ops.fastssl.moco_enqueue_(self.buffer, self.ptr, self._counter, keys)
+            except RuntimeError:
+                _validate.queue_ptr(self.ptr, self.size, self.buffer.device)
+                raise
+        elif be in ("cpp", "cuda"):
             torch.ops.fastssl.moco_enqueue_(self.buffer, self.ptr, self._counter, keys)
         elif be == "triton":
             torch.ops.fastssl.moco_enqueue_triton_(self.buffer, self.ptr, self._counter, keys)

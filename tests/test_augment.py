@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -551,3 +552,29 @@ def test_tiny_output_and_strided_input(backend):
         got = apply(x, p, out, **UNIT, backend=backend)
         ref = apply(x, p, out, **UNIT, backend="reference")
         assert got.shape == (3, 3, out, out) and _max_diff(got, ref) <= TOL
+
+
+@pytest.mark.parametrize("make,exc,match", [
+    (lambda: SSLAugment(8, generator=0), TypeError, "generator must be a CPU torch.Generator"),
+    (lambda: SSLAugment(8, generator="seed"), TypeError, "generator must be"),
+    (lambda: SSLAugment(8, std=(1.0, 0.0, 1.0)), ValueError, "std must be non-zero"),
+    (lambda: sample_params(2, (8, 8), 4, generator=0), TypeError, "generator must be"),
+    (lambda: AugmentRecipe(blur_kernel_frac=math.inf),
+     ValueError, "blur_kernel_frac must be finite"),
+    (lambda: AugmentRecipe(blur_kernel_frac=math.nan), ValueError, "blur_kernel_frac"),
+    (lambda: AugmentRecipe(brightness=math.inf), ValueError, "brightness must be finite"),
+    (lambda: AugmentRecipe(flip_p="0.5"), TypeError, "flip_p must be a number"),
+    (lambda: AugmentRecipe(crop_scale=0.5), ValueError, "crop_scale must be a \\(min, max\\) pair"),
+    (lambda: AugmentRecipe(blur_sigma=(0.1, math.inf)), ValueError, "blur_sigma must be finite"),
+    (lambda: sample_params(2, (8,), 4), ValueError, "in_size must be \\(H, W\\)"),
+    (lambda: sample_params(2, (8, 8, 3), 4), ValueError, "in_size must be \\(H, W\\)"),
+    (lambda: sample_params(2, [8, (8, 8)], 4), ValueError, "in_size"),
+    (lambda: sample_params(2, 8, 4), TypeError, "in_size must be"),
+    (lambda: SSLAugment(8)(torch.zeros(2, 3, 10, 10, device="meta")), ValueError, "meta"),
+    (lambda: SSLAugment(8)([torch.zeros(3, 10, 10, device="meta")]), ValueError, "meta"),
+])
+def test_bad_input_gaps(make, exc, match):
+    """Each raised an unclear error before (AttributeError, OverflowError at the first call,
+    'int object is not iterable', a crash inside the reference on meta tensors)."""
+    with pytest.raises(exc, match=match):
+        make()

@@ -3,6 +3,7 @@ extra memory at 2N = 16384 stays within the O(N·D) budget (measured in its own 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -29,7 +30,16 @@ def test_bench_cli_end_to_end(tmp_path):
     out = _cli("bench", "--op", "nt_xent", "--sizes", "64", "130", "--repeat", "1",
                "--json", str(jpath), "--plot", str(ppath))
     assert out.returncode == 0, out.stderr
-    assert "| 2N |" in out.stdout.replace("  ", " ") or "2N" in out.stdout
+    # One markdown table per mode: "<mode>:", a header whose first column is the x label
+    # 2N, a rule, then one row per size in order, with a ratio cell per non-fused provider.
+    lines = out.stdout.splitlines()
+    headers = [i for i, line in enumerate(lines) if re.match(r"^\|\s*2N \| .*fused time", line)]
+    assert [lines[i - 1] for i in headers] == ["forward:", "backward:", "both:"], out.stdout
+    for i in headers:
+        assert re.match(r"^\|-+\|", lines[i + 1]), lines[i + 1]
+        body = lines[i + 2:i + 4]
+        assert [re.match(r"^\|\s*(\d+) \|", row).group(1) for row in body] == ["64", "130"], body
+        assert all(len(re.findall(r"\| +\d+\.\d\dx ", row)) >= 2 for row in body), body
     assert "compiled/fused" in out.stdout and "fused/floor" in out.stdout
     rows = json.loads(jpath.read_text())["rows"]
     got = {(r["provider"], r["mode"], r["x"]) for r in rows if "median_ms" in r}
@@ -53,3 +63,20 @@ def test_fused_peak_memory_is_o_nd():
     assert row.get("peak_mb") is not None, (row, out.stderr[-1000:])
     # The eager reference needs ~3 GB here; the budget for the fused op is 64 MB.
     assert row["peak_mb"] <= 64, row
+
+
+@pytest.mark.parametrize("provider", ["fused", "reference_enqueue", "official"])
+def test_queue_benchmark_times_wrapping_enqueues(provider):
+    """Every call of a queue-benchmark provider (warm-up and timed rounds alike) writes both
+    ends of the ring, i.e. wraps."""
+    import torch
+    from fastssl.bench import op_queue
+    size = 256
+    inp = op_queue.make_inputs(size, torch.float32, torch.device("cpu"))
+    fn = getattr(op_queue, provider)
+    for call in range(3):
+        inp["queue"].buffer.zero_()
+        fn(inp)
+        buf = inp["queue"].buffer
+        assert buf[-1].abs().sum() > 0 and buf[0].abs().sum() > 0, f"call {call} did not wrap"
+        assert int(inp["queue"].ptr) == size // 2

@@ -3,7 +3,11 @@
 The contract (fastssl.distributed, nt_xent's docstring): one DDP SGD step with the fused loss
 and gather=True equals one single-process step on the concatenated global batch. Checked for
 nt_xent (plain and decoupled), clip_loss and info_nce's in-batch mode, plus the clear error on
-ranks with unequal batch sizes. One spawn of two processes runs all of it (~10 s).
+ranks with unequal batch sizes. The single-process step runs the reference backend, and each
+rank's gathered loss is checked against an fp64 formula of its rows vs the whole batch, so the
+gathered-columns engine is compared with other code, never with itself. (A 1-rank group would
+not help: with world size 1, gather=True takes the plain path by design.) One spawn of two
+processes runs all of it (~10 s).
 """
 import copy
 import os
@@ -29,20 +33,42 @@ def _free_port() -> int:
 
 
 def _losses():
+    # (a, b, gather, backend) -> loss. The single-process baseline runs backend="reference"
+    # (plain PyTorch on the whole batch), the DDP side the default backend with gather=True
+    # (the gathered-columns engine): two different code paths.
     return {
-        "nt_xent": lambda a, b, g: fastssl.nt_xent(a, b, 0.3, gather=g),
-        "nt_xent_decoupled": lambda a, b, g: fastssl.nt_xent(a, b, 0.3, gather=g,
-                                                             decoupled=True),
-        "clip_loss": lambda a, b, g: fastssl.clip_loss(a, b, 7.0, gather=g),
-        "info_nce": lambda a, b, g: fastssl.info_nce(a, b, None, 0.2, gather=g),
+        "nt_xent": lambda a, b, g, be: fastssl.nt_xent(a, b, 0.3, gather=g, backend=be),
+        "nt_xent_decoupled": lambda a, b, g, be: fastssl.nt_xent(a, b, 0.3, gather=g,
+                                                                 decoupled=True, backend=be),
+        "clip_loss": lambda a, b, g, be: fastssl.clip_loss(a, b, 7.0, gather=g, backend=be),
+        "info_nce": lambda a, b, g, be: fastssl.info_nce(a, b, None, 0.2, gather=g,
+                                                         backend=be),
     }
 
 
-def _one_step(model, x1, x2, loss_fn, gather):
+def _local_rows_truth(name, z1, z2, rank):
+    """fp64 plain-PyTorch loss of this rank's rows against the whole batch (z1, z2: all
+    ranks' embeddings, rank-major) -- what gather=True returns on that rank."""
+    z1, z2 = z1.double(), z2.double()
+    mine = torch.arange(rank * B, (rank + 1) * B)
+    if name.startswith("nt_xent"):
+        rows = fastssl.reference.nt_xent(z1, z2, 0.3, reduction="none",
+                                         decoupled=name.endswith("decoupled"))
+        return torch.cat([rows[mine], rows[WORLD * B + mine]]).mean()
+    n1, n2 = torch.nn.functional.normalize(z1, dim=1), torch.nn.functional.normalize(z2, dim=1)
+    if name == "info_nce":
+        logits = n1 @ n2.T / 0.2
+        return torch.nn.functional.cross_entropy(logits[mine], mine)
+    logits = 7.0 * n1 @ n2.T  # clip_loss
+    return (torch.nn.functional.cross_entropy(logits[mine], mine)
+            + torch.nn.functional.cross_entropy(logits.T[mine], mine)) / 2
+
+
+def _one_step(model, x1, x2, loss_fn, gather, backend="auto"):
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     h = model(torch.cat([x1, x2]))  # one forward: DDP expects one per backward
     z1, z2 = h.chunk(2)
-    loss = loss_fn(z1, z2, gather)
+    loss = loss_fn(z1, z2, gather, backend)
     loss.backward()
     opt.step()
     return loss.detach()
@@ -59,10 +85,15 @@ def _worker(rank: int, port: int) -> None:
             x1, x2 = torch.randn(WORLD * B, D_IN), torch.randn(WORLD * B, D_IN)
             base = torch.nn.Linear(D_IN, D)
             single = copy.deepcopy(base)
-            _one_step(single, x1, x2, loss_fn, gather=False)  # the whole batch, one process
+            with torch.no_grad():
+                h = base(torch.cat([x1, x2]))
+                truth = _local_rows_truth(name, *h.chunk(2), rank)
+            _one_step(single, x1, x2, loss_fn, gather=False, backend="reference")
             ddp = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(base))
             mine = slice(rank * B, (rank + 1) * B)
-            _one_step(ddp, x1[mine], x2[mine], loss_fn, gather=True)
+            local = _one_step(ddp, x1[mine], x2[mine], loss_fn, gather=True)
+            err = abs(local.double() - truth).item() / abs(truth).item()
+            assert err <= RTOL, f"{name}, rank {rank}: gathered loss off by {err:.3g}"
             for (pname, p_ddp), p_one in zip(ddp.module.named_parameters(),
                                              single.parameters()):
                 moved = (p_one - base.state_dict()[pname]).abs().max()
@@ -82,7 +113,13 @@ def test_ddp_gather_equals_single_process_step():
 
 
 def test_gather_without_process_group_is_the_plain_loss():
+    # Against plain PyTorch (backend="reference"), not against gather=False of the same
+    # backend: that would compare one code path with itself.
     z1, z2 = torch.randn(5, 8), torch.randn(5, 8)
-    torch.testing.assert_close(fastssl.nt_xent(z1, z2, gather=True), fastssl.nt_xent(z1, z2))
+    assert not (dist.is_available() and dist.is_initialized())
+    torch.testing.assert_close(fastssl.nt_xent(z1, z2, gather=True),
+                               fastssl.reference.nt_xent(z1, z2, 0.1))
     torch.testing.assert_close(fastssl.clip_loss(z1, z2, 3.0, gather=True),
-                               fastssl.clip_loss(z1, z2, 3.0))
+                               fastssl.reference.clip_loss(z1, z2, 3.0))
+    torch.testing.assert_close(fastssl.info_nce(z1, z2, None, 0.2, gather=True),
+                               fastssl.reference.info_nce(z1, z2, None, 0.2))

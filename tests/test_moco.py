@@ -406,3 +406,87 @@ def test_queue_gather_two_gloo_ranks(backend):
         assert torch.equal(buf, single.buffer), r
         assert p == int(single.ptr) == (3 * world * 3) % 10
     manager.shutdown()
+
+
+# ------------------------------------------------------------------ MomentumEncoder buffers
+
+
+def _bn_pair():
+    """(online, encoder copy made before the online BN statistics moved)."""
+    online = _net()
+    return online
+
+
+@pytest.mark.parametrize("mode", ["ema", "copy", "frozen", True, False, None])
+def test_momentum_encoder_buffer_modes(mode):
+    online = _net()
+    enc = fastssl.MomentumEncoder(online) if mode is None else \
+        fastssl.MomentumEncoder(online, buffers=mode)
+    enc.eval()  # an eval-mode EMA: its own forward passes never move its statistics
+    online.train()(torch.randn(8, 3, 6, 6))  # moves the online running stats
+    before = {n: b.clone() for n, b in enc.module.named_buffers()}
+    on = dict(online.named_buffers())
+    assert not torch.equal(before["1.running_mean"], on["1.running_mean"])
+    enc.update(online, 0.9)
+    effective = {None: "ema", True: "ema", False: "frozen"}.get(mode, mode)
+    for name, b in enc.module.named_buffers():
+        if effective == "frozen":
+            want = before[name]
+        elif effective == "copy" or not b.is_floating_point():
+            want = on[name]  # num_batches_tracked is copied under "ema" too
+        else:  # ema: 0.9 * mine + 0.1 * online, in fp64
+            want = (0.9 * before[name].double() + 0.1 * on[name].double()).to(b.dtype)
+        assert rel_err(b, want) <= 1e-6 if b.is_floating_point() else torch.equal(b, want), \
+            (mode, name)
+    if effective != "frozen":
+        assert not torch.equal(enc.module[1].running_mean, before["1.running_mean"])
+
+
+def test_momentum_encoder_default_is_ema_of_buffers():
+    # timm ModelEmaV3's default (an EMA of the whole state_dict): documented in the docstring.
+    assert fastssl.MomentumEncoder(_net()).buffers_mode == "ema"
+
+
+@pytest.mark.parametrize("bad,exc", [("all", ValueError), (1, TypeError), ("EMA", ValueError)])
+def test_momentum_encoder_bad_buffers(bad, exc):
+    with pytest.raises(exc, match="buffers must be one of"):
+        fastssl.MomentumEncoder(_net(), buffers=bad)
+
+
+@pytest.mark.parametrize("backend", QUEUE_BACKENDS)
+@pytest.mark.parametrize("ptr", [7, -1, 5])
+def test_queue_corrupted_ptr_is_the_same_clear_error(backend, ptr):
+    q = fastssl.MoCoQueue(4, 5, init="zeros", backend=backend)
+    q.ptr.fill_(ptr)
+    before = q.buffer.clone()
+    with pytest.raises(ValueError, match=r"MoCoQueue.ptr = -?\d+ is outside \[0, size = 5\)"):
+        q.enqueue(torch.ones(2, 4))
+    assert torch.equal(q.buffer, before)  # nothing written
+
+
+def test_queue_replaced_ptr_of_wrong_kind():
+    q = fastssl.MoCoQueue(4, 5, init="zeros", backend="reference")
+    q.ptr = torch.tensor(1.0)
+    with pytest.raises(ValueError, match="0-dim int64"):
+        q.enqueue(torch.ones(2, 4))
+
+
+def test_queue_ptr_check_under_compile():
+    q = fastssl.MoCoQueue(4, 5, init="zeros", backend="reference")
+    f = torch.compile(q.enqueue, fullgraph=True, backend="eager")
+    f(torch.ones(2, 4))
+    assert int(q.ptr) == 2
+    q.ptr.fill_(9)
+    with pytest.raises(RuntimeError, match="MoCoQueue.ptr is outside"):
+        f(torch.ones(2, 4))
+
+
+def test_queue_ptr_error_under_compile_leaves_grad_mode_on():
+    # The check runs before enqueue's no_grad region: a traced no_grad region that raises
+    # would leave grad mode disabled for the rest of the process.
+    q = fastssl.MoCoQueue(4, 5, init="zeros", backend="reference")
+    f = torch.compile(q.enqueue, fullgraph=True, backend="eager")
+    q.ptr.fill_(9)
+    with pytest.raises(RuntimeError, match="MoCoQueue.ptr is outside"):
+        f(torch.ones(2, 4))
+    assert torch.is_grad_enabled()

@@ -13,8 +13,10 @@ import fastssl
 from fastssl import _dispatch, _ext, reference
 from helpers import assert_close_to_truth
 
-pytestmark = pytest.mark.skipif(not _ext.has_op("ntxent_fwd"),
-                                reason=f"C++ extension missing: {_ext.why_unavailable()}")
+# Only the tests that run the C++ kernel skip without the extension; the API contract
+# (validation, NaN handling, the missing-extension fallback, docstrings) runs everywhere.
+needs_cpp = pytest.mark.skipif(not _ext.has_op("ntxent_fwd"),
+                               reason=f"C++ extension missing: {_ext.why_unavailable()}")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -53,6 +55,7 @@ def _check(n, d, dtype, normalize, reduction, temperature=0.1, decoupled=False):
         assert_close_to_truth(f"{name} N={n} D={d}", f, t, p, dtype)
 
 
+@needs_cpp
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("d", [3, 64, 128, 200])
 @pytest.mark.parametrize("n", [1, 3, 257, 1024])
@@ -61,6 +64,7 @@ def test_matches_truth(n, d, dtype, normalize):
     _check(n, d, dtype, normalize, "none")
 
 
+@needs_cpp
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("n,d", [(3, 5), (257, 72)])
@@ -68,12 +72,14 @@ def test_reductions(n, d, dtype, reduction):
     _check(n, d, dtype, True, reduction)
 
 
+@needs_cpp
 @pytest.mark.parametrize("temperature", [0.01, 0.07, 1.0, 5.0])
 def test_temperatures_including_tiny(temperature):
     # tau = 0.01 spans logits of +-100: a fixed-max shortcut would underflow here.
     _check(300, 40, torch.float32, True, "mean", temperature=temperature)
 
 
+@needs_cpp
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", [2, 3, 300])
 def test_decoupled(n, dtype):
@@ -105,6 +111,7 @@ def test_numpy_pseudocode():
     assert abs(got.item() - want) < 1e-5
 
 
+@needs_cpp
 def test_non_contiguous_inputs():
     base1, base2 = torch.randn(64, 90), torch.randn(90, 64)
     z1, z2 = base1[:, ::2], base2.t()[:, :45]  # strided views, both (64, 45)
@@ -153,6 +160,7 @@ def test_non_finite_input_gives_nan(bad):
     assert torch.isnan(reference.nt_xent(z1, z2, 0.1))  # the spec agrees
 
 
+@needs_cpp
 def test_opcheck():
     z1 = torch.randn(5, 11, requires_grad=True)
     z2 = torch.randn(5, 11, requires_grad=True)
@@ -162,6 +170,7 @@ def test_opcheck():
                               (z1, z2, t, normalize, decoupled))
 
 
+@needs_cpp
 def test_torch_compile_fullgraph():
     z1 = torch.randn(33, 20, requires_grad=True)
     z2 = torch.randn(33, 20, requires_grad=True)
@@ -178,6 +187,7 @@ def test_torch_compile_fullgraph():
 # ----------------------------------------------------------------------------- backends
 
 
+@needs_cpp
 def test_backends_agree_and_env_override(monkeypatch):
     z1, z2 = torch.randn(20, 9), torch.randn(20, 9)
     a = fastssl.nt_xent(z1, z2, backend="cpp")

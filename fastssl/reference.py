@@ -16,6 +16,18 @@ import torch.nn.functional as F
 # ---------------------------------------------------------------------------------------
 
 
+def _l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """``F.normalize(x, dim=1)`` without overflow: rows whose max-abs exceeds 1 are divided by
+    it first (a detached constant; normalisation is scale-invariant there, so the value and the
+    gradient are unchanged), so rows up to the dtype's range (1e30 in fp32) do not overflow
+    the squared norm (fp32 overflows at ~1.8e19)."""
+    if x.shape[1] == 0:
+        return F.normalize(x, dim=1)
+    amax = x.detach().abs().amax(dim=1, keepdim=True)
+    big = (amax > 1) & torch.isfinite(amax)
+    return F.normalize(x / torch.where(big, amax, torch.ones_like(amax)), dim=1)
+
+
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature=0.1, *, normalize: bool = True,
             reduction: str = "mean", decoupled: bool = False) -> torch.Tensor:
     """NT-Xent loss of SimCLR (Chen et al. 2020, https://arxiv.org/abs/2002.05709).
@@ -32,7 +44,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature=0.1, *, normalize: b
     """
     z = torch.cat([z1, z2], dim=0)
     if normalize:
-        z = F.normalize(z, dim=1)
+        z = _l2_normalize(z)
     m = z.shape[0]
     n = m // 2
     logits = (z @ z.T) / temperature
@@ -71,7 +83,7 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None 
         query, key: (N, D). queue: (K, D) or None. reduction: "mean", "sum" or "none" (N,).
     """
     if normalize:
-        query, key = F.normalize(query, dim=1), F.normalize(key, dim=1)
+        query, key = _l2_normalize(query), _l2_normalize(key)
     n = query.shape[0]
     if queue is None:
         logits = query @ key.T / temperature
@@ -79,7 +91,7 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None 
     else:
         queue = queue.detach()
         if normalize:
-            queue = F.normalize(queue, dim=1)
+            queue = _l2_normalize(queue)
         pos = (query * key).sum(dim=1, keepdim=True)
         logits = torch.cat([pos, query @ queue.T], dim=1) / temperature
         target = torch.zeros(n, dtype=torch.long, device=query.device)
@@ -102,7 +114,7 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale, *, logit_bia
         raise NotImplementedError("clip_loss: logit_bias (SigLIP's sigmoid loss) is not "
                                   "supported; in the softmax CLIP loss a bias cancels")
     if normalize:
-        image, text = F.normalize(image, dim=1), F.normalize(text, dim=1)
+        image, text = _l2_normalize(image), _l2_normalize(text)
     logits = logit_scale * (image @ text.T)
     target = torch.arange(image.shape[0], device=image.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
@@ -120,7 +132,7 @@ def supcon(features: torch.Tensor, labels: torch.Tensor, temperature=0.1, *,
         features: (N, D). labels: (N,) integers.
     """
     if normalize:
-        features = F.normalize(features, dim=1)
+        features = _l2_normalize(features)
     n = features.shape[0]
     logits = features @ features.T / temperature
     self_mask = torch.eye(n, dtype=torch.bool, device=features.device)
@@ -140,7 +152,7 @@ def rows_vs_columns(q: torch.Tensor, c: torch.Tensor, scale, target: torch.Tenso
     ``gather=True`` losses: S = scale * q c^T, column self_idx[i] (-1: none) and, with
     ``mask_target``, target[i] masked; loss_i = logsumexp_j S_ij - S_i,target[i]. (M,)."""
     if normalize:
-        q, c = F.normalize(q, dim=1), F.normalize(c, dim=1)
+        q, c = _l2_normalize(q), _l2_normalize(c)
     logits = scale * (q @ c.T)
     rows = torch.arange(q.shape[0], device=q.device)
     positive = logits[rows, target]

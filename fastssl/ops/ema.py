@@ -41,7 +41,7 @@ NUM_WARPS = 8
 
 @triton.jit
 def ema_multi_tensor_kernel(target_ptrs, online_ptrs, numels, first_chunk, chunk_owner, weight,
-                            CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                            weight_lo, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
                             TARGET: tl.constexpr, ONLINE: tl.constexpr, COMPUTE: tl.constexpr,
                             ALIGNED: tl.constexpr):
     pid = tl.program_id(0)
@@ -58,7 +58,9 @@ def ema_multi_tensor_kernel(target_ptrs, online_ptrs, numels, first_chunk, chunk
     n = tl.load(numels + k)
     begin = (pid - tl.load(first_chunk + k)) * CHUNK  # int64: tensors may exceed 2^31
     # 2. [PyTorch lerp, two-sided] pick the end the fma starts from once per program.
-    w = tl.cast(weight, COMPUTE)
+    # A Python float arrives as fp32: the weight travels as an fp32 pair (hi + lo), exact to
+    # ~1e-15 once summed in fp64 (fp64 EMAs); for fp32 the low part changes nothing.
+    w = tl.cast(weight, COMPUTE) + tl.cast(weight_lo, COMPUTE)
     small = w < 0.5
     coeff = tl.where(small, w, w - 1.0)
     # 3. Stream the chunk: read 2 x CHUNK elements, write CHUNK elements. Full chunks (all
@@ -89,6 +91,7 @@ def _aot(target: torch.dtype, online: torch.dtype, aligned: bool = True) -> dict
         "fn": ema_multi_tensor_kernel,
         "signature": {"target_ptrs": "*i64", "online_ptrs": "*i64", "numels": "*i64",
                       "first_chunk": "*i64", "chunk_owner": "*i32", "weight": "fp32",
+                      "weight_lo": "fp32",
                       "CHUNK": "constexpr", "BLOCK": "constexpr", "TARGET": "constexpr",
                       "ONLINE": "constexpr", "COMPUTE": "constexpr", "ALIGNED": "constexpr"},
         "constexprs": {"CHUNK": CHUNK, "BLOCK": BLOCK, "TARGET": TL_DTYPE[target],
@@ -154,13 +157,15 @@ def ema_update_(targets: list, onlines: list, weight: float) -> None:
             g[1].append(o)
         else:
             t.lerp_(o.to(t.dtype), weight)
+    w_hi = float(torch.tensor(float(weight), dtype=torch.float32))
+    w_lo = float(weight) - w_hi
     for (tdt, odt, aligned), (ts, os_) in groups.items():
         device = ts[0].device
         tp, op, numels, first, owner, n_chunks = _tables(ts, os_, device)
         compute = tl.float64 if tdt == torch.float64 else tl.float32
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             ema_multi_tensor_kernel[(n_chunks,)](
-                tp, op, numels, first, owner, float(weight), CHUNK=CHUNK, BLOCK=BLOCK,
+                tp, op, numels, first, owner, w_hi, w_lo, CHUNK=CHUNK, BLOCK=BLOCK,
                 TARGET=TL_DTYPE[tdt], ONLINE=TL_DTYPE[odt], COMPUTE=compute, ALIGNED=aligned,
                 num_warps=NUM_WARPS)
 

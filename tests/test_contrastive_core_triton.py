@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from fastssl.ops import _triton_utils as tu
 from fastssl.ops import contrastive_core as cc
-from tests.helpers import assert_close_to_truth as _assert_close_finite
+from helpers import assert_close_to_truth as _assert_close_finite
 
 pytestmark = pytest.mark.skipif(not tu.INTERPRET, reason="interpreter tests (CPU tensors)")
 
@@ -480,3 +480,13 @@ def test_aot_entries_cover_every_dtype_and_width():
         assert e["op"] == "clip_loss" and set(e["signature"]) == set(e["fn"].arg_names)
     with pytest.raises(ValueError, match="unknown op"):
         cc.aot_entries("nope")
+
+
+def test_empty_shapes():
+    s = _scale(2.0)
+    q, none = torch.randn(3, 4), torch.randn(0, 4)
+    lse, pos = cc.row_lse(q, none, s)
+    assert torch.equal(lse, torch.full((3,), float("-inf"))) and torch.equal(pos, torch.zeros(3))
+    assert cc.row_lse(none, q, s)[0].shape == (0,)
+    out = cc.softmax_grad(q, none, s, row=(torch.ones(3), lse, None))
+    assert torch.equal(out, torch.zeros(3, 4))

@@ -17,8 +17,8 @@ Kernels
   The -g_i / -h_j of the targets are folded into P in fp32 *before* P is rounded to the dot
   dtype: the target's probability 1 - eps would otherwise cancel after rounding (fp16 CLIP,
   B = 37, confident pairs: 4.8e-2 relative error in dI when the fold came after the cast).
-  A row whose lse is -inf (no valid column) / a column whose clse is -inf is selected out
-  with ``tl.where`` (never 0 * exp(+inf)). Per-split partials (splits x M x D fp32; with one
+  A row whose lse is -inf (no valid column) / a column whose clse is -inf gets weight 0 and
+  lse +inf, so every entry is exp(-inf) = 0 (never 0 * exp(+inf)), at no per-element cost. Per-split partials (splits x M x D fp32; with one
   split, the output itself) are added in split order by ``_sum_splits_kernel``. The column-side
   gradient is this kernel with rows and columns swapped (P^T has the same form): no atomics.
 * fp16: P is multiplied by a power of two ``2^14 / max(|g|, |h|)`` (computed on the device,
@@ -42,10 +42,9 @@ D = 1024 (BLOCK_D_out = 256), plus T x the exps. Chunk-wise accumulation keeps t
 4 D FLOPs and 1 exp per pair per term and adds 8 BLOCK_M D bytes (fp32 read + write) per
 column tile against 4 BLOCK_M BLOCK_N D FLOPs: BLOCK_N / 2 FLOP per byte, served from L2
 (the rows of one program: BLOCK_M x D x 4 = 256 KiB at D = 1024; 132 programs: 33 MiB < 50
-MiB L2 of an H100) -- the chunk-wise read-modify-write triples the L2 traffic of the
-column tiles (BLOCK_N D b read twice) but costs no tensor-core work, and it leaves the grid
-(hence the column-split logic) unchanged. Chunked mode also re-reads the q chunk per column
-tile (from L1/L2).
+MiB L2 of an H100). At BLOCK_M = BLOCK_N = 64, 16-bit inputs, the per-tile L2 traffic goes
+from 384 D bytes (column tile read twice, q chunks re-read) to 896 D bytes, i.e. ~2.3x, with
+no extra tensor-core work, and the grid (hence the column-split logic) is unchanged.
 
 Grid: (cdiv(M, BLOCK_M), splits). Columns are split only when the row blocks alone are fewer
 than the SMs (``_triton_utils.num_sms``): splits = cdiv(tiles, cdiv(tiles, cdiv(sms,

@@ -89,9 +89,9 @@ What the sweep rejected (spill bytes): sm_80 fp32 resident D = 128 (LSE 64x32x12
 368, 64x64x256 708): those buckets use the chunked tiles. 4 warps spilled in most chunked
 configurations (e.g. 16-bit gradient 64x64x64: 1,248 B sm_80, 1,912 B sm_90). fp32 uses
 ``FASTSSL_FP32_DOT``'s precision (default bf16x3: its operand halves double the register
-footprint, hence the smaller tiles); the sweep compiled bf16x3. The same compiles on triton
-3.6.0 (the GPU machine's) accept bf16x3 and give 0 spills for the two configurations
-re-checked there (16-bit gradient chunked sm_90, fp32 LSE D = 128 sm_90). Other sm_8x GPUs
+footprint, hence the smaller tiles); the sweep compiled bf16x3. The whole table compiled again
+with triton 3.6.0 (the GPU machine's): 0 spills, shared memory within the limits, mma.sync /
+wgmma in all 48 (benchmarks/results/contrastive_core_tile_sweep*.jsonl). Other sm_8x GPUs
 (86 / 89: 99 KiB shared per block) take the sm_80 table: its largest allocation is 66,816 B.
 Under the interpreter: 16/32 x 32/16 x 64 tiles (BLOCK_M != BLOCK_N catches transposition
 slips), ``num_sms`` = 16 so small test shapes take the column-split path.

@@ -1,7 +1,7 @@
 """The Triton contrastive core (fastssl/ops/contrastive_core.py) under the interpreter.
 
 Every launcher result is compared with an fp64 formula computed from the same (rounded)
-inputs. 16-bit dtypes run with the GPU-faithful rounding switch (``round_for_dot``): the
+inputs. 16-bit dtypes run with the GPU-faithful rounding switch (``_triton_utils.round_cast``): the
 tolerance is tests/helpers.py's rule, 2x plain PyTorch's own error in that dtype + one ulp.
 Shapes are odd and small (the interpreter is slow); the interpreter's tiles are 16/32 rows x
 32/16 columns with 64-wide D-chunks, so D = 1 and 3 take the resident path and D = 200, 520,
@@ -420,16 +420,16 @@ def test_deterministic():
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")
 @pytest.mark.parametrize("dtype", HALF, ids=str)
-def test_round_for_dot_is_round_to_nearest_even(dtype):
+def test_round_cast_is_round_to_nearest_even(dtype):
+    # The switch the gradient kernel relies on for P (tu.round_cast), under the interpreter.
     import triton
     import triton.language as tl
 
     @triton.jit
-    def _round_kernel(X, Y, N, DTYPE: tl.constexpr, EMULATE: tl.constexpr,
-                      BLOCK: tl.constexpr):
+    def _round_kernel(X, Y, N, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.arange(0, BLOCK)
         x = tl.load(X + offs, mask=offs < N)
-        tl.store(Y + offs, tu.round_for_dot(x, DTYPE, EMULATE), mask=offs < N)
+        tl.store(Y + offs, tu.round_cast(x, DTYPE).to(tl.float32), mask=offs < N)
 
     one = 1.0
     ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
@@ -440,11 +440,10 @@ def test_round_for_dot_is_round_to_nearest_even(dtype):
     x = torch.tensor(values, dtype=torch.float32)
     y = torch.empty_like(x)
     tl_dtype = tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
-    _round_kernel[(1,)](x, y, x.numel(), DTYPE=tl_dtype, EMULATE=True, BLOCK=16)
+    _round_kernel[(1,)](x, y, x.numel(), DTYPE=tl_dtype, BLOCK=16)
     want = x.to(dtype).float()  # torch rounds to nearest even, as the GPU's cvt.rn
     assert torch.equal(y.isnan(), want.isnan())
     assert torch.equal(y[~want.isnan()], want[~want.isnan()])
-    assert tu.emulate_dot_rounding(dtype) and not tu.emulate_dot_rounding(torch.float32)
 
 
 def test_input_errors():

@@ -1,7 +1,7 @@
 """The Triton contrastive core (fastssl/ops/contrastive_core.py) under the interpreter.
 
 Every launcher result is compared with an fp64 formula computed from the same (rounded)
-inputs. 16-bit dtypes run with the GPU-faithful rounding switch (``round_for_dot``): the
+inputs. 16-bit dtypes run with the GPU-faithful rounding switch (``_triton_utils.round_cast``): the
 tolerance is tests/helpers.py's rule, 2x plain PyTorch's own error in that dtype + one ulp.
 Shapes are odd and small (the interpreter is slow); the interpreter's tiles are 16/32 rows x
 32/16 columns with 64-wide D-chunks, so D = 1 and 3 take the resident path and D = 200, 520,
@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from fastssl.ops import _triton_utils as tu
 from fastssl.ops import contrastive_core as cc
-from tests.helpers import assert_close_to_truth as _assert_close_finite
+from helpers import assert_close_to_truth as _assert_close_finite
+from helpers import FACTOR, ULP, rel_err
 
 pytestmark = pytest.mark.skipif(not tu.INTERPRET, reason="interpreter tests (CPU tensors)")
 
@@ -315,10 +316,14 @@ def _infonce_loss(qh, ch, scale, t, si, dcl):
 def test_infonce_tau_001(dtype, dcl):
     # In-batch / gathered InfoNCE at tau = 0.01 (scale 100), confident positives: rows are
     # the local 2 x 9 views, columns a 2 x 19 "global" batch holding them at an offset.
+    # Embeddings cluster around one direction (cos ~0.86 between samples, ~0.94 between
+    # views), so that at tau = 0.01 negatives keep ~1e-3 of the softmax: with unrelated
+    # samples they would keep e^-60 and every gradient would round to 0 (nothing to compare).
     gen = torch.Generator().manual_seed(1)
     n_local, n_global, d, scale = 9, 19, 64, 100.0
-    base = torch.randn(n_global, d, generator=gen)
-    views = torch.cat([base, base + 0.3 * torch.randn(n_global, d, generator=gen)])
+    base = 20.0 * F.normalize(torch.randn(1, d, generator=gen), dim=1) + \
+        torch.randn(n_global, d, generator=gen)
+    views = torch.cat([base, base + torch.randn(n_global, d, generator=gen)])
     ch = F.normalize(views, dim=1).to(dtype)                      # (2 x 37, D) columns
     own = torch.cat([torch.arange(5, 5 + n_local), n_global + torch.arange(5, 5 + n_local)])
     qh = ch[own].clone()                                            # (2 x 19, D) rows
@@ -338,9 +343,15 @@ def test_infonce_tau_001(dtype, dcl):
     qlp, clp = qh.clone().requires_grad_(), ch.clone().requires_grad_()
     loss_lp = _infonce_loss(qlp, clp, scale, t, si, dcl)
     dq_lp, dc_lp = torch.autograd.grad(loss_lp, (qlp, clp))
+    # the case is informative: the gradients do not vanish at this temperature
+    assert dq64.abs().max() > 1e-2 and dc64.abs().max() > 1e-2
     assert_close_to_truth("loss", loss, loss64, loss_lp, dtype)
-    assert_close_to_truth("dq", dq, dq64, dq_lp, dtype)
-    assert_close_to_truth("dc", dc, dc64, dc_lp, dtype)
+    # plain PyTorch's own error is large here (S rounded to the dtype at |S| ~ 100: 0.1-0.5
+    # relative), so also hold the kernel to a few ulps of the dtype: its only rounding
+    # beyond the inputs is P, once, to nearest (measured: fp16 7e-4, bf16 7e-3 in dq).
+    for name, out, truth, plain in (("dq", dq, dq64, dq_lp), ("dc", dc, dc64, dc_lp)):
+        bar = min(FACTOR * rel_err(plain, truth) + ULP[dtype], 8 * ULP[dtype])
+        assert_close_to_truth(name, out, truth, plain, dtype, abs_tol=bar)
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
@@ -420,16 +431,16 @@ def test_deterministic():
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")
 @pytest.mark.parametrize("dtype", HALF, ids=str)
-def test_round_for_dot_is_round_to_nearest_even(dtype):
+def test_round_cast_is_round_to_nearest_even(dtype):
+    # The switch the gradient kernel relies on for P (tu.round_cast), under the interpreter.
     import triton
     import triton.language as tl
 
     @triton.jit
-    def _round_kernel(X, Y, N, DTYPE: tl.constexpr, EMULATE: tl.constexpr,
-                      BLOCK: tl.constexpr):
+    def _round_kernel(X, Y, N, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.arange(0, BLOCK)
         x = tl.load(X + offs, mask=offs < N)
-        tl.store(Y + offs, tu.round_for_dot(x, DTYPE, EMULATE), mask=offs < N)
+        tl.store(Y + offs, tu.round_cast(x, DTYPE).to(tl.float32), mask=offs < N)
 
     one = 1.0
     ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
@@ -440,11 +451,10 @@ def test_round_for_dot_is_round_to_nearest_even(dtype):
     x = torch.tensor(values, dtype=torch.float32)
     y = torch.empty_like(x)
     tl_dtype = tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
-    _round_kernel[(1,)](x, y, x.numel(), DTYPE=tl_dtype, EMULATE=True, BLOCK=16)
+    _round_kernel[(1,)](x, y, x.numel(), DTYPE=tl_dtype, BLOCK=16)
     want = x.to(dtype).float()  # torch rounds to nearest even, as the GPU's cvt.rn
     assert torch.equal(y.isnan(), want.isnan())
     assert torch.equal(y[~want.isnan()], want[~want.isnan()])
-    assert tu.emulate_dot_rounding(dtype) and not tu.emulate_dot_rounding(torch.float32)
 
 
 def test_input_errors():
@@ -480,3 +490,13 @@ def test_aot_entries_cover_every_dtype_and_width():
         assert e["op"] == "clip_loss" and set(e["signature"]) == set(e["fn"].arg_names)
     with pytest.raises(ValueError, match="unknown op"):
         cc.aot_entries("nope")
+
+
+def test_empty_shapes():
+    s = _scale(2.0)
+    q, none = torch.randn(3, 4), torch.randn(0, 4)
+    lse, pos = cc.row_lse(q, none, s)
+    assert torch.equal(lse, torch.full((3,), float("-inf"))) and torch.equal(pos, torch.zeros(3))
+    assert cc.row_lse(none, q, s)[0].shape == (0,)
+    out = cc.softmax_grad(q, none, s, row=(torch.ones(3), lse, None))
+    assert torch.equal(out, torch.zeros(3, 4))

@@ -77,44 +77,29 @@ def next_pow2(x: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# GPU-faithful rounding of dot operands under the interpreter
+# GPU-faithful down-casts under the interpreter
 # ---------------------------------------------------------------------------------------
-# A GPU rounds fp32 -> bf16/fp16 to nearest even and multiplies 16-bit operands exactly into an
-# fp32 accumulator. The interpreter truncates fp32 -> bf16 (runtime/interpreter.py
-# ``_convert_float``) and multiplies the raw uint16 patterns of bf16 dot operands
-# (triton-lang/triton#11584), so a test of a kernel that rounds a probability tile before a dot
-# would see neither the GPU's error nor its absence. Launchers pass ``emulate_dot_rounding(dtype)``
-# as a constexpr; kernels then load 16-bit operands as fp32 (exact) and round every fp32 tile
-# they feed to a dot with :func:`round_for_dot`, which on a GPU is the plain ``.to(dtype)``.
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-
-def emulate_dot_rounding(dtype: torch.dtype) -> bool:
-    """True only under the interpreter for bf16/fp16 inputs (see :func:`round_for_dot`)."""
-    return INTERPRET and dtype in (torch.bfloat16, torch.float16)
+_INTERPRET_RNE = tl.constexpr(INTERPRET)
 
 
 @triton.jit
-def round_for_dot(x, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
-    """fp32 tile ``x`` rounded to ``DTYPE`` (the dot's operand type) to nearest even.
+def round_cast(x, dtype: tl.constexpr):
+    """``x.to(dtype)`` for an fp32 tile, rounded to nearest-even on every backend.
 
-    GPU (``EMULATE`` False): ``x.to(DTYPE)`` (cvt.rn). Interpreter (``EMULATE`` True): the same
-    rounding done on the bits, result kept in fp32 so that the interpreter's fp32 dot multiplies
-    exactly what a tensor core would. bf16: add 0x7FFF plus the kept lsb to the fp32 bits and
-    clear the low half (NaN kept as is: a payload in the low half could carry into inf).
-    fp16: numpy's float32 -> float16 cast, which the interpreter uses, is already
-    round-to-nearest-even with subnormals.
-    """
-    if EMULATE:
-        if DTYPE == tl.bfloat16:
-            bits = x.to(tl.int32, bitcast=True)
-            lsb = (bits >> 16) & 1
-            rounded = ((bits + 0x7FFF + lsb) & -65536).to(tl.float32, bitcast=True)
-            y = tl.where(x != x, x, rounded)
-        else:
-            y = x.to(DTYPE).to(tl.float32)
-    else:
-        y = x.to(DTYPE)
-    return y
+    On a GPU this is ``x.to(dtype)`` (Triton's fp32 -> bf16/fp16 down-cast rounds to nearest
+    even). The interpreter truncates fp32 -> bf16 (it drops the low 16 bits), which hides
+    exactly the rounding errors a GPU makes; so there the fp32 bits are first rounded to the
+    nearest-even bf16 value (add 0x7FFF + the kept LSB, clear the low half), after which the
+    truncating cast is exact. NaN stays NaN; a value that rounds past bf16's max becomes inf,
+    as on the GPU. fp16 and fp32 targets cast directly (numpy rounds to nearest even)."""
+    if _INTERPRET_RNE:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+            rounded = bits.to(tl.float32, bitcast=True)
+            x = tl.where(x != x, x, rounded)
+    return x.to(dtype)

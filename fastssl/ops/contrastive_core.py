@@ -17,8 +17,8 @@ Kernels
   The -g_i / -h_j of the targets are folded into P in fp32 *before* P is rounded to the dot
   dtype: the target's probability 1 - eps would otherwise cancel after rounding (fp16 CLIP,
   B = 37, confident pairs: 4.8e-2 relative error in dI when the fold came after the cast).
-  A row whose lse is -inf (no valid column) / a column whose clse is -inf is selected out
-  with ``tl.where`` (never 0 * exp(+inf)). Per-split partials (splits x M x D fp32; with one
+  A row whose lse is -inf (no valid column) / a column whose clse is -inf gets weight 0 and
+  lse +inf, so every entry is exp(-inf) = 0 (never 0 * exp(+inf)), at no per-element cost. Per-split partials (splits x M x D fp32; with one
   split, the output itself) are added in split order by ``_sum_splits_kernel``. The column-side
   gradient is this kernel with rows and columns swapped (P^T has the same form): no atomics.
 * fp16: P is multiplied by a power of two ``2^14 / max(|g|, |h|)`` (computed on the device,
@@ -42,10 +42,9 @@ D = 1024 (BLOCK_D_out = 256), plus T x the exps. Chunk-wise accumulation keeps t
 4 D FLOPs and 1 exp per pair per term and adds 8 BLOCK_M D bytes (fp32 read + write) per
 column tile against 4 BLOCK_M BLOCK_N D FLOPs: BLOCK_N / 2 FLOP per byte, served from L2
 (the rows of one program: BLOCK_M x D x 4 = 256 KiB at D = 1024; 132 programs: 33 MiB < 50
-MiB L2 of an H100) -- the chunk-wise read-modify-write triples the L2 traffic of the
-column tiles (BLOCK_N D b read twice) but costs no tensor-core work, and it leaves the grid
-(hence the column-split logic) unchanged. Chunked mode also re-reads the q chunk per column
-tile (from L1/L2).
+MiB L2 of an H100). At BLOCK_M = BLOCK_N = 64, 16-bit inputs, the per-tile L2 traffic goes
+from 384 D bytes (column tile read twice, q chunks re-read) to 896 D bytes, i.e. ~2.3x, with
+no extra tensor-core work, and the grid (hence the column-split logic) is unchanged.
 
 Grid: (cdiv(M, BLOCK_M), splits). Columns are split only when the row blocks alone are fewer
 than the SMs (``_triton_utils.num_sms``): splits = cdiv(tiles, cdiv(tiles, cdiv(sms,
@@ -56,9 +55,10 @@ Counts: ``row_lse`` 2 M NC D FLOPs (x3 products for fp32 bf16x3), M NC exp; ``so
 4 M NC D FLOPs, M NC exp per present term.
 
 Precision: fp32 accumulation everywhere; 16-bit inputs are tensor-core operands as given; P is
-rounded to the input dtype with :func:`fastssl.ops._triton_utils.round_for_dot`, which under
-the interpreter reproduces the GPU's round-to-nearest-even and exact 16-bit products (so the
-interpreter tests see the GPU's error). fp32 inputs: ``tl.dot(input_precision=...)`` from
+rounded to the input dtype with :func:`fastssl.ops._triton_utils.round_cast` (round to nearest
+even, also under the interpreter, which would truncate to bf16), and under the interpreter bf16
+operands reach ``tl.dot`` as exact fp32 (``dot_in_fp32``: its bf16 dot multiplies raw bit
+patterns, triton-lang/triton#11584) -- so the interpreter tests see the GPU's error. fp32 inputs: ``tl.dot(input_precision=...)`` from
 ``FASTSSL_FP32_DOT`` (default "bf16x3", accepted by the NVIDIA backends of triton 3.6 and 3.9:
 ``allowed_dot_input_precisions`` of both lists tf32, tf32x3, ieee, bf16x3, bf16x6).
 
@@ -90,9 +90,9 @@ What the sweep rejected (spill bytes): sm_80 fp32 resident D = 128 (LSE 64x32x12
 368, 64x64x256 708): those buckets use the chunked tiles. 4 warps spilled in most chunked
 configurations (e.g. 16-bit gradient 64x64x64: 1,248 B sm_80, 1,912 B sm_90). fp32 uses
 ``FASTSSL_FP32_DOT``'s precision (default bf16x3: its operand halves double the register
-footprint, hence the smaller tiles); the sweep compiled bf16x3. The same compiles on triton
-3.6.0 (the GPU machine's) accept bf16x3 and give 0 spills for the two configurations
-re-checked there (16-bit gradient chunked sm_90, fp32 LSE D = 128 sm_90). Other sm_8x GPUs
+footprint, hence the smaller tiles); the sweep compiled bf16x3. The whole table compiled again
+with triton 3.6.0 (the GPU machine's): 0 spills, shared memory within the limits, mma.sync /
+wgmma in all 48 (benchmarks/results/contrastive_core_tile_sweep*.jsonl). Other sm_8x GPUs
 (86 / 89: 99 KiB shared per block) take the sm_80 table: its largest allocation is 66,816 B.
 Under the interpreter: 16/32 x 32/16 x 64 tiles (BLOCK_M != BLOCK_N catches transposition
 slips), ``num_sms`` = 16 so small test shapes take the column-split path.
@@ -104,8 +104,7 @@ import triton
 import triton.language as tl
 
 from ._aot import aot_entry
-from ._triton_utils import (INTERPRET, dot_precision, emulate_dot_rounding, num_sms,
-                            round_for_dot)
+from ._triton_utils import INTERPRET, dot_in_fp32, dot_precision, num_sms, round_cast
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DTYPE_CLASS = {torch.float32: "fp32", torch.bfloat16: "half", torch.float16: "half"}
@@ -159,7 +158,7 @@ def _row_lse_kernel(Q, C, SCALE, TARGET, SELF_IDX, MPART, LPART, PPART, M, NC, D
                     HAS_TARGET: tl.constexpr, HAS_SELF: tl.constexpr,
                     MASK_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    D_RESIDENT: tl.constexpr, EMULATE: tl.constexpr,
+                    D_RESIDENT: tl.constexpr, DOT_FP32: tl.constexpr,
                     INPUT_PRECISION: tl.constexpr):
     # reads BLOCK_M D (once if resident, per column tile if not) + the split's columns x D;
     # writes 3 BLOCK_M fp32 partials.
@@ -177,7 +176,7 @@ def _row_lse_kernel(Q, C, SCALE, TARGET, SELF_IDX, MPART, LPART, PPART, M, NC, D
         sidx = tl.load(SELF_IDX + rows, mask=rmask, other=-1).to(tl.int32)
         s_lo, s_hi = _index_range(sidx)
     if D_RESIDENT:
-        q = _load_rows(Q, rows, rmask, 0, D, stride_q, BLOCK_D, EMULATE)
+        q = _load_rows(Q, rows, rmask, 0, D, stride_q, BLOCK_D, DOT_FP32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     pos = tl.zeros([BLOCK_M], tl.float32)
@@ -188,11 +187,11 @@ def _row_lse_kernel(Q, C, SCALE, TARGET, SELF_IDX, MPART, LPART, PPART, M, NC, D
         cmask = cols < NC
         # 1. [Similarity] S = scale (Q C^T), fp32 accumulation on the tensor cores.
         if D_RESIDENT:
-            c = _load_rows(C, cols, cmask, 0, D, stride_c, BLOCK_D, EMULATE)
+            c = _load_rows(C, cols, cmask, 0, D, stride_c, BLOCK_D, DOT_FP32)
             s = tl.dot(q, tl.trans(c), input_precision=INPUT_PRECISION)
         else:
             s = _similarity_chunked(Q, C, rows, cols, rmask, cmask, D, stride_q, stride_c,
-                                    BLOCK_M, BLOCK_N, BLOCK_D, EMULATE, INPUT_PRECISION)
+                                    BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, INPUT_PRECISION)
         s = s * scale
         # 2. [Target] the positive logit from this very tile (the loss is lse - pos: both
         #    must come from the same rounding of S), before any mask.
@@ -252,7 +251,7 @@ def _softmax_grad_kernel(Q, C, SCALE, PSCALE, G, LSE, TARGET, H, CLSE, CTARGET, 
                          MASK_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr,
                          SCALE_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_D: tl.constexpr, D_RESIDENT: tl.constexpr,
-                         EMULATE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                         DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     # OUT: (splits, M, D) fp32, split s at OUT + s M D. Per column tile: reads BLOCK_N D
     # (twice if not resident) + BLOCK_M D (q, if not resident) elements, and if not resident
     # reads + writes BLOCK_M D fp32 of the program's own output rows.
@@ -281,7 +280,7 @@ def _softmax_grad_kernel(Q, C, SCALE, PSCALE, G, LSE, TARGET, H, CLSE, CTARGET, 
         sidx = tl.load(SELF_IDX + rows, mask=rmask, other=-1).to(tl.int32)
         s_lo, s_hi = _index_range(sidx)
     if D_RESIDENT:
-        q = _load_rows(Q, rows, rmask, 0, D, stride_q, BLOCK_D, EMULATE)
+        q = _load_rows(Q, rows, rmask, 0, D, stride_q, BLOCK_D, DOT_FP32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     j_begin = pid_s * TILES_PER_SPLIT * BLOCK_N
     j_end = tl.minimum(j_begin + TILES_PER_SPLIT * BLOCK_N, NC)
@@ -290,11 +289,11 @@ def _softmax_grad_kernel(Q, C, SCALE, PSCALE, G, LSE, TARGET, H, CLSE, CTARGET, 
         cmask = cols < NC
         # 1. [Similarity] recompute the S tile (as in _row_lse_kernel).
         if D_RESIDENT:
-            c = _load_rows(C, cols, cmask, 0, D, stride_c, BLOCK_D, EMULATE)
+            c = _load_rows(C, cols, cmask, 0, D, stride_c, BLOCK_D, DOT_FP32)
             s = tl.dot(q, tl.trans(c), input_precision=INPUT_PRECISION)
         else:
             s = _similarity_chunked(Q, C, rows, cols, rmask, cmask, D, stride_q, stride_c,
-                                    BLOCK_M, BLOCK_N, BLOCK_D, EMULATE, INPUT_PRECISION)
+                                    BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, INPUT_PRECISION)
         s = s * scale
         # 2. [Masks] valid_ij, shared by both terms.
         valid = rmask[:, None] & cmask[None, :]
@@ -339,8 +338,11 @@ def _softmax_grad_kernel(Q, C, SCALE, PSCALE, G, LSE, TARGET, H, CLSE, CTARGET, 
         if HAS_CTARGET:
             if ct_hit:
                 p -= tl.where(ctgt[None, :] == rows[:, None], h[None, :], 0.0)
-        # 4. [P @ C] P rounded once to the dot dtype (RNE, as the GPU does).
-        pd = round_for_dot(p, C.dtype.element_ty, EMULATE)
+        # 4. [P @ C] P rounded once to the dot dtype (RNE, as the GPU does, also under the
+        #    interpreter); bf16 operands go to the interpreter's dot as (exact) fp32.
+        pd = round_cast(p, C.dtype.element_ty)
+        if DOT_FP32:
+            pd = pd.to(tl.float32)
         if D_RESIDENT:
             acc = tl.dot(pd, c, acc, input_precision=INPUT_PRECISION)
         else:
@@ -351,7 +353,7 @@ def _softmax_grad_kernel(Q, C, SCALE, PSCALE, G, LSE, TARGET, H, CLSE, CTARGET, 
             not_first = (rows * 0 + j0) > j_begin
             for d0 in range(0, D, BLOCK_D):
                 dd = d0 + tl.arange(0, BLOCK_D)
-                ck = _load_rows(C, cols, cmask, d0, D, stride_c, BLOCK_D, EMULATE)
+                ck = _load_rows(C, cols, cmask, d0, D, stride_c, BLOCK_D, DOT_FP32)
                 optr = out_base + rows.to(tl.int64)[:, None] * D + dd[None, :]
                 omask = rmask[:, None] & (dd < D)[None, :]
                 prev = tl.load(optr, mask=omask & not_first[:, None], other=0.0)
@@ -550,7 +552,7 @@ def row_lse(q: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, *, target=Non
         HAS_TARGET=target is not None, HAS_SELF=self_idx is not None,
         MASK_TARGET=bool(mask_target), MASK_DIAG=bool(mask_diag),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-        D_RESIDENT=cfg["D_RESIDENT"], EMULATE=emulate_dot_rounding(q.dtype),
+        D_RESIDENT=cfg["D_RESIDENT"], DOT_FP32=dot_in_fp32(q.dtype),
         INPUT_PRECISION=dot_precision(q.dtype), num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     _lse_combine_kernel[(triton.cdiv(m, COMBINE_BLOCK),)](
@@ -631,7 +633,7 @@ def softmax_grad(q: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, *, row=N
         HAS_CSELF=col_self_idx is not None, MASK_TARGET=bool(mask_target),
         MASK_DIAG=bool(mask_diag), SCALE_P=scale_p, BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], D_RESIDENT=cfg["D_RESIDENT"],
-        EMULATE=emulate_dot_rounding(q.dtype), INPUT_PRECISION=dot_precision(q.dtype),
+        DOT_FP32=dot_in_fp32(q.dtype), INPUT_PRECISION=dot_precision(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if splits > 1:
         _sum_splits_kernel[(triton.cdiv(m, SUM_BLOCK_R), triton.cdiv(d, SUM_BLOCK_D))](
@@ -674,7 +676,7 @@ def kernel_entry(op: str, kernel: str, dtype: torch.dtype, d: int, tile: tuple, 
     BLOCK_D, num_warps, num_stages) as :func:`row_lse` / :func:`softmax_grad` launch it for
     ``dtype`` at width ``d`` on a GPU."""
     bm, bn, bd, warps, stages = tile
-    common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, D_RESIDENT=d <= bd, EMULATE=False,
+    common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, D_RESIDENT=d <= bd, DOT_FP32=False,
                   INPUT_PRECISION="ieee" if dtype != torch.float32 else fp32_default())
     if kernel == "lse":
         fn, names = _row_lse_kernel, _LSE_FLAGS

@@ -70,3 +70,32 @@ def num_sms(device: torch.device) -> int:
 
 def next_pow2(x: int) -> int:
     return 1 << max(int(x) - 1, 0).bit_length()
+
+
+# ---------------------------------------------------------------------------------------
+# GPU-faithful down-casts under the interpreter
+# ---------------------------------------------------------------------------------------
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+_INTERPRET_RNE = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def round_cast(x, dtype: tl.constexpr):
+    """``x.to(dtype)`` for an fp32 tile, rounded to nearest-even on every backend.
+
+    On a GPU this is ``x.to(dtype)`` (Triton's fp32 -> bf16/fp16 down-cast rounds to nearest
+    even). The interpreter truncates fp32 -> bf16 (it drops the low 16 bits), which hides
+    exactly the rounding errors a GPU makes; so there the fp32 bits are first rounded to the
+    nearest-even bf16 value (add 0x7FFF + the kept LSB, clear the low half), after which the
+    truncating cast is exact. NaN stays NaN; a value that rounds past bf16's max becomes inf,
+    as on the GPU. fp16 and fp32 targets cast directly (numpy rounds to nearest even)."""
+    if _INTERPRET_RNE:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+            rounded = bits.to(tl.float32, bitcast=True)
+            x = tl.where(x != x, x, rounded)
+    return x.to(dtype)

@@ -67,14 +67,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ._aot import aot_entry
 from ._triton_utils import (INTERPRET, TL_TYPE, dot_in_fp32, dot_precision, next_pow2,
-                            num_sms)
+                            num_sms, round_cast)
 
 # Globals read inside kernels must be constexpr.
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 NORM_EPS = tl.constexpr(1e-12)  # F.normalize's eps, on the fp32 norm
-MAX_D = 256
 # fp16 backward: g is scaled so that max |g| * scale = 2^14, keeping K = g p well inside fp16's
 # normal range (|K| <= 2 max|g|, so <= 2^15 < 65504 after scaling).
 FP16_G_TARGET = 2.0 ** 14
@@ -100,26 +100,49 @@ def _load_pair_rows(z1_ptr, z2_ptr, rows, cols, N, D, s1r, s1c, s2r, s2c):
 
 
 @triton.jit
-def ntxent_prologue_kernel(z1_ptr, z2_ptr, zhat_ptr, rinv_ptr, N, D, s1r, s1c, s2r, s2c,
+def ntxent_prologue_kernel(z1_ptr, z2_ptr, zhat_ptr, norm_ptr, N, D, s1r, s1c, s2r, s2c,
                            NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr,
                            BLOCK_D: tl.constexpr):
-    # read M D (input dtype); write M D (input dtype) + M fp32
+    # reads M D (input dtype) 3x (L1/L2-resident after the first); writes M D + M fp32.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_D)
-    x = _load_pair_rows(z1_ptr, z2_ptr, rows, cols, N, D, s1r, s1c, s2r, s2c)
-    # 0 for a finite row, NaN if any element is inf/NaN (inf - inf = NaN).
-    poison = tl.sum(x - x, axis=1)
-    if NORMALIZE:
-        norm = tl.sqrt_rn(tl.sum(x * x, axis=1))
-        r = tl.div_rn(tl.full(norm.shape, 1.0, tl.float32), tl.maximum(norm, NORM_EPS))
-    else:
-        r = tl.full([BLOCK_R], 1.0, tl.float32)
-    r = r + poison
     inb = rows < 2 * N
-    tl.store(rinv_ptr + rows, r, mask=inb)
-    zh = x * r[:, None]
-    tl.store(zhat_ptr + rows[:, None] * D + cols[None, :], zh.to(zhat_ptr.dtype.element_ty),
-             mask=inb[:, None] & (cols < D)[None, :])
+    dcol = tl.arange(0, BLOCK_D)
+    # 1. [Max-abs] per row, and a poison term: 0 for a finite row, NaN if any element is
+    #    inf/NaN (inf - inf = NaN), added to the norm and to every zhat of the row.
+    amax = tl.zeros([BLOCK_R], tl.float32)
+    poison = tl.zeros([BLOCK_R], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        x = _load_pair_rows(z1_ptr, z2_ptr, rows, d0 + dcol, N, D, s1r, s1c, s2r, s2c)
+        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+        poison += tl.sum(x - x, axis=1)
+    # 2. [Overflow-safe norm] |x| = amax sqrt(sum (x / amax)^2): the squared sum of raw fp32
+    #    values overflows at |x| ~ 1.8e19, the scaled one never (each term <= 1).
+    safe_amax = tl.where(amax > 0, amax, 1.0)
+    ss = tl.zeros([BLOCK_R], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        x = _load_pair_rows(z1_ptr, z2_ptr, rows, d0 + dcol, N, D, s1r, s1c, s2r, s2c)
+        xs = tl.div_rn(x, safe_amax[:, None])
+        ss += tl.sum(xs * xs, axis=1)
+    root = tl.sqrt_rn(ss)
+    norm = amax * root + poison
+    tl.store(norm_ptr + rows, norm, mask=inb)
+    # 3. [Zhat] x / max(|x|, eps) = (x / amax) / root, never forming 1/|x| (subnormal for
+    #    |x| > ~1e38); a clamped row is x * (1 / eps) as in F.normalize and the C++ kernel.
+    clamped = norm < NORM_EPS
+    inv_root = tl.div_rn(tl.full([BLOCK_R], 1.0, tl.float32), tl.where(root > 0, root, 1.0))
+    inv_eps = tl.div_rn(1.0, NORM_EPS)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + dcol
+        x = _load_pair_rows(z1_ptr, z2_ptr, rows, cols, N, D, s1r, s1c, s2r, s2c)
+        if NORMALIZE:
+            zh = tl.where(clamped[:, None], x * inv_eps,
+                          tl.div_rn(x, safe_amax[:, None]) * inv_root[:, None])
+        else:
+            zh = x
+        zh = zh + poison[:, None]
+        tl.store(zhat_ptr + rows[:, None] * D + cols[None, :],
+                 round_cast(zh, zhat_ptr.dtype.element_ty),
+                 mask=inb[:, None] & (cols < D)[None, :])
 
 
 @triton.jit
@@ -139,22 +162,50 @@ def _overlaps(j0, lo, hi, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _similarity_k_loop(zhat_ptr, rows, cols, M, D, DOT_FP32: tl.constexpr,
+                       INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """Zhat_I Zhat_J^T for any D: a GEMM K-loop over BLOCK_K-wide chunks of D, fp32
+    accumulator (BLOCK_M x BLOCK_N). Reads (BLOCK_M + BLOCK_N) D elements (L2-resident)."""
+    kcol = tl.arange(0, BLOCK_K)
+    rmask = rows < M
+    cmask = cols < M
+    s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + kcol
+        if EVEN_K:
+            qm = rmask[:, None]
+            km = cmask[:, None]
+        else:
+            qm = rmask[:, None] & (kk < D)[None, :]
+            km = cmask[:, None] & (kk < D)[None, :]
+        q = tl.load(zhat_ptr + rows[:, None] * D + kk[None, :], mask=qm, other=0.0)
+        k = tl.load(zhat_ptr + cols[:, None] * D + kk[None, :], mask=km, other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), s, input_precision=INPUT_PRECISION)
+    return s
+
+
+@triton.jit
 def ntxent_fwd_kernel(zhat_ptr, temp_ptr, mpart_ptr, lpart_ptr, ppart_ptr, N, D,
                       TILES_PER_SPLIT, DECOUPLED: tl.constexpr, DOT_FP32: tl.constexpr,
                       INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_CHUNK: tl.constexpr,
+                      EVEN_K: tl.constexpr):
     # reads BLOCK_M D + (columns of the split) D; writes 3 BLOCK_M fp32 partials.
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     M = 2 * N
     i0 = pid_m * BLOCK_M
     rows = i0 + tl.arange(0, BLOCK_M)
-    dcol = tl.arange(0, BLOCK_D)
-    dmask = dcol < D
-    q = tl.load(zhat_ptr + rows[:, None] * D + dcol[None, :],
-                mask=(rows < M)[:, None] & dmask[None, :], other=0.0)
-    if DOT_FP32:
-        q = q.to(tl.float32)
+    kcol = tl.arange(0, BLOCK_K)
+    if ONE_CHUNK:  # D <= BLOCK_K: the row block stays in registers for the whole pass
+        q = tl.load(zhat_ptr + rows[:, None] * D + kcol[None, :],
+                    mask=(rows < M)[:, None] & (kcol < D)[None, :], other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
     # 1. [Scale] log2(e) / tau, so that exp(S - m) = exp2(S2 - m2).
     scale = LOG2E / tl.load(temp_ptr).to(tl.float32)
     tgt = tl.where(rows < N, rows + N, rows - N)
@@ -166,18 +217,25 @@ def ntxent_fwd_kernel(zhat_ptr, temp_ptr, mpart_ptr, lpart_ptr, ppart_ptr, N, D,
     j_end = tl.minimum(j_begin + TILES_PER_SPLIT * BLOCK_N, M)
     for j0 in range(j_begin, j_end, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
-        k = tl.load(zhat_ptr + cols[:, None] * D + dcol[None, :],
-                    mask=(cols < M)[:, None] & dmask[None, :], other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
         # 2. [Similarity] 2 BLOCK_M BLOCK_N D FLOPs on the tensor cores, fp32 accumulation.
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * scale
+        if ONE_CHUNK:
+            k = tl.load(zhat_ptr + cols[:, None] * D + kcol[None, :],
+                        mask=(cols < M)[:, None] & (kcol < D)[None, :], other=0.0)
+            if DOT_FP32:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        else:
+            s = _similarity_k_loop(zhat_ptr, rows, cols, M, D, DOT_FP32, INPUT_PRECISION,
+                                   BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+        s = s * scale
         # 3. [Masks] only the tiles they touch pay for them.
         if j0 + BLOCK_N > M:  # ragged last tile
             s = tl.where((cols < M)[None, :], s, float("-inf"))
         if (j0 < i0 + BLOCK_M) & (i0 < j0 + BLOCK_N):  # crosses the diagonal
             s = tl.where(rows[:, None] == cols[None, :], float("-inf"), s)
         if _overlaps(j0, lo1, hi1, BLOCK_N) | _overlaps(j0, lo2, hi2, BLOCK_N):
+            # the positive is read from the same tile as the LSE: no separate dot product,
+            # so loss_i = LSE_i - S_i,t(i) >= 0 up to the exp2/log2 rounding
             is_t = tgt[:, None] == cols[None, :]
             pos += tl.sum(tl.where(is_t, s, 0.0), axis=1)
             if DECOUPLED:
@@ -211,49 +269,63 @@ def ntxent_fwd_combine_kernel(mpart_ptr, lpart_ptr, ppart_ptr, lse_ptr, loss_ptr
         total += tl.load(lpart_ptr + s * M + rows, mask=inb, other=0.0) * tl.exp2(ms - shift)
         pos += tl.load(ppart_ptr + s * M + rows, mask=inb, other=0.0)
     lse2 = shift + tl.log2(tl.where(inb, total, 1.0))  # padding rows: no log2(0)
-    tl.store(lse_ptr + rows, lse2, mask=inb)
-    tl.store(loss_ptr + rows, ((lse2 - pos) * LN2).to(loss_ptr.dtype.element_ty), mask=inb)
+    # saved in natural-log units: the op's contract, shared with the C++ kernel
+    tl.store(lse_ptr + rows, lse2 * LN2, mask=inb)
+    tl.store(loss_ptr + rows, round_cast((lse2 - pos) * LN2, loss_ptr.dtype.element_ty),
+             mask=inb)
 
 
 @triton.jit
 def ntxent_bwd_kernel(zhat_ptr, temp_ptr, lse_ptr, g_ptr, dpart_ptr, N, D, TILES_PER_SPLIT,
-                      DECOUPLED: tl.constexpr, DOT_FP32: tl.constexpr,
+                      PANELS, DECOUPLED: tl.constexpr, DOT_FP32: tl.constexpr,
                       INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    # reads BLOCK_M (D + 2) + (columns of the split) (D + 2); writes BLOCK_M D fp32 partials.
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DP: tl.constexpr,
+                      ONE_CHUNK: tl.constexpr, EVEN_K: tl.constexpr):
+    # Program (row block I, column split s, D-panel p) accumulates dZhat_I[:, panel p] over
+    # the column tiles of split s in a BLOCK_M x BLOCK_DP fp32 register tile.
+    # reads BLOCK_M (D + 2) + (columns of the split) (D + BLOCK_DP + 2) elements;
+    # writes BLOCK_M BLOCK_DP fp32 partials.
     pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid_s = tl.program_id(1) // PANELS
+    pid_p = tl.program_id(1) % PANELS
     M = 2 * N
     i0 = pid_m * BLOCK_M
     rows = i0 + tl.arange(0, BLOCK_M)
     rmask = rows < M
-    dcol = tl.arange(0, BLOCK_D)
-    dmask = dcol < D
-    q = tl.load(zhat_ptr + rows[:, None] * D + dcol[None, :],
-                mask=rmask[:, None] & dmask[None, :], other=0.0)
-    if DOT_FP32:
-        q = q.to(tl.float32)
+    pcol = pid_p * BLOCK_DP + tl.arange(0, BLOCK_DP)
+    pmask = pcol < D
+    if ONE_CHUNK:  # D <= BLOCK_K == BLOCK_DP, one panel: Zhat_J serves both dots
+        q = tl.load(zhat_ptr + rows[:, None] * D + pcol[None, :],
+                    mask=rmask[:, None] & pmask[None, :], other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
     scale = LOG2E / tl.load(temp_ptr).to(tl.float32)
-    lse_i = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+    # the saved LSE is natural-log; the tiles work in log2 units
+    lse_i = tl.load(lse_ptr + rows, mask=rmask, other=0.0) * LOG2E
     g_i = tl.load(g_ptr + rows, mask=rmask, other=0.0)
     tgt = tl.where(rows < N, rows + N, rows - N)
     lo1, hi1, lo2, hi2 = _target_range(i0, N, BLOCK_M)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DP], tl.float32)
     j_begin = pid_s * TILES_PER_SPLIT * BLOCK_N
     j_end = tl.minimum(j_begin + TILES_PER_SPLIT * BLOCK_N, M)
     for j0 in range(j_begin, j_end, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         cmask = cols < M
-        k = tl.load(zhat_ptr + cols[:, None] * D + dcol[None, :],
-                    mask=cmask[:, None] & dmask[None, :], other=0.0)
-        lse_j = tl.load(lse_ptr + cols, mask=cmask, other=0.0)
-        g_j = tl.load(g_ptr + cols, mask=cmask, other=0.0)
+        # 1. [Recompute] S2_IJ in log2 units (1 eq per D-panel over the whole backward).
+        v = tl.load(zhat_ptr + cols[:, None] * D + pcol[None, :],
+                    mask=cmask[:, None] & pmask[None, :], other=0.0)
         if DOT_FP32:
-            kf = k.to(tl.float32)
+            vf = v.to(tl.float32)
         else:
-            kf = k
-        # 1. [Recompute] S2_IJ in log2 units (1 eq over the whole backward).
-        s = tl.dot(q, tl.trans(kf), input_precision=INPUT_PRECISION) * scale
+            vf = v
+        if ONE_CHUNK:
+            s = tl.dot(q, tl.trans(vf), input_precision=INPUT_PRECISION)
+        else:
+            s = _similarity_k_loop(zhat_ptr, rows, cols, M, D, DOT_FP32, INPUT_PRECISION,
+                                   BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+        s = s * scale
+        lse_j = tl.load(lse_ptr + cols, mask=cmask, other=0.0) * LOG2E
+        g_j = tl.load(g_ptr + cols, mask=cmask, other=0.0)
         # 2. [G + G^T] both softmaxes of the symmetric S: row i's and row j's (2 exp2).
         p = g_i[:, None] * tl.exp2(s - lse_i[:, None]) + g_j[None, :] * tl.exp2(s - lse_j[None, :])
         if j0 + BLOCK_N > M:
@@ -266,201 +338,288 @@ def ntxent_bwd_kernel(zhat_ptr, temp_ptr, lse_ptr, g_ptr, dpart_ptr, N, D, TILES
             if DECOUPLED:
                 p = tl.where(is_t, 0.0, p)
             p = tl.where(is_t, p - (g_i[:, None] + g_j[None, :]), p)
-        # 4. [dZhat_I += K Zhat_J] 2 BLOCK_M BLOCK_N D FLOPs on the tensor cores.
-        pk = p.to(k.dtype)
+        # 4. [dZhat_I += K Zhat_J] 2 BLOCK_M BLOCK_N BLOCK_DP FLOPs on the tensor cores.
+        pk = round_cast(p, v.dtype)
         if DOT_FP32:
             pk = pk.to(tl.float32)
-        acc = tl.dot(pk, kf, acc, input_precision=INPUT_PRECISION)
-    out = (pid_s * M + rows)[:, None] * D + dcol[None, :]
-    tl.store(dpart_ptr + out, acc, mask=rmask[:, None] & dmask[None, :])
+        acc = tl.dot(pk, vf, acc, input_precision=INPUT_PRECISION)
+    out = (pid_s * M + rows)[:, None] * D + pcol[None, :]
+    tl.store(dpart_ptr + out, acc, mask=rmask[:, None] & pmask[None, :])
 
 
 @triton.jit
-def ntxent_bwd_epilogue_kernel(dpart_ptr, z1_ptr, z2_ptr, rinv_ptr, temp_ptr, gscale_ptr,
-                               dz1_ptr, dz2_ptr, dots_ptr, N, D, SPLITS, s1r, s1c, s2r, s2c,
-                               NORMALIZE: tl.constexpr, UNSCALE: tl.constexpr,
-                               BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    # reads SPLITS M D fp32 + M D (input) + M; writes M D (input dtype) + M fp32.
+def ntxent_bwd_epilogue_kernel(dpart_ptr, zhat_ptr, norm_ptr, temp_ptr, gscale_ptr, dz1_ptr,
+                               dz2_ptr, dots_ptr, N, D, SPLITS, NORMALIZE: tl.constexpr,
+                               UNSCALE: tl.constexpr, BLOCK_R: tl.constexpr,
+                               BLOCK_D: tl.constexpr):
+    # reads 2 (SPLITS M D fp32 + M D) + M; writes M D (input dtype) + M fp32. Two passes over
+    # D in chunks (the row's zhat . dZhat is needed before any dZ of the row).
     M = 2 * N
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_D)
+    dcol = tl.arange(0, BLOCK_D)
     rmask = rows < M
-    mask = rmask[:, None] & (cols < D)[None, :]
-    off = rows[:, None] * D + cols[None, :]
-    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    for s in range(SPLITS):  # fixed order: deterministic
-        acc += tl.load(dpart_ptr + s * M * D + off, mask=mask, other=0.0)
     inv_tau = tl.div_rn(1.0, tl.load(temp_ptr).to(tl.float32))
     if UNSCALE:
         inv_tau = inv_tau / tl.load(gscale_ptr)  # power of two: exact
-    dzh = acc * inv_tau
-    x = _load_pair_rows(z1_ptr, z2_ptr, rows, cols, N, D, s1r, s1c, s2r, s2c)
-    r = tl.load(rinv_ptr + rows, mask=rmask, other=1.0)
-    zh = x * r[:, None]  # fp32 zhat, not the rounded tensor-core operand
-    dot = tl.sum(zh * dzh, axis=1)
+    norm = tl.load(norm_ptr + rows, mask=rmask, other=1.0)
+    r = tl.div_rn(tl.full([BLOCK_R], 1.0, tl.float32), tl.maximum(norm, NORM_EPS))
+    # 1. [zhat . dZhat] per row, summing the splits' partials in split order.
+    dot = tl.zeros([BLOCK_R], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + dcol
+        mask = rmask[:, None] & (cols < D)[None, :]
+        off = rows[:, None] * D + cols[None, :]
+        acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        for s in range(SPLITS):  # fixed order: deterministic
+            acc += tl.load(dpart_ptr + s * M * D + off, mask=mask, other=0.0)
+        zh = tl.load(zhat_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        dot += tl.sum(zh * (acc * inv_tau), axis=1)
     tl.store(dots_ptr + rows, dot, mask=rmask)
-    if NORMALIZE:
-        # d/dz of z / max(|z|, eps): r (dZhat - zhat (zhat . dZhat)); r dZhat when clamped.
-        clamped = tl.sqrt_rn(tl.sum(x * x, axis=1)) < NORM_EPS
-        dz = tl.where(clamped[:, None], dzh, dzh - zh * dot[:, None]) * r[:, None]
-    else:
-        dz = dzh
+    # 2. [Normalisation gradient] d/dz of z / max(|z|, eps): r (dZhat - zhat (zhat . dZhat));
+    #    r dZhat where the norm was clamped.
+    clamped = norm < NORM_EPS
     first = rows < N
     r1 = tl.where(first, rows, 0)
     r2 = tl.where(first, 0, rows - N)
-    tl.store(dz1_ptr + r1[:, None] * D + cols[None, :], dz.to(dz1_ptr.dtype.element_ty),
-             mask=mask & first[:, None])
-    tl.store(dz2_ptr + r2[:, None] * D + cols[None, :], dz.to(dz2_ptr.dtype.element_ty),
-             mask=mask & ~first[:, None])
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + dcol
+        mask = rmask[:, None] & (cols < D)[None, :]
+        off = rows[:, None] * D + cols[None, :]
+        acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        for s in range(SPLITS):
+            acc += tl.load(dpart_ptr + s * M * D + off, mask=mask, other=0.0)
+        dzh = acc * inv_tau
+        if NORMALIZE:
+            zh = tl.load(zhat_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            dz = tl.where(clamped[:, None], dzh, dzh - zh * dot[:, None]) * r[:, None]
+        else:
+            dz = dzh
+        tl.store(dz1_ptr + r1[:, None] * D + cols[None, :],
+                 round_cast(dz, dz1_ptr.dtype.element_ty), mask=mask & first[:, None])
+        tl.store(dz2_ptr + r2[:, None] * D + cols[None, :],
+                 round_cast(dz, dz2_ptr.dtype.element_ty), mask=mask & ~first[:, None])
 
 
 # ---------------------------------------------------------------------------------------
 # Launch configuration
 # ---------------------------------------------------------------------------------------
 
-# Tile configs, (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass, each checked with
-# `fastssl gpu-report` for 0 spills and tensor-core instructions on sm_80 and sm_90 at D = 128:
-# * "large" (bf16/fp16): 128-row blocks, 8 warps (two warpgroups on sm_90): each column tile
-#   loaded from L2 feeds 128 rows (128 FLOP per L2 byte). The backward's 128 x 64 tile spilled
-#   36-44 bytes on sm_80 (255 registers: a 128 x 128 fp32 accumulator + the S/K tile), so its
-#   BLOCK_N is 32 (0 spills, 239 registers on sm_90).
-# * "small" (bf16/fp16): when even a full column split of the large tiles gives fewer programs
-#   than SMs (2N = 512: 4 x 8 = 32 programs large, 8 x 16 = 128 small).
-# * "fp32": bf16x3 splits each fp32 operand in two bf16 halves (3 products), so operands take
-#   twice the registers and shared memory: 64-row blocks, backward 64 x 16 (0 spills; tf32x3
-#   spilled 232-864 bytes at every tile size that fits in shared memory).
-# * "wide" (bf16/fp16, 128 < D <= 256): 64-row blocks, 8 warps.
-CONFIGS = {
-    "large": dict(fwd=(128, 64, 8, 3), bwd=(128, 32, 8, 3)),
-    "small": dict(fwd=(64, 32, 4, 3), bwd=(64, 32, 4, 3)),
-    "fp32": dict(fwd=(64, 32, 4, 2), bwd=(64, 16, 4, 2)),
-    "wide": dict(fwd=(64, 64, 8, 2), bwd=(64, 32, 8, 2)),
-    # interpreter (tests): BLOCK_M != BLOCK_N on purpose, and cheap in Python
-    "interpret": dict(fwd=(64, 32, 4, 1), bwd=(64, 32, 4, 1)),
-}
-ROW_BLOCK = 8  # prologue / epilogue rows per program (memory-bound; 0 spills at D = 128)
+# Tiles per (arch, dtype, D-class), from the ahead-of-time sweep (`fastssl gpu-report
+# --only nt_xent`, see the module header for the numbers). A pass's tile is
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); the backward's adds BLOCK_DP, the
+# width of its register accumulator (one D-panel). D-classes: "d64" (D <= 64), "d128",
+# "d256" (one D-chunk: the row block and, in the backward, the accumulator hold all of D)
+# and "wide" (D > 256: K-loop over D in the forward, D-panels in the backward).
+D_CLASSES = (("d64", 64), ("d128", 128), ("d256", 256), ("wide", None))
+FWD, BWD = "fwd", "bwd"
+TILES = TILE_TABLE = None  # filled below
+
+
+def _tile(fwd, bwd):
+    return {FWD: dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), fwd)),
+            BWD: dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_DP", "num_warps",
+                           "num_stages"), bwd))}
+
+
+def d_class(d: int) -> str:
+    for name, limit in D_CLASSES:
+        if limit is None or d <= limit:
+            return name
+    raise AssertionError
+
+
+ROW_BLOCK = 8      # prologue / epilogue rows per program (memory-bound)
+ROW_BLOCK_D = 128  # ... and the width of their D-chunks
 COMBINE_BLOCK = 256
 
+# (arch, dtype) -> D-class -> (fwd tile, bwd tile); "small" variants for short batches.
+_HALF_80 = {
+    "d64": ((128, 64, 64, 8, 3), (128, 32, 64, 64, 8, 3)),
+    "d128": ((128, 64, 128, 8, 3), (128, 32, 128, 128, 8, 3)),
+    "d256": ((64, 64, 256, 8, 2), (64, 32, 256, 256, 8, 2)),
+    "wide": ((128, 64, 64, 8, 3), (64, 32, 64, 256, 8, 2)),
+}
+_HALF_SMALL = ((64, 32, None, 4, 3), (64, 32, None, None, 4, 3))
+_FP32_80 = {
+    "d64": ((64, 32, 64, 4, 2), (64, 16, 64, 64, 4, 2)),
+    "d128": ((64, 32, 128, 4, 2), (64, 16, 128, 128, 4, 2)),
+    "d256": ((64, 32, 64, 4, 2), (64, 16, 64, 128, 4, 2)),
+    "wide": ((64, 32, 64, 4, 2), (64, 16, 64, 128, 4, 2)),
+}
+TILE_TABLE = {(80, "bf16"): _HALF_80, (80, "fp16"): _HALF_80, (80, "fp32"): _FP32_80,
+              (90, "bf16"): _HALF_80, (90, "fp16"): _HALF_80, (90, "fp32"): _FP32_80}
+# interpreter (tests): BLOCK_M != BLOCK_N on purpose, narrow D-chunks and D-panels so that
+# small test widths already take the K-loop, ragged chunks and several panels.
+_INTERPRET_TILE = ((64, 32, 32, 4, 1), (64, 32, 32, 64, 4, 1))
 
-def config_name(m: int, d: int, dtype: torch.dtype, sms: int, interpret: bool = INTERPRET) -> str:
-    if interpret:
-        return "interpret"
-    if dtype == torch.float32:
-        return "fp32"
-    if next_pow2(d) > 128:
-        return "wide"
-    bm, bn = CONFIGS["large"]["fwd"][:2]
-    return "large" if triton.cdiv(m, bm) * triton.cdiv(m, bn) >= sms else "small"
+
+def _arch(cap: int) -> int:
+    """The tile table an arch uses: Hopper and later -> 90, Ampere / Ada -> 80."""
+    return 90 if cap >= 90 else 80
 
 
 def pick_config(m: int, d: int, sms: int, dtype: torch.dtype = torch.bfloat16,
-                interpret: bool = INTERPRET) -> dict:
-    """Tile sizes and column split of both passes for 2N = ``m`` on a GPU with ``sms`` SMs.
+                cap: int = 90, interpret: bool = INTERPRET) -> dict:
+    """Tiles, D-chunking and grid of both passes for 2N = ``m``, width ``d`` on a GPU with
+    ``sms`` SMs of compute capability ``cap`` (e.g. 90).
 
-    Returns ``{"name", "BLOCK_D", "fwd": {...}, "bwd": {...}}``; each pass dict holds
-    ``BLOCK_M, BLOCK_N, num_warps, num_stages, row_blocks, splits, tiles_per_split``, and its
-    grid is ``(row_blocks, splits)``. Columns are split only when the row blocks alone are
-    fewer than the SMs; every split is non-empty.
+    Returns ``{"name", "fwd": {...}, "bwd": {...}}``; each pass dict holds ``BLOCK_M, BLOCK_N,
+    BLOCK_K, num_warps, num_stages, ONE_CHUNK, EVEN_K, row_blocks, splits, tiles_per_split``
+    (the backward also ``BLOCK_DP, panels``); the forward grid is ``(row_blocks, splits)``,
+    the backward's ``(row_blocks, splits * panels)``. Columns are split only when the row
+    blocks (times the D-panels) alone are fewer than the SMs; every split is non-empty.
     """
-    name = config_name(m, d, dtype, sms, interpret)
-    out = dict(name=name, BLOCK_D=max(16, next_pow2(d)))
-    for pass_ in ("fwd", "bwd"):
-        bm, bn, warps, stages = CONFIGS[name][pass_]
-        row_blocks, tiles = triton.cdiv(m, bm), triton.cdiv(m, bn)
-        splits = 1 if row_blocks >= sms else min(tiles, triton.cdiv(sms, row_blocks))
+    ty = TL_TYPE[dtype]
+    dcls = d_class(d)
+    if interpret:
+        name, (fwd, bwd) = "interpret", _INTERPRET_TILE
+        if d <= fwd[2]:
+            dcls = "one"
+    else:
+        fwd, bwd = TILE_TABLE[(_arch(cap), ty)][dcls]
+        name = f"sm_{_arch(cap)}/{ty}/{dcls}"
+        if ty != "fp32" and dcls in ("d64", "d128"):
+            bm, bn = fwd[:2]
+            if triton.cdiv(m, bm) * triton.cdiv(m, bn) < sms:
+                fwd = _HALF_SMALL[0][:2] + (fwd[2],) + _HALF_SMALL[0][3:]
+                bwd = _HALF_SMALL[1][:2] + bwd[2:4] + _HALF_SMALL[1][4:]
+                name += "/small"
+    one = dcls != "wide" and not (ty == "fp32" and dcls == "d256")
+    if dcls == "one":
+        one = True
+    out = dict(name=name)
+    for pass_, tile in ((FWD, fwd), (BWD, bwd)):
+        c = _tile(fwd, bwd)[pass_]
+        if one:  # the whole row in one chunk (and, backward, one panel): BLOCK_K = pow2(D)
+            width = max(16, next_pow2(d))
+            c["BLOCK_K"] = width
+            if pass_ == BWD:
+                c["BLOCK_DP"] = width
+        c["ONE_CHUNK"] = one
+        c["EVEN_K"] = d % c["BLOCK_K"] == 0
+        panels = triton.cdiv(d, c["BLOCK_DP"]) if pass_ == BWD else 1
+        if pass_ == BWD:
+            c["panels"] = panels
+        row_blocks, tiles = triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(m, c["BLOCK_N"])
+        base = row_blocks * panels
+        splits = 1 if base >= sms else min(tiles, triton.cdiv(sms, base))
         per = triton.cdiv(tiles, splits)
-        out[pass_] = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
-                          row_blocks=row_blocks, splits=triton.cdiv(tiles, per),
-                          tiles_per_split=per)
+        c.update(row_blocks=row_blocks, splits=triton.cdiv(tiles, per), tiles_per_split=per)
+        out[pass_] = c
     return out
 
 
 # ---------------------------------------------------------------------------------------
-# Launchers
+# Launchers (the CUDA kernels of fastssl::ntxent_fwd / fastssl::ntxent_bwd)
 # ---------------------------------------------------------------------------------------
 
 
-def _check(z1: torch.Tensor) -> None:
-    if z1.dtype not in TL_TYPE:
-        raise TypeError(f"nt_xent (triton): dtype must be float32, bfloat16 or float16, got "
-                        f"{z1.dtype}")
-    if z1.shape[1] > MAX_D:
-        raise NotImplementedError(
-            f"nt_xent (triton): D = {z1.shape[1]} > {MAX_D} is not supported by the fused GPU "
-            "kernels (one block of columns per row); use backend='reference'")
+def _device_cap(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
-def ntxent_forward(z1: torch.Tensor, z2: torch.Tensor, temperature: torch.Tensor,
-                   normalize: bool, decoupled: bool):
-    """Forward launcher.
+def _check(z1: torch.Tensor, z2: torch.Tensor, temperature: torch.Tensor) -> None:
+    if z1.dtype not in TL_TYPE or z2.dtype != z1.dtype:
+        raise TypeError(f"ntxent (triton): z1 and z2 must share one dtype of float32, bfloat16 "
+                        f"or float16, got {z1.dtype} and {z2.dtype}")
+    if z1.dim() != 2 or z1.shape != z2.shape or z1.shape[0] < 1 or z1.shape[1] < 1:
+        raise ValueError(f"ntxent (triton): z1 and z2 must be (N, D) with N, D >= 1 and equal "
+                         f"shapes, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    if temperature.numel() != 1 or temperature.dtype != torch.float32 \
+            or temperature.device != z1.device:
+        raise ValueError("ntxent (triton): temperature must be a one-element float32 tensor on "
+                         f"{z1.device}, got {temperature.dtype} {tuple(temperature.shape)} on "
+                         f"{temperature.device}")
+
+
+def ntxent_fwd_cuda(z1: torch.Tensor, z2: torch.Tensor, temperature: torch.Tensor,
+                    normalize: bool, decoupled: bool):
+    """Forward of ``fastssl::ntxent_fwd`` on CUDA (or CPU tensors under the interpreter).
 
     Args:
-        z1, z2: (N, D) bf16/fp16/fp32, same device (CUDA, or CPU under the interpreter).
-        temperature: 1-element fp32 tensor on the same device.
+        z1, z2: (N, D) fp32 / bf16 / fp16, same device, any strides, any D >= 1.
+        temperature: one-element fp32 tensor on the same device, read by the kernels through
+            its pointer (no host sync).
+        normalize, decoupled: as in :func:`fastssl.nt_xent`.
     Returns:
-        loss rows (2N,) in the input dtype, lse2 (2N,) fp32 (log2 units), zhat (2N, D) in the
-        input dtype, rinv (2N,) fp32.
+        loss (2N,) in the input dtype; lse (2N,) fp32, natural-log LSE of each row's masked
+        logits; zhat (2N, D) in the input dtype, the tensor-core operand (normalised rows, or
+        the raw rows when ``normalize`` is False); norms (2N,) fp32, the raw L2 row norms,
+        overflow-safe (max-abs scaled). A row holding inf/NaN has a NaN norm and NaN zhat,
+        and makes every loss and lse NaN (as the C++ kernel does).
     """
-    _check(z1)
+    _check(z1, z2, temperature)
     n, d = z1.shape
     m = 2 * n
     dev, dtype = z1.device, z1.dtype
-    cfg = pick_config(m, d, num_sms(dev), dtype)
+    cfg = pick_config(m, d, num_sms(dev), dtype, _device_cap(dev))
     zhat = torch.empty((m, d), device=dev, dtype=dtype)
-    rinv = torch.empty((m,), device=dev, dtype=torch.float32)
+    norms = torch.empty((m,), device=dev, dtype=torch.float32)
     ntxent_prologue_kernel[(triton.cdiv(m, ROW_BLOCK),)](
-        z1, z2, zhat, rinv, n, d, z1.stride(0), z1.stride(1), z2.stride(0), z2.stride(1),
-        NORMALIZE=normalize, BLOCK_R=ROW_BLOCK, BLOCK_D=cfg["BLOCK_D"])
-    fc = cfg["fwd"]
+        z1, z2, zhat, norms, n, d, z1.stride(0), z1.stride(1), z2.stride(0), z2.stride(1),
+        NORMALIZE=normalize, BLOCK_R=ROW_BLOCK, BLOCK_D=min(ROW_BLOCK_D, max(16, next_pow2(d))))
+    fc = cfg[FWD]
     splits = fc["splits"]
     part = torch.empty((3, splits, m), device=dev, dtype=torch.float32)
     ntxent_fwd_kernel[(fc["row_blocks"], splits)](
         zhat, temperature, part[0], part[1], part[2], n, d, fc["tiles_per_split"],
         DECOUPLED=decoupled, DOT_FP32=dot_in_fp32(dtype), INPUT_PRECISION=dot_precision(dtype),
-        BLOCK_M=fc["BLOCK_M"], BLOCK_N=fc["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-        num_warps=fc["num_warps"], num_stages=fc["num_stages"])
+        BLOCK_M=fc["BLOCK_M"], BLOCK_N=fc["BLOCK_N"], BLOCK_K=fc["BLOCK_K"],
+        ONE_CHUNK=fc["ONE_CHUNK"], EVEN_K=fc["EVEN_K"], num_warps=fc["num_warps"],
+        num_stages=fc["num_stages"])
     lse = torch.empty((m,), device=dev, dtype=torch.float32)
     loss = torch.empty((m,), device=dev, dtype=dtype)
     ntxent_fwd_combine_kernel[(triton.cdiv(m, COMBINE_BLOCK),)](
         part[0], part[1], part[2], lse, loss, m, splits, BLOCK=COMBINE_BLOCK)
-    return loss, lse, zhat, rinv
+    return loss, lse, zhat, norms
 
 
-def ntxent_backward(grad_rows: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor,
-                    zhat: torch.Tensor, rinv: torch.Tensor, lse: torch.Tensor,
-                    temperature: torch.Tensor, normalize: bool, decoupled: bool,
-                    need_dtemp: bool):
-    """Backward launcher: (dz1, dz2, dtemperature as a 0-dim fp32 tensor or None)."""
-    n, d = z1.shape
-    m = 2 * n
-    dev, dtype = z1.device, z1.dtype
-    cfg = pick_config(m, d, num_sms(dev), dtype)
-    g = grad_rows.to(torch.float32).contiguous()
-    unscale = dtype == torch.float16
+def ntxent_bwd_cuda(grad_loss: torch.Tensor, zhat: torch.Tensor, norms: torch.Tensor,
+                    lse: torch.Tensor, temperature: torch.Tensor, normalize: bool,
+                    decoupled: bool, dtype: torch.dtype):
+    """Backward of ``fastssl::ntxent_bwd`` on CUDA (or CPU tensors under the interpreter).
+
+    Args:
+        grad_loss: (2N,) any float dtype; zhat, norms, lse: ``ntxent_fwd_cuda``'s outputs;
+        temperature: the forward's one-element fp32 tensor; dtype: the input dtype.
+    Returns:
+        dz1, dz2 (N, D) in ``dtype``; dtemperature, fp32, shaped like ``temperature``. The
+        normalisation gradient uses zhat and r = 1 / max(norm, 1e-12), not z1 / z2.
+    """
+    m, d = zhat.shape
+    n = m // 2
+    dev = zhat.device
+    zhat = zhat.contiguous()
+    cfg = pick_config(m, d, num_sms(dev), zhat.dtype, _device_cap(dev))
+    g = grad_loss.to(torch.float32).contiguous()
+    unscale = zhat.dtype == torch.float16
     gscale = None
-    if unscale:
+    if unscale:  # device-side: no host sync
         gmax = g.abs().amax().clamp_min(1e-30)
         gscale = torch.exp2(torch.floor(torch.log2(FP16_G_TARGET / gmax))).reshape(1)
         g = g * gscale
-    bc = cfg["bwd"]
-    splits = bc["splits"]
+    bc = cfg[BWD]
+    splits, panels = bc["splits"], bc["panels"]
     dpart = torch.empty((splits, m, d), device=dev, dtype=torch.float32)
-    ntxent_bwd_kernel[(bc["row_blocks"], splits)](
-        zhat, temperature, lse, g, dpart, n, d, bc["tiles_per_split"],
-        DECOUPLED=decoupled, DOT_FP32=dot_in_fp32(dtype), INPUT_PRECISION=dot_precision(dtype),
-        BLOCK_M=bc["BLOCK_M"], BLOCK_N=bc["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-        num_warps=bc["num_warps"], num_stages=bc["num_stages"])
+    ntxent_bwd_kernel[(bc["row_blocks"], splits * panels)](
+        zhat, temperature, lse, g, dpart, n, d, bc["tiles_per_split"], panels,
+        DECOUPLED=decoupled, DOT_FP32=dot_in_fp32(zhat.dtype),
+        INPUT_PRECISION=dot_precision(zhat.dtype), BLOCK_M=bc["BLOCK_M"],
+        BLOCK_N=bc["BLOCK_N"], BLOCK_K=bc["BLOCK_K"], BLOCK_DP=bc["BLOCK_DP"],
+        ONE_CHUNK=bc["ONE_CHUNK"], EVEN_K=bc["EVEN_K"], num_warps=bc["num_warps"],
+        num_stages=bc["num_stages"])
     dz1 = torch.empty((n, d), device=dev, dtype=dtype)
     dz2 = torch.empty((n, d), device=dev, dtype=dtype)
     dots = torch.empty((m,), device=dev, dtype=torch.float32)
     ntxent_bwd_epilogue_kernel[(triton.cdiv(m, ROW_BLOCK),)](
-        dpart, z1, z2, rinv, temperature, gscale if unscale else temperature, dz1, dz2, dots,
-        n, d, splits, z1.stride(0), z1.stride(1), z2.stride(0), z2.stride(1),
-        NORMALIZE=normalize, UNSCALE=unscale, BLOCK_R=ROW_BLOCK, BLOCK_D=cfg["BLOCK_D"])
-    dtemp = None
-    if need_dtemp:
-        # dL/dtau = -(1 / (2 tau)) sum_a zhat_a . dZhat_a (a fixed-order reduction).
-        dtemp = -dots.sum() / (2.0 * temperature.reshape(()))
+        dpart, zhat, norms, temperature, gscale if unscale else temperature, dz1, dz2, dots,
+        n, d, splits, NORMALIZE=normalize, UNSCALE=unscale, BLOCK_R=ROW_BLOCK,
+        BLOCK_D=min(ROW_BLOCK_D, max(16, next_pow2(d))))
+    # dL/dtau = -(1 / (2 tau)) sum_a zhat_a . dZhat_a (a fixed-order device reduction).
+    dtemp = (-dots.sum() / (2.0 * temperature.reshape(()))).reshape(temperature.shape)
     return dz1, dz2, dtemp
 
 
@@ -470,19 +629,21 @@ class NTXentFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z1, z2, temperature, normalize, decoupled):
-        t = temperature.detach().to(device=z1.device, dtype=torch.float32).reshape(1)
-        loss, lse, zhat, rinv = ntxent_forward(z1, z2, t, normalize, decoupled)
-        ctx.save_for_backward(z1, z2, zhat, rinv, lse, t)
+        t = temperature.detach().to(device=z1.device, dtype=torch.float32).reshape(())
+        loss, lse, zhat, norms = ntxent_fwd_cuda(z1, z2, t, normalize, decoupled)
+        ctx.save_for_backward(zhat, norms, lse, t)
+        ctx.dtype = z1.dtype
         ctx.normalize, ctx.decoupled = normalize, decoupled
         ctx.temp_meta = (temperature.dtype, temperature.device, temperature.shape)
         return loss
 
     @staticmethod
     def backward(ctx, grad_rows):
-        z1, z2, zhat, rinv, lse, t = ctx.saved_tensors
-        need_dtemp = ctx.needs_input_grad[2]
-        dz1, dz2, dtemp = ntxent_backward(grad_rows, z1, z2, zhat, rinv, lse, t, ctx.normalize,
-                                          ctx.decoupled, need_dtemp)
+        zhat, norms, lse, t = ctx.saved_tensors
+        dz1, dz2, dtemp = ntxent_bwd_cuda(grad_rows, zhat, norms, lse, t, ctx.normalize,
+                                          ctx.decoupled, ctx.dtype)
+        if not ctx.needs_input_grad[2]:
+            dtemp = None
         if dtemp is not None:
             dtype, device, shape = ctx.temp_meta
             dtemp = dtemp.to(device=device, dtype=dtype).reshape(shape)
@@ -496,7 +657,7 @@ def nt_xent_rows(z1: torch.Tensor, z2: torch.Tensor, temperature: torch.Tensor,
 
     Args:
         z1, z2: (N, D) float32/bfloat16/float16 tensors on CUDA (or CPU under
-            ``TRITON_INTERPRET=1``), D <= 256. Arguments are validated by
+            ``TRITON_INTERPRET=1``), any D. Arguments are validated by
             :func:`fastssl.nt_xent`, which callers should use.
         temperature: 0-dim tensor > 0 (any float dtype/device); gets a gradient if it
             requires one.
@@ -520,57 +681,66 @@ def nt_xent_rows(z1: torch.Tensor, z2: torch.Tensor, temperature: torch.Tensor,
 # ---------------------------------------------------------------------------------------
 
 
+AOT_DS = (64, 128, 256, 512, 768, 1024)
+AOT_ARCHS = (80, 90)
+
+
 def _aot_entries() -> list:
-    """One entry per (kernel, dtype, config) the launchers use on a GPU, at D = 128 (and the
-    wide config at D = 256)."""
+    """Every (kernel, arch, dtype, D, config) the launchers use on a GPU, at the widths of
+    ``AOT_DS``: the tile kernels once per arch (their tiles are per arch), with the short-batch
+    "small" tiles where they exist; the O(M D) kernels once for both archs. Entries that compile
+    to the same configuration (e.g. D = 512 / 768 / 1024 share the "wide" tiles) are compiled
+    once by ``fastssl gpu-report`` (its cache is keyed by configuration)."""
     entries = []
-    i32 = "i32"
-    plans = [(torch.bfloat16, "large", 128), (torch.bfloat16, "small", 128),
-             (torch.bfloat16, "wide", 256), (torch.float16, "large", 128),
-             (torch.float16, "small", 128), (torch.float32, "fp32", 128)]
-    for dtype, cname, block_d in plans:
-        ty = TL_TYPE[dtype]
-        prec = "bf16x3" if dtype == torch.float32 else "ieee"
-        for pass_, fn, sig in (
-                ("fwd", ntxent_fwd_kernel,
-                 {"zhat_ptr": f"*{ty}", "temp_ptr": "*fp32", "mpart_ptr": "*fp32",
-                  "lpart_ptr": "*fp32", "ppart_ptr": "*fp32", "N": i32, "D": i32,
-                  "TILES_PER_SPLIT": i32}),
-                ("bwd", ntxent_bwd_kernel,
-                 {"zhat_ptr": f"*{ty}", "temp_ptr": "*fp32", "lse_ptr": "*fp32",
-                  "g_ptr": "*fp32", "dpart_ptr": "*fp32", "N": i32, "D": i32,
-                  "TILES_PER_SPLIT": i32})):
-            bm, bn, warps, stages = CONFIGS[cname][pass_]
-            entries.append(dict(
-                name=f"{fn.__name__}[{ty},{cname},D{block_d}]", fn=fn, signature=sig,
-                constexprs=dict(DECOUPLED=False, DOT_FP32=False, INPUT_PRECISION=prec,
-                                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d),
-                tensor_cores=True, num_warps=warps, num_stages=stages))
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        ty = TL_TYPE[dtype]
-        entries.append(dict(
-            name=f"ntxent_prologue_kernel[{ty}]", fn=ntxent_prologue_kernel,
-            signature={"z1_ptr": f"*{ty}", "z2_ptr": f"*{ty}", "zhat_ptr": f"*{ty}",
-                       "rinv_ptr": "*fp32", "N": i32, "D": i32, "s1r": i32, "s1c": i32,
-                       "s2r": i32, "s2c": i32},
-            constexprs=dict(NORMALIZE=True, BLOCK_R=ROW_BLOCK, BLOCK_D=128),
-            tensor_cores=False, num_warps=4, num_stages=1))
-        entries.append(dict(
-            name=f"ntxent_fwd_combine_kernel[{ty}]", fn=ntxent_fwd_combine_kernel,
-            signature={"mpart_ptr": "*fp32", "lpart_ptr": "*fp32", "ppart_ptr": "*fp32",
-                       "lse_ptr": "*fp32", "loss_ptr": f"*{ty}", "M": i32, "SPLITS": i32},
+    ptr_f32 = "fp32"
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for d in AOT_DS:
+            for arch in AOT_ARCHS:
+                plans = {"": pick_config(65536, d, 132, dtype, arch, interpret=False)}
+                small = pick_config(512, d, 132, dtype, arch, interpret=False)
+                if small["name"].endswith("/small"):
+                    plans["small"] = small
+                for tag, cfg in plans.items():
+                    fc, bc = cfg[FWD], cfg[BWD]
+                    common = dict(DECOUPLED=False, DOT_FP32=False,
+                                  INPUT_PRECISION="bf16x3" if dtype == torch.float32 else "ieee")
+                    entries.append(aot_entry(
+                        ntxent_fwd_kernel, op="nt_xent", dtype=dtype, D=d, arch=arch, tag=tag,
+                        pointers=dict(zhat_ptr=dtype, temp_ptr=ptr_f32, mpart_ptr=ptr_f32,
+                                      lpart_ptr=ptr_f32, ppart_ptr=ptr_f32),
+                        constexprs=dict(common, **{k: fc[k] for k in (
+                            "BLOCK_M", "BLOCK_N", "BLOCK_K", "ONE_CHUNK", "EVEN_K")}),
+                        tensor_cores=True, num_warps=fc["num_warps"],
+                        num_stages=fc["num_stages"]))
+                    entries.append(aot_entry(
+                        ntxent_bwd_kernel, op="nt_xent", dtype=dtype, D=d, arch=arch, tag=tag,
+                        pointers=dict(zhat_ptr=dtype, temp_ptr=ptr_f32, lse_ptr=ptr_f32,
+                                      g_ptr=ptr_f32, dpart_ptr=ptr_f32),
+                        constexprs=dict(common, **{k: bc[k] for k in (
+                            "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_DP", "ONE_CHUNK",
+                            "EVEN_K")}),
+                        tensor_cores=True, num_warps=bc["num_warps"],
+                        num_stages=bc["num_stages"]))
+            block_d = min(ROW_BLOCK_D, max(16, next_pow2(d)))
+            entries.append(aot_entry(
+                ntxent_prologue_kernel, op="nt_xent", dtype=dtype, D=d,
+                pointers=dict(z1_ptr=dtype, z2_ptr=dtype, zhat_ptr=dtype, norm_ptr=ptr_f32),
+                constexprs=dict(NORMALIZE=True, BLOCK_R=ROW_BLOCK, BLOCK_D=block_d),
+                tensor_cores=False, num_warps=4, num_stages=1))
+            entries.append(aot_entry(
+                ntxent_bwd_epilogue_kernel, op="nt_xent", dtype=dtype, D=d,
+                pointers=dict(dpart_ptr=ptr_f32, zhat_ptr=dtype, norm_ptr=ptr_f32,
+                              temp_ptr=ptr_f32, gscale_ptr=ptr_f32, dz1_ptr=dtype,
+                              dz2_ptr=dtype, dots_ptr=ptr_f32),
+                constexprs=dict(NORMALIZE=True, UNSCALE=dtype == torch.float16,
+                                BLOCK_R=ROW_BLOCK, BLOCK_D=block_d),
+                tensor_cores=False, num_warps=4, num_stages=1))
+        entries.append(aot_entry(
+            ntxent_fwd_combine_kernel, op="nt_xent", dtype=dtype, D=None,
+            pointers=dict(mpart_ptr=ptr_f32, lpart_ptr=ptr_f32, ppart_ptr=ptr_f32,
+                          lse_ptr=ptr_f32, loss_ptr=dtype),
             constexprs=dict(BLOCK=COMBINE_BLOCK), tensor_cores=False, num_warps=4,
             num_stages=1))
-        entries.append(dict(
-            name=f"ntxent_bwd_epilogue_kernel[{ty}]", fn=ntxent_bwd_epilogue_kernel,
-            signature={"dpart_ptr": "*fp32", "z1_ptr": f"*{ty}", "z2_ptr": f"*{ty}",
-                       "rinv_ptr": "*fp32", "temp_ptr": "*fp32", "gscale_ptr": "*fp32",
-                       "dz1_ptr": f"*{ty}", "dz2_ptr": f"*{ty}", "dots_ptr": "*fp32",
-                       "N": i32, "D": i32, "SPLITS": i32, "s1r": i32, "s1c": i32,
-                       "s2r": i32, "s2c": i32},
-            constexprs=dict(NORMALIZE=True, UNSCALE=dtype == torch.float16, BLOCK_R=ROW_BLOCK,
-                            BLOCK_D=128),
-            tensor_cores=False, num_warps=4, num_stages=1))
     return entries
 
 

@@ -206,8 +206,12 @@ def ntxent_fwd_kernel(zhat_ptr, temp_ptr, mpart_ptr, lpart_ptr, ppart_ptr, N, D,
                     mask=(rows < M)[:, None] & (kcol < D)[None, :], other=0.0)
         if DOT_FP32:
             q = q.to(tl.float32)
-    # 1. [Scale] log2(e) / tau, so that exp(S - m) = exp2(S2 - m2).
-    scale = LOG2E / tl.load(temp_ptr).to(tl.float32)
+    # 1. [Scale] S = Zhat_I Zhat_J^T / tau in natural units, and exp(S - m) = exp2((S - m)
+    #    log2(e)): log2(e) is folded into the (small) difference, not into the scale, so the
+    #    backward recomputes bit-identical logits and the saved natural-log LSE needs no
+    #    conversion (a log2-unit LSE converted to natural and back would add ~ulp(lse) to every
+    #    probability: 5x plain fp32 PyTorch's dL/dtau error where that sum cancels, D = 1).
+    inv_tau = tl.div_rn(1.0, tl.load(temp_ptr).to(tl.float32))
     tgt = tl.where(rows < N, rows + N, rows - N)
     lo1, hi1, lo2, hi2 = _target_range(i0, N, BLOCK_M)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -227,7 +231,7 @@ def ntxent_fwd_kernel(zhat_ptr, temp_ptr, mpart_ptr, lpart_ptr, ppart_ptr, N, D,
         else:
             s = _similarity_k_loop(zhat_ptr, rows, cols, M, D, DOT_FP32, INPUT_PRECISION,
                                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
-        s = s * scale
+        s = s * inv_tau
         # 3. [Masks] only the tiles they touch pay for them.
         if j0 + BLOCK_N > M:  # ragged last tile
             s = tl.where((cols < M)[None, :], s, float("-inf"))
@@ -243,7 +247,8 @@ def ntxent_fwd_kernel(zhat_ptr, temp_ptr, mpart_ptr, lpart_ptr, ppart_ptr, N, D,
         # 4. [Online softmax] running max and sum, exp2; a row with no column yet keeps -inf.
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - shift) + tl.sum(tl.exp2(s - shift[:, None]), axis=1)
+        l_i = (l_i * tl.exp2((m_i - shift) * LOG2E)
+               + tl.sum(tl.exp2((s - shift[:, None]) * LOG2E), axis=1))
         m_i = m_new
     out = pid_s * M + rows
     inb = rows < M
@@ -266,13 +271,14 @@ def ntxent_fwd_combine_kernel(mpart_ptr, lpart_ptr, ppart_ptr, lse_ptr, loss_ptr
     pos = tl.zeros([BLOCK], tl.float32)
     for s in range(SPLITS):
         ms = tl.load(mpart_ptr + s * M + rows, mask=inb, other=float("-inf"))
-        total += tl.load(lpart_ptr + s * M + rows, mask=inb, other=0.0) * tl.exp2(ms - shift)
+        total += (tl.load(lpart_ptr + s * M + rows, mask=inb, other=0.0)
+                  * tl.exp2((ms - shift) * LOG2E))
         pos += tl.load(ppart_ptr + s * M + rows, mask=inb, other=0.0)
-    lse2 = shift + tl.log2(tl.where(inb, total, 1.0))  # padding rows: no log2(0)
-    # saved in natural-log units: the op's contract, shared with the C++ kernel
-    tl.store(lse_ptr + rows, lse2 * LN2, mask=inb)
-    tl.store(loss_ptr + rows, round_cast((lse2 - pos) * LN2, loss_ptr.dtype.element_ty),
-             mask=inb)
+    # natural-log LSE (the op's saved-tensor contract, shared with the C++ kernel); the max
+    # is added unconverted, only log(sum) goes through log2
+    lse = shift + tl.log2(tl.where(inb, total, 1.0)) * LN2  # padding rows: no log2(0)
+    tl.store(lse_ptr + rows, lse, mask=inb)
+    tl.store(loss_ptr + rows, round_cast(lse - pos, loss_ptr.dtype.element_ty), mask=inb)
 
 
 @triton.jit
@@ -299,9 +305,12 @@ def ntxent_bwd_kernel(zhat_ptr, temp_ptr, lse_ptr, g_ptr, dpart_ptr, N, D, TILES
                     mask=rmask[:, None] & pmask[None, :], other=0.0)
         if DOT_FP32:
             q = q.to(tl.float32)
-    scale = LOG2E / tl.load(temp_ptr).to(tl.float32)
-    # the saved LSE is natural-log; the tiles work in log2 units
-    lse_i = tl.load(lse_ptr + rows, mask=rmask, other=0.0) * LOG2E
+    # The saved LSE is natural-log, so the logits are too: S - lse is formed in natural units
+    # and only the (small) difference is scaled by log2(e) for exp2. Converting lse itself to
+    # log2 units would add a rounding of ~ulp(lse) to every probability (a 3-8x larger
+    # dL/dtau error than plain fp32 PyTorch where that sum cancels, e.g. D = 1).
+    inv_tau = tl.div_rn(1.0, tl.load(temp_ptr).to(tl.float32))
+    lse_i = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
     g_i = tl.load(g_ptr + rows, mask=rmask, other=0.0)
     tgt = tl.where(rows < N, rows + N, rows - N)
     lo1, hi1, lo2, hi2 = _target_range(i0, N, BLOCK_M)
@@ -311,7 +320,7 @@ def ntxent_bwd_kernel(zhat_ptr, temp_ptr, lse_ptr, g_ptr, dpart_ptr, N, D, TILES
     for j0 in range(j_begin, j_end, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         cmask = cols < M
-        # 1. [Recompute] S2_IJ in log2 units (1 eq per D-panel over the whole backward).
+        # 1. [Recompute] S_IJ (1 eq per D-panel over the whole backward).
         v = tl.load(zhat_ptr + cols[:, None] * D + pcol[None, :],
                     mask=cmask[:, None] & pmask[None, :], other=0.0)
         if DOT_FP32:
@@ -323,11 +332,12 @@ def ntxent_bwd_kernel(zhat_ptr, temp_ptr, lse_ptr, g_ptr, dpart_ptr, N, D, TILES
         else:
             s = _similarity_k_loop(zhat_ptr, rows, cols, M, D, DOT_FP32, INPUT_PRECISION,
                                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
-        s = s * scale
-        lse_j = tl.load(lse_ptr + cols, mask=cmask, other=0.0) * LOG2E
+        s = s * inv_tau
+        lse_j = tl.load(lse_ptr + cols, mask=cmask, other=0.0)
         g_j = tl.load(g_ptr + cols, mask=cmask, other=0.0)
         # 2. [G + G^T] both softmaxes of the symmetric S: row i's and row j's (2 exp2).
-        p = g_i[:, None] * tl.exp2(s - lse_i[:, None]) + g_j[None, :] * tl.exp2(s - lse_j[None, :])
+        p = (g_i[:, None] * tl.exp2((s - lse_i[:, None]) * LOG2E)
+             + g_j[None, :] * tl.exp2((s - lse_j[None, :]) * LOG2E))
         if j0 + BLOCK_N > M:
             p = tl.where(cmask[None, :], p, 0.0)
         if (j0 < i0 + BLOCK_M) & (i0 < j0 + BLOCK_N):
@@ -412,7 +422,6 @@ def ntxent_bwd_epilogue_kernel(dpart_ptr, zhat_ptr, norm_ptr, temp_ptr, gscale_p
 # and "wide" (D > 256: K-loop over D in the forward, D-panels in the backward).
 D_CLASSES = (("d64", 64), ("d128", 128), ("d256", 256), ("wide", None))
 FWD, BWD = "fwd", "bwd"
-TILES = TILE_TABLE = None  # filled below
 
 
 def _tile(fwd, bwd):
@@ -432,22 +441,31 @@ ROW_BLOCK = 8      # prologue / epilogue rows per program (memory-bound)
 ROW_BLOCK_D = 128  # ... and the width of their D-chunks
 COMBINE_BLOCK = 256
 
-# (arch, dtype) -> D-class -> (fwd tile, bwd tile); "small" variants for short batches.
-_HALF_80 = {
-    "d64": ((128, 64, 64, 8, 3), (128, 32, 64, 64, 8, 3)),
-    "d128": ((128, 64, 128, 8, 3), (128, 32, 128, 128, 8, 3)),
-    "d256": ((64, 64, 256, 8, 2), (64, 32, 256, 256, 8, 2)),
-    "wide": ((128, 64, 64, 8, 3), (64, 32, 64, 256, 8, 2)),
+# (arch, dtype) -> D-class -> (fwd tile, bwd tile), from the sweep in the module header;
+# bf16 and fp16 share tiles. "small" variants for short batches (fewer tiles than SMs).
+_HALF = {
+    80: {"d64": ((128, 64, 64, 8, 3), (128, 32, 64, 64, 8, 3)),
+         "d128": ((128, 64, 128, 8, 3), (128, 32, 128, 128, 8, 3)),
+         "d256": ((64, 64, 256, 8, 2), (64, 32, 256, 256, 8, 2)),
+         "wide": ((128, 64, 64, 8, 3), (64, 32, 64, 256, 8, 2))},
+    90: {"d64": ((128, 64, 64, 8, 3), (128, 64, 64, 64, 8, 3)),
+         "d128": ((128, 64, 128, 8, 3), (128, 64, 128, 128, 8, 3)),
+         "d256": ((128, 64, 256, 8, 2), (64, 64, 256, 256, 8, 2)),
+         "wide": ((128, 64, 64, 8, 3), (64, 32, 64, 256, 8, 2))},
 }
 _HALF_SMALL = ((64, 32, None, 4, 3), (64, 32, None, None, 4, 3))
-_FP32_80 = {
-    "d64": ((64, 32, 64, 4, 2), (64, 16, 64, 64, 4, 2)),
-    "d128": ((64, 32, 128, 4, 2), (64, 16, 128, 128, 4, 2)),
-    "d256": ((64, 32, 64, 4, 2), (64, 16, 64, 128, 4, 2)),
-    "wide": ((64, 32, 64, 4, 2), (64, 16, 64, 128, 4, 2)),
+_FP32 = {
+    80: {"d64": ((64, 32, 64, 4, 2), (64, 16, 64, 64, 4, 2)),
+         "d128": ((64, 32, 128, 4, 2), (32, 16, 128, 128, 4, 2)),
+         "d256": ((128, 32, 32, 8, 3), (64, 16, 32, 128, 8, 2)),
+         "wide": ((128, 32, 32, 8, 3), (64, 16, 32, 128, 8, 2))},
+    90: {"d64": ((64, 64, 64, 4, 2), (64, 32, 64, 64, 4, 2)),
+         "d128": ((64, 32, 128, 4, 2), (64, 16, 128, 128, 4, 2)),
+         "d256": ((128, 32, 32, 8, 3), (64, 16, 32, 128, 4, 2)),
+         "wide": ((128, 32, 32, 8, 3), (64, 16, 32, 128, 4, 2))},
 }
-TILE_TABLE = {(80, "bf16"): _HALF_80, (80, "fp16"): _HALF_80, (80, "fp32"): _FP32_80,
-              (90, "bf16"): _HALF_80, (90, "fp16"): _HALF_80, (90, "fp32"): _FP32_80}
+TILE_TABLE = {(arch, ty): (_FP32 if ty == "fp32" else _HALF)[arch]
+              for arch in (80, 90) for ty in ("fp32", "bf16", "fp16")}
 # interpreter (tests): BLOCK_M != BLOCK_N on purpose, narrow D-chunks and D-panels so that
 # small test widths already take the K-loop, ragged chunks and several panels.
 _INTERPRET_TILE = ((64, 32, 32, 4, 1), (64, 32, 32, 64, 4, 1))
@@ -752,18 +770,31 @@ AOT_KERNELS = _aot_entries()
 # ---------------------------------------------------------------------------------------
 
 
+def _pass(flops, exps, nbytes) -> dict:
+    return dict(flops=int(flops), exps=int(exps), bytes=int(nbytes))
+
+
+def _total(passes: dict) -> dict:
+    out = {k: sum(p[k] for p in passes.values()) for k in ("flops", "exps", "bytes")}
+    out["passes"] = passes
+    return out
+
+
 def work_fused(m: int, d: int, elem_bytes: int = 2) -> dict:
-    """FLOPs, exps and HBM bytes of this module's fwd + bwd at 2N = m (see the header)."""
-    flops = 3 * 2 * m * m * d          # S fwd, S recompute, K Zhat
-    exps = 3 * m * m                   # fwd 1, bwd 2 per element
-    md = m * d
-    hbm = (md * elem_bytes * 2        # prologue: read z, write zhat
-           + md * elem_bytes          # forward: zhat (L2-resident re-reads not counted)
-           + md * elem_bytes          # backward: zhat
-           + md * 4 * 2               # backward partials: write + read fp32 (splits = 1)
-           + md * elem_bytes * 2      # epilogue: read z, write dz
-           + m * 4 * 12 + m * elem_bytes)  # rinv, partial stats, lse, g, dots, loss
-    return dict(flops=flops, exps=exps, bytes=hbm)
+    """FLOPs, exps and HBM bytes of this module's fwd + bwd at 2N = m, width d, on an H100's
+    bf16 tiles (see the header): ``{"flops", "exps", "bytes", "passes": {"fwd", "bwd"}}``.
+    The backward's S recompute and its exps repeat once per D-panel."""
+    panels = pick_config(m, d, 132, torch.bfloat16, 90, interpret=False)[BWD]["panels"]
+    eq = 2 * m * m * d
+    md, b = m * d, elem_bytes
+    # fwd: prologue reads z, writes zhat + norms; the tile pass reads zhat once from HBM (its
+    # re-reads hit L2); partial stats, lse and loss are O(M).
+    fwd = _pass(eq, m * m, 3 * md * b + m * (32 + b))
+    # bwd: tiles read zhat (once per panel), lse, g; write fp32 partials; the epilogue reads
+    # them and zhat, writes dz and the per-row dots.
+    bwd = _pass((panels + 1) * eq, 2 * m * m * panels,
+                (panels + 2) * md * b + 8 * md + 16 * m)
+    return _total(dict(fwd=fwd, bwd=bwd))
 
 
 def work_eager_reference(m: int, d: int, elem_bytes: int = 2) -> dict:
@@ -771,19 +802,25 @@ def work_eager_reference(m: int, d: int, elem_bytes: int = 2) -> dict:
     counting each kernel's M^2 reads and writes (the O(M D) traffic is negligible)."""
     mm = m * m
     b = elem_bytes
-    passes = [
-        ("z @ z.T", 0, 1),                 # write logits
+    fwd_passes = [  # (name, reads, writes) in units of M^2 elements
+        ("z @ z.T", 0, 1),
         ("/ temperature", 1, 1),
         ("eye mask", 0, 1 / b),            # bool
         ("masked_fill", 1 + 1 / b, 1),
         ("logsumexp", 1, 0),
+    ]
+    bwd_passes = [
         ("logsumexp backward", 1, 1),      # exp(x - lse) * g
         ("masked_fill backward", 1 + 1 / b, 1),
         ("div backward", 1, 1),
         ("matmul backward (dS Z, dS^T Z)", 2, 0),
     ]
-    hbm = sum(r + w for _, r, w in passes) * mm * b
-    return dict(flops=3 * 2 * mm * d, exps=2 * mm, bytes=int(hbm))
+    eq = 2 * mm * d
+    fwd = _pass(eq, mm, sum(r + w for _, r, w in fwd_passes) * mm * b)
+    bwd = _pass(2 * eq, mm, sum(r + w for _, r, w in bwd_passes) * mm * b)
+    return _total(dict(fwd=fwd, bwd=bwd))
 
 
-ESTIMATE_SHAPE = dict(m=65536, d=128)
+# (2N, D) of the roofline rows: the headline shape, and the widest D of the sweep.
+ESTIMATE_SHAPES = ((65536, 128), (65536, 1024))
+

@@ -103,7 +103,7 @@ def test_loss_kernels_use_tensor_cores(report, aot_entries):
     wants = {e["name"] for e in _loss_entries(aot_entries)}
     rows = [k for k in report["kernels"] if k["kernel"] in wants]
     assert rows and {k["D"] for k in rows} >= set(TEST_DS or SWEEP_DS)
-    assert {k["dtype"] for k in rows} == set(DTYPES)
+    assert {k["dtype"] for k in rows} >= set(DTYPES)
     wrong = [(k["kernel"], k["arch"], k["tensor_cores"]) for k in rows
              if k["tensor_cores"] != TC_WANT[k["arch"]]]
     assert not wrong, f"not on the arch's tensor-core instruction: {wrong}"

@@ -6,35 +6,68 @@ in fp32), S = Zhat Zhat^T / tau, diagonal masked, row i's target t(i) = (i + N) 
 ``decoupled`` also masked out of the log-sum-exp), loss_i = LSE_j S_ij - S_i,t(i).
 One "matmul-equivalent" (eq) = 2 M^2 D FLOPs, the cost of S once.
 
+Launchers (the CUDA kernels of ``fastssl::ntxent_fwd`` / ``fastssl::ntxent_bwd``; the C++ CPU
+kernels return the same tensors):
+    ntxent_fwd_cuda(z1, z2, temperature, normalize, decoupled) -> (loss, lse, zhat, norms)
+    ntxent_bwd_cuda(grad_loss, zhat, norms, lse, temperature, normalize, decoupled, dtype)
+        -> (dz1, dz2, dtemperature)
+loss (M,) input dtype; lse (M,) fp32 natural-log; zhat (M, D) input dtype; norms (M,) fp32 raw
+L2 row norms; temperature a one-element fp32 device tensor read through its pointer (no host
+sync anywhere, the fp16 gradient scale included).
+
 Design: full row blocks, flash-attention style, backward recomputes S
 ------------------------------------------------------------------------
-* Prologue (O(M D)): one pass writes Zhat in the input dtype (the tensor-core operand) and the
-  fp32 inverse norms r (M); a non-finite row gets r = NaN, which poisons every row's LSE
-  (every row reads every column), so non-finite input -> NaN loss and gradients.
+* Prologue (O(M D)): per row, in D-chunks: max-abs, then the norm as amax * sqrt(sum
+  (x / amax)^2) (overflow-safe: the raw squared sum overflows fp32 at |x| ~ 1.8e19; inputs up
+  to bf16/fp32's max normalise correctly), then Zhat = (x / amax) / sqrt(...) in the input
+  dtype (the tensor-core operand), never forming 1/|x| (subnormal above ~1e38). A row holding
+  inf/NaN gets a NaN norm and NaN Zhat, which poisons every row's LSE (every row reads every
+  column): non-finite input -> NaN loss and gradients, as in the C++ kernel.
 * Forward: program (row block I, column split s) streams the column tiles of split s:
-  S_IJ = tl.dot(Zhat_I, Zhat_J^T) * (log2(e) / tau) -- the log2(e) folded into the scale so the
-  online (max, sum) uses exp2 -- and keeps the running row (max, sum) in fp32 registers.
-  The 2N x 2N matrix is never written. Cost: 1 eq, M^2 exp2, reads Zhat once per row block.
-  A combine kernel merges the splits' (max, sum) in split order (deterministic) and writes
-  lse (M fp32, saved) and loss rows (M, input dtype).
+  S_IJ = Zhat_I Zhat_J^T / tau, a GEMM K-loop over BLOCK_K-wide chunks of D (one chunk, the
+  row block held in registers, when D <= BLOCK_K), and keeps the running row (max, sum) in
+  fp32 registers; exp(S - m) = exp2((S - m) log2(e)). log2(e) is folded into the (small)
+  difference rather than into 1/tau, so that the logits are natural-unit and bit-identical
+  in the backward's recompute: the saved natural-log LSE then normalises them exactly (an
+  LSE kept in log2 units and converted to natural and back adds ~ulp(lse) to every
+  probability: measured 5x plain fp32 PyTorch's dL/dtau error where that sum cancels, D = 1).
+  The M x M matrix is never written. Cost: 1 eq, M^2 exp2. A combine kernel merges the
+  splits' (max, sum) in split order (deterministic) and writes lse and the loss rows; the
+  positive logit is read from the same S tile as the LSE (no negative rows).
 * Backward: dZhat = (G + G^T) Zhat / tau with G_ij = g_i softmax_i(j) - g_i [j = t(i)].
-  Program (I, s) recomputes S_IJ (1 eq) and forms, in fp32,
-      K_IJ = g_i exp2(S2_ij - lse2_i) + g_j exp2(S2_ij - lse2_j)      (S symmetric: 2 exp2)
+  Program (I, s, D-panel p) recomputes S_IJ (the K-loop over all of D) and forms, in fp32,
+      K_IJ = g_i exp2((S_ij - lse_i) log2 e) + g_j exp2((S_ij - lse_j) log2 e)   (2 exp2)
   then the -(g_i + g_t(i)) of the target is folded in fp32 *before* K is cast to the input
-  dtype for ``dZhat_I += tl.dot(K, Zhat_J)`` (1 eq) -- the positive's p ~ 1 - eps would
-  otherwise cancel after rounding. Cost: 2 eq, 2 M^2 exp2. An epilogue kernel (O(M D)) sums
-  the splits' partials in split order, scales by 1/tau, applies the normalisation gradient
-  dZ = r (dZhat - zhat (zhat . dZhat)) (dZhat * r where the norm was clamped), writes dz1/dz2
+  dtype for ``dZhat_I[:, p] += tl.dot(K, Zhat_J[:, p])`` -- the positive's p ~ 1 - eps would
+  otherwise cancel after rounding. The accumulator is BLOCK_M x BLOCK_DP fp32 registers.
+  Cost: (1 + P) eq and 2 P M^2 exp2 for P = cdiv(D, BLOCK_DP) panels (P = 1 up to D = 256).
+  An epilogue kernel (O(M D), two passes over D-chunks) sums the splits' partials in split
+  order, scales by 1/tau, applies the normalisation gradient dZ = r (dZhat - zhat (zhat .
+  dZhat)) with r = 1 / max(norm, 1e-12) (r dZhat where the norm was clamped), writes dz1/dz2
   and zhat_a . dZhat_a per row, from which dL/dtau = -(1/(2 tau)) sum_a zhat_a . dZhat_a.
 * Masks cost only where they apply: the self-mask runs only in tiles that cross the diagonal,
   the target fold / positive extraction / decoupled mask only in tiles that hold a target
-  column, the ragged-column mask only in the last tile (scalar branches around tile work).
+  column, the ragged-column mask only in the last tile (scalar branches around tile work),
+  the ragged-D mask only when D is not a multiple of BLOCK_K (a constexpr).
 
-Counts, fwd + bwd (M = 65,536, D = 128, bf16: see ``fastssl gpu-report``):
-    this design : 3 eq = 6 M^2 D FLOPs (3.30e12), 3 M^2 exp2 (1.29e10), HBM ~ (6 b + 8) M D +
-                  O(M) bytes (~0.17 GB; b = bytes/element; column tiles are re-read from L2,
-                  M/BLOCK_M times per pass)
-    eager ref.  : 3 eq, 2 M^2 exp, and ~15 passes over M^2 logits (0.13 TB in bf16)
+Wide D: why D-panels (recompute S per panel) rather than accumulating dZhat in global memory?
+The program owns its rows, so it could keep dZhat_I (BLOCK_M x D fp32) in global memory and
+read-modify-write one D-chunk at a time for every column tile, without atomics: that moves
+8 BLOCK_M D bytes per column tile against 4 BLOCK_M BLOCK_N D FLOPs (S and K Zhat), i.e.
+BLOCK_N / 2 = 16-32 FLOP per byte of L2 traffic, 3-10x below an H100's ~90-165 FLOP/B L2
+balance (989 TFLOP/s over ~6-11 TB/s), and 8 M^2 D / BLOCK_N bytes in all (0.55 TB at
+M = 65,536, D = 1024, BLOCK_N = 64; the 132 programs' accumulators, 132 x 256 KiB, also do not
+fit the 50 MB L2). Panels stay compute-bound: at D = 1024 (P = 4) the backward is 5 eq instead
+of 2, fwd + bwd 6 eq (lower bound 53 ms at M = 65,536 vs 40 ms for the memory-bound eager
+reference's 133 GB of logit traffic, which at that M also needs 8.6 GB per logit tensor; fused
+stays O(M D)). A 512-wide panel (P = 2, 4 eq) would be better, but its 64 x 512 fp32
+accumulator spilled in every tile of the sweep (32-544 bytes, below).
+
+Counts, fwd + bwd (bf16, b = 2 bytes/element; ``fastssl gpu-report`` prints the H100 figures):
+    M = 65,536, D = 128  : 3 eq = 6 M^2 D FLOPs (3.30e12), 3 M^2 exp2 (1.29e10),
+                           HBM (6 b + 8) M D + O(M) bytes (~0.17 GB; column tiles re-read from L2)
+    M = 65,536, D = 1024 : 6 eq (5.28e13), 9 M^2 exp2, ~1.7 GB
+    eager reference      : 3 eq, 2 M^2 exp, and ~15 passes over M^2 logits (0.13 TB in bf16)
 Why not the symmetric upper-triangle schedule (2 eq, 2 M^2 exp, what the C++ kernel does)?
 A tile (I, J) then updates the column statistics and dZ of block J, owned by another program:
 on a GPU that needs floating-point atomics (order-dependent results) or per-tile partial
@@ -44,22 +77,52 @@ forward (Liger-style)? Row j's softmax needs lse_j, known only after a full pass
 still be 1 + 2 eq, only moved into the forward, and would tie the gradient to a uniform g
 (no ``reduction="none"`` with an arbitrary grad_output).
 
-Grid: (cdiv(M, BLOCK_M), splits). When the row blocks alone are fewer than the SMs, the
-column tiles are split across ``splits`` programs (partials: (splits, M) stats forward,
-(splits, M, D) fp32 backward, bounded by ~num_sms * BLOCK_M * D * 4 bytes); reductions of
-partials run in a fixed order. No atomics anywhere: results are bitwise reproducible for a
-given shape and GPU. On an H100 (132 SMs), bf16: 2N = 512 -> 8 x 16 = 128 programs (64 x 32
-tiles, forward and backward); 2N = 131,072 -> 1024 x 1 programs (128-row blocks).
+Grid: forward (cdiv(M, BLOCK_M), splits), backward (cdiv(M, BLOCK_M), splits * panels). When
+the row blocks (times the panels) are fewer than the SMs, the column tiles are split across
+``splits`` programs (partials: (splits, M) stats forward, (splits, M, D) fp32 backward, bounded
+by ~num_sms * BLOCK_M * D * 4 bytes); reductions of partials run in a fixed order. No atomics
+anywhere: results are bitwise reproducible for a given shape and GPU.
+
+Tiles per (arch, dtype, D-class) -- TILE_TABLE below -- picked from an ahead-of-time sweep
+(``fastssl gpu-report``: Triton's PTX through its own ptxas, triton 3.9) among candidates at
+D in {64, 128, 256, 512, 768, 1024} (512 / 768 / 1024 share the "wide" tiles): the chosen
+tiles have 0 spill bytes, shared memory within the arch's limit (sm_80 163 KiB, sm_90 227 KiB)
+and run on wgmma (sm_90) / mma.sync (sm_80). The launcher picks the table by the device's
+compute capability (>= 9.0 -> sm_90, else sm_80). Tile = (BLOCK_M, BLOCK_N, BLOCK_K[,
+BLOCK_DP], warps, stages); regs / shared bytes per arch as compiled:
+  arch   dtype      D          forward tile        regs/shared backward tile          regs/shared
+  sm_90  bf16/fp16  <= 64      (128, 64, 64, 8, 3)   121 / 24K   (128, 64, 64, 64, 8, 3)   207 / 32K
+  sm_90  bf16/fp16  <= 128     (128, 64, 128, 8, 3)  121 / 48K   (128, 64, 128, 128, 8, 3) 216 / 64K
+  sm_90  bf16/fp16  <= 256     (128, 64, 256, 8, 2)  170 / 96K   (64, 64, 256, 256, 8, 2)  199 / 72K
+  sm_90  bf16/fp16  > 256      (128, 64, 64, 8, 3)   254 / 24K   (64, 32, 64, 256, 8, 2)   240 / 64K
+  sm_90  fp32       <= 64      (64, 64, 64, 4, 2)    128 / 48K   (64, 32, 64, 64, 4, 2)    240 / 32K
+  sm_90  fp32       <= 128     (64, 32, 128, 4, 2)   128 / 64K   (64, 16, 128, 128, 4, 2)  228 / 48K
+  sm_90  fp32       > 128      (128, 32, 32, 8, 3)   220 / 44K   (64, 16, 32, 128, 4, 2)   240 / 32K
+  sm_80  bf16/fp16  <= 64      (128, 64, 64, 8, 3)   199 / 24K   (128, 32, 64, 64, 8, 3)   254 / 32K
+  sm_80  bf16/fp16  <= 128     (128, 64, 128, 8, 3)  203 / 48K   (128, 32, 128, 128, 8, 3) 255 / 48K
+  sm_80  bf16/fp16  <= 256     (64, 64, 256, 8, 2)   255 / 48K   (64, 32, 256, 256, 8, 2)  240 / 56K
+  sm_80  bf16/fp16  > 256      (128, 64, 64, 8, 3)   255 / 24K   (64, 32, 64, 256, 8, 2)   255 / 32K
+  sm_80  fp32       <= 64      (64, 32, 64, 4, 2)    179 / 24K   (64, 16, 64, 64, 4, 2)    175 / 20K
+  sm_80  fp32       <= 128     (64, 32, 128, 4, 2)   255 / 48K   (32, 16, 128, 128, 4, 2)  248 / 26K
+  sm_80  fp32       > 128      (128, 32, 32, 8, 3)   248 / 40K   (64, 16, 32, 128, 8, 2)   221 / 16K
+    short batches (bf16/fp16, D <= 128, fewer tiles than SMs): (64, 32, ., 4, 3) both passes,
+    72-165 / 12-24K forward, 151-254 / 16-32K backward.
+Every compiled: 0 spills, wgmma on sm_90, mma on sm_80 (`fastssl gpu-report --only nt_xent:`).
+Rejected in the sweep (spill bytes): bf16 bwd 64 x 512 D-panels (32-544, both archs); bf16
+bwd (128, 64, 128, 128) on sm_80 (12); bf16 wide fwd with BLOCK_K = 128 (1120-1860) or
+BLOCK_N = 128 (284-528); bf16 wide bwd 128-row / 4-warp tiles (120-936); fp32 bwd
+(64, 16, 128, 128, 4 or 8 warps) on sm_80 (24); fp32 wide BLOCK_K = 64 (324-1348). Several
+chosen tiles sit at 254-255 registers on sm_80 with 0 spills: a Triton upgrade may tip them
+(``tests/test_gpu_report.py`` would fail).
 
 Precision: fp32 accumulation everywhere; the dot operands are Zhat in the input dtype (bf16 /
 fp16 / fp32). fp32 inputs use ``tl.dot(input_precision=...)`` from ``FASTSSL_FP32_DOT``
-(default ``"bf16x3"``: tensor cores, ~1e-5 relative, 3x the products; ``"tf32"`` faster and
-~1e-3; ``"tf32x3"`` ~1e-6 but spills; ``"ieee"`` no tensor cores), see
-:mod:`fastssl.ops._triton_utils`; fp32's FLOP counts below are 3x. fp16 backward: g is
-pre-scaled by a power of two (2^14 / max|g|) so that K (~ g / M per entry) stays in fp16's
-normal range; the epilogue undoes it exactly.
-
-Limits: D <= 256 (one register/shared-memory block of columns per row; larger D raises).
+(default ``"bf16x3"``, present in triton 3.6 and 3.9: tensor cores, ~1e-5 relative, 3x the
+products; ``"tf32"`` faster and ~1e-3; ``"ieee"`` no tensor cores), see
+:mod:`fastssl.ops._triton_utils`; fp32's FLOP counts are 3x. fp16 backward: g is pre-scaled
+by a power of two (2^14 / max|g|, on the device) so that K (~ g / M per entry) stays in fp16's
+normal range; the epilogue undoes it exactly. Under the interpreter, fp32 -> bf16 casts are
+rounded to nearest even (``round_cast``), as on the GPU.
 """
 from __future__ import annotations
 
@@ -439,6 +502,16 @@ def d_class(d: int) -> str:
 
 ROW_BLOCK = 8      # prologue / epilogue rows per program (memory-bound)
 ROW_BLOCK_D = 128  # ... and the width of their D-chunks
+
+
+def row_block_d(d: int) -> int:
+    return min(ROW_BLOCK_D, max(16, next_pow2(d)))
+
+
+def row_warps(block_d: int) -> int:
+    """Warps of the prologue / epilogue: 2 for chunks of <= 64 columns (triton 3.6's ptxas
+    spilled 12 bytes of the fp32 epilogue at 8 x 64 with 4 warps on sm_90; 2 warps: 0)."""
+    return 2 if block_d <= 64 else 4
 COMBINE_BLOCK = 256
 
 # (arch, dtype) -> D-class -> (fwd tile, bwd tile), from the sweep in the module header;
@@ -578,7 +651,8 @@ def ntxent_fwd_cuda(z1: torch.Tensor, z2: torch.Tensor, temperature: torch.Tenso
     norms = torch.empty((m,), device=dev, dtype=torch.float32)
     ntxent_prologue_kernel[(triton.cdiv(m, ROW_BLOCK),)](
         z1, z2, zhat, norms, n, d, z1.stride(0), z1.stride(1), z2.stride(0), z2.stride(1),
-        NORMALIZE=normalize, BLOCK_R=ROW_BLOCK, BLOCK_D=min(ROW_BLOCK_D, max(16, next_pow2(d))))
+        NORMALIZE=normalize, BLOCK_R=ROW_BLOCK, BLOCK_D=row_block_d(d),
+        num_warps=row_warps(row_block_d(d)))
     fc = cfg[FWD]
     splits = fc["splits"]
     part = torch.empty((3, splits, m), device=dev, dtype=torch.float32)
@@ -635,7 +709,7 @@ def ntxent_bwd_cuda(grad_loss: torch.Tensor, zhat: torch.Tensor, norms: torch.Te
     ntxent_bwd_epilogue_kernel[(triton.cdiv(m, ROW_BLOCK),)](
         dpart, zhat, norms, temperature, gscale if unscale else temperature, dz1, dz2, dots,
         n, d, splits, NORMALIZE=normalize, UNSCALE=unscale, BLOCK_R=ROW_BLOCK,
-        BLOCK_D=min(ROW_BLOCK_D, max(16, next_pow2(d))))
+        BLOCK_D=row_block_d(d), num_warps=row_warps(row_block_d(d)))
     # dL/dtau = -(1 / (2 tau)) sum_a zhat_a . dZhat_a (a fixed-order device reduction).
     dtemp = (-dots.sum() / (2.0 * temperature.reshape(()))).reshape(temperature.shape)
     return dz1, dz2, dtemp
@@ -739,12 +813,12 @@ def _aot_entries() -> list:
                             "EVEN_K")}),
                         tensor_cores=True, num_warps=bc["num_warps"],
                         num_stages=bc["num_stages"]))
-            block_d = min(ROW_BLOCK_D, max(16, next_pow2(d)))
+            block_d = row_block_d(d)
             entries.append(aot_entry(
                 ntxent_prologue_kernel, op="nt_xent", dtype=dtype, D=d,
                 pointers=dict(z1_ptr=dtype, z2_ptr=dtype, zhat_ptr=dtype, norm_ptr=ptr_f32),
                 constexprs=dict(NORMALIZE=True, BLOCK_R=ROW_BLOCK, BLOCK_D=block_d),
-                tensor_cores=False, num_warps=4, num_stages=1))
+                tensor_cores=False, num_warps=row_warps(block_d), num_stages=1))
             entries.append(aot_entry(
                 ntxent_bwd_epilogue_kernel, op="nt_xent", dtype=dtype, D=d,
                 pointers=dict(dpart_ptr=ptr_f32, zhat_ptr=dtype, norm_ptr=ptr_f32,
@@ -752,7 +826,7 @@ def _aot_entries() -> list:
                               dz2_ptr=dtype, dots_ptr=ptr_f32),
                 constexprs=dict(NORMALIZE=True, UNSCALE=dtype == torch.float16,
                                 BLOCK_R=ROW_BLOCK, BLOCK_D=block_d),
-                tensor_cores=False, num_warps=4, num_stages=1))
+                tensor_cores=False, num_warps=row_warps(block_d), num_stages=1))
         entries.append(aot_entry(
             ntxent_fwd_combine_kernel, op="nt_xent", dtype=dtype, D=None,
             pointers=dict(mpart_ptr=ptr_f32, lpart_ptr=ptr_f32, ppart_ptr=ptr_f32,

@@ -1,4 +1,4 @@
-"""Fused NT-Xent (SimCLR) loss on the GPU in Triton: kernels + launchers + autograd.Function.
+"""Fused NT-Xent (SimCLR) loss: the op (schemas, fake, autograd) and its Triton CUDA kernels.
 
 Same semantics as :func:`fastssl.reference.nt_xent` and ``csrc/cpu/ntxent.cpp``. Notation
 (DESIGN.md): M = 2N rows, Z = [z1; z2] (M x D), Zhat = normalize(Z) (L2, eps 1e-12 on the norm,
@@ -6,35 +6,68 @@ in fp32), S = Zhat Zhat^T / tau, diagonal masked, row i's target t(i) = (i + N) 
 ``decoupled`` also masked out of the log-sum-exp), loss_i = LSE_j S_ij - S_i,t(i).
 One "matmul-equivalent" (eq) = 2 M^2 D FLOPs, the cost of S once.
 
+Launchers (the CUDA kernels of ``fastssl::ntxent_fwd`` / ``fastssl::ntxent_bwd``; the C++ CPU
+kernels return the same tensors):
+    ntxent_fwd_cuda(z1, z2, temperature, normalize, decoupled) -> (loss, lse, zhat, norms)
+    ntxent_bwd_cuda(grad_loss, zhat, norms, lse, temperature, normalize, decoupled, dtype)
+        -> (dz1, dz2, dtemperature)
+loss (M,) input dtype; lse (M,) fp32 natural-log; zhat (M, D) input dtype; norms (M,) fp32 raw
+L2 row norms; temperature a one-element fp32 device tensor read through its pointer (no host
+sync anywhere, the fp16 gradient scale included).
+
 Design: full row blocks, flash-attention style, backward recomputes S
 ------------------------------------------------------------------------
-* Prologue (O(M D)): one pass writes Zhat in the input dtype (the tensor-core operand) and the
-  fp32 inverse norms r (M); a non-finite row gets r = NaN, which poisons every row's LSE
-  (every row reads every column), so non-finite input -> NaN loss and gradients.
+* Prologue (O(M D)): per row, in D-chunks: max-abs, then the norm as amax * sqrt(sum
+  (x / amax)^2) (overflow-safe: the raw squared sum overflows fp32 at |x| ~ 1.8e19; inputs up
+  to bf16/fp32's max normalise correctly), then Zhat = (x / amax) / sqrt(...) in the input
+  dtype (the tensor-core operand), never forming 1/|x| (subnormal above ~1e38). A row holding
+  inf/NaN gets a NaN norm and NaN Zhat, which poisons every row's LSE (every row reads every
+  column): non-finite input -> NaN loss and gradients, as in the C++ kernel.
 * Forward: program (row block I, column split s) streams the column tiles of split s:
-  S_IJ = tl.dot(Zhat_I, Zhat_J^T) * (log2(e) / tau) -- the log2(e) folded into the scale so the
-  online (max, sum) uses exp2 -- and keeps the running row (max, sum) in fp32 registers.
-  The 2N x 2N matrix is never written. Cost: 1 eq, M^2 exp2, reads Zhat once per row block.
-  A combine kernel merges the splits' (max, sum) in split order (deterministic) and writes
-  lse (M fp32, saved) and loss rows (M, input dtype).
+  S_IJ = Zhat_I Zhat_J^T / tau, a GEMM K-loop over BLOCK_K-wide chunks of D (one chunk, the
+  row block held in registers, when D <= BLOCK_K), and keeps the running row (max, sum) in
+  fp32 registers; exp(S - m) = exp2((S - m) log2(e)). log2(e) is folded into the (small)
+  difference rather than into 1/tau, so that the logits are natural-unit and bit-identical
+  in the backward's recompute: the saved natural-log LSE then normalises them exactly (an
+  LSE kept in log2 units and converted to natural and back adds ~ulp(lse) to every
+  probability: measured 5x plain fp32 PyTorch's dL/dtau error where that sum cancels, D = 1).
+  The M x M matrix is never written. Cost: 1 eq, M^2 exp2. A combine kernel merges the
+  splits' (max, sum) in split order (deterministic) and writes lse and the loss rows; the
+  positive logit is read from the same S tile as the LSE (no negative rows).
 * Backward: dZhat = (G + G^T) Zhat / tau with G_ij = g_i softmax_i(j) - g_i [j = t(i)].
-  Program (I, s) recomputes S_IJ (1 eq) and forms, in fp32,
-      K_IJ = g_i exp2(S2_ij - lse2_i) + g_j exp2(S2_ij - lse2_j)      (S symmetric: 2 exp2)
+  Program (I, s, D-panel p) recomputes S_IJ (the K-loop over all of D) and forms, in fp32,
+      K_IJ = g_i exp2((S_ij - lse_i) log2 e) + g_j exp2((S_ij - lse_j) log2 e)   (2 exp2)
   then the -(g_i + g_t(i)) of the target is folded in fp32 *before* K is cast to the input
-  dtype for ``dZhat_I += tl.dot(K, Zhat_J)`` (1 eq) -- the positive's p ~ 1 - eps would
-  otherwise cancel after rounding. Cost: 2 eq, 2 M^2 exp2. An epilogue kernel (O(M D)) sums
-  the splits' partials in split order, scales by 1/tau, applies the normalisation gradient
-  dZ = r (dZhat - zhat (zhat . dZhat)) (dZhat * r where the norm was clamped), writes dz1/dz2
+  dtype for ``dZhat_I[:, p] += tl.dot(K, Zhat_J[:, p])`` -- the positive's p ~ 1 - eps would
+  otherwise cancel after rounding. The accumulator is BLOCK_M x BLOCK_DP fp32 registers.
+  Cost: (1 + P) eq and 2 P M^2 exp2 for P = cdiv(D, BLOCK_DP) panels (P = 1 up to D = 256).
+  An epilogue kernel (O(M D), two passes over D-chunks) sums the splits' partials in split
+  order, scales by 1/tau, applies the normalisation gradient dZ = r (dZhat - zhat (zhat .
+  dZhat)) with r = 1 / max(norm, 1e-12) (r dZhat where the norm was clamped), writes dz1/dz2
   and zhat_a . dZhat_a per row, from which dL/dtau = -(1/(2 tau)) sum_a zhat_a . dZhat_a.
 * Masks cost only where they apply: the self-mask runs only in tiles that cross the diagonal,
   the target fold / positive extraction / decoupled mask only in tiles that hold a target
-  column, the ragged-column mask only in the last tile (scalar branches around tile work).
+  column, the ragged-column mask only in the last tile (scalar branches around tile work),
+  the ragged-D mask only when D is not a multiple of BLOCK_K (a constexpr).
 
-Counts, fwd + bwd (M = 65,536, D = 128, bf16: see ``fastssl gpu-report``):
-    this design : 3 eq = 6 M^2 D FLOPs (3.30e12), 3 M^2 exp2 (1.29e10), HBM ~ (6 b + 8) M D +
-                  O(M) bytes (~0.17 GB; b = bytes/element; column tiles are re-read from L2,
-                  M/BLOCK_M times per pass)
-    eager ref.  : 3 eq, 2 M^2 exp, and ~15 passes over M^2 logits (0.13 TB in bf16)
+Wide D: why D-panels (recompute S per panel) rather than accumulating dZhat in global memory?
+The program owns its rows, so it could keep dZhat_I (BLOCK_M x D fp32) in global memory and
+read-modify-write one D-chunk at a time for every column tile, without atomics: that moves
+8 BLOCK_M D bytes per column tile against 4 BLOCK_M BLOCK_N D FLOPs (S and K Zhat), i.e.
+BLOCK_N / 2 = 16-32 FLOP per byte of L2 traffic, 3-10x below an H100's ~90-165 FLOP/B L2
+balance (989 TFLOP/s over ~6-11 TB/s), and 8 M^2 D / BLOCK_N bytes in all (0.55 TB at
+M = 65,536, D = 1024, BLOCK_N = 64; the 132 programs' accumulators, 132 x 256 KiB, also do not
+fit the 50 MB L2). Panels stay compute-bound: at D = 1024 (P = 4) the backward is 5 eq instead
+of 2, fwd + bwd 6 eq (lower bound 53 ms at M = 65,536 vs 40 ms for the memory-bound eager
+reference's 133 GB of logit traffic, which at that M also needs 8.6 GB per logit tensor; fused
+stays O(M D)). A 512-wide panel (P = 2, 4 eq) would be better, but its 64 x 512 fp32
+accumulator spilled in every tile of the sweep (32-544 bytes, below).
+
+Counts, fwd + bwd (bf16, b = 2 bytes/element; ``fastssl gpu-report`` prints the H100 figures):
+    M = 65,536, D = 128  : 3 eq = 6 M^2 D FLOPs (3.30e12), 3 M^2 exp2 (1.29e10),
+                           HBM (6 b + 8) M D + O(M) bytes (~0.17 GB; column tiles re-read from L2)
+    M = 65,536, D = 1024 : 6 eq (5.28e13), 9 M^2 exp2, ~1.7 GB
+    eager reference      : 3 eq, 2 M^2 exp, and ~15 passes over M^2 logits (0.13 TB in bf16)
 Why not the symmetric upper-triangle schedule (2 eq, 2 M^2 exp, what the C++ kernel does)?
 A tile (I, J) then updates the column statistics and dZ of block J, owned by another program:
 on a GPU that needs floating-point atomics (order-dependent results) or per-tile partial
@@ -44,22 +77,52 @@ forward (Liger-style)? Row j's softmax needs lse_j, known only after a full pass
 still be 1 + 2 eq, only moved into the forward, and would tie the gradient to a uniform g
 (no ``reduction="none"`` with an arbitrary grad_output).
 
-Grid: (cdiv(M, BLOCK_M), splits). When the row blocks alone are fewer than the SMs, the
-column tiles are split across ``splits`` programs (partials: (splits, M) stats forward,
-(splits, M, D) fp32 backward, bounded by ~num_sms * BLOCK_M * D * 4 bytes); reductions of
-partials run in a fixed order. No atomics anywhere: results are bitwise reproducible for a
-given shape and GPU. On an H100 (132 SMs), bf16: 2N = 512 -> 8 x 16 = 128 programs (64 x 32
-tiles, forward and backward); 2N = 131,072 -> 1024 x 1 programs (128-row blocks).
+Grid: forward (cdiv(M, BLOCK_M), splits), backward (cdiv(M, BLOCK_M), splits * panels). When
+the row blocks (times the panels) are fewer than the SMs, the column tiles are split across
+``splits`` programs (partials: (splits, M) stats forward, (splits, M, D) fp32 backward, bounded
+by ~num_sms * BLOCK_M * D * 4 bytes); reductions of partials run in a fixed order. No atomics
+anywhere: results are bitwise reproducible for a given shape and GPU.
+
+Tiles per (arch, dtype, D-class) -- TILE_TABLE below -- picked from an ahead-of-time sweep
+(``fastssl gpu-report``: Triton's PTX through its own ptxas, triton 3.9) among candidates at
+D in {64, 128, 256, 512, 768, 1024} (512 / 768 / 1024 share the "wide" tiles): the chosen
+tiles have 0 spill bytes, shared memory within the arch's limit (sm_80 163 KiB, sm_90 227 KiB)
+and run on wgmma (sm_90) / mma.sync (sm_80). The launcher picks the table by the device's
+compute capability (>= 9.0 -> sm_90, else sm_80). Tile = (BLOCK_M, BLOCK_N, BLOCK_K[,
+BLOCK_DP], warps, stages); regs / shared bytes per arch as compiled:
+  arch   dtype      D          forward tile        regs/shared backward tile          regs/shared
+  sm_90  bf16/fp16  <= 64      (128, 64, 64, 8, 3)   121 / 24K   (128, 64, 64, 64, 8, 3)   207 / 32K
+  sm_90  bf16/fp16  <= 128     (128, 64, 128, 8, 3)  121 / 48K   (128, 64, 128, 128, 8, 3) 216 / 64K
+  sm_90  bf16/fp16  <= 256     (128, 64, 256, 8, 2)  170 / 96K   (64, 64, 256, 256, 8, 2)  199 / 72K
+  sm_90  bf16/fp16  > 256      (128, 64, 64, 8, 3)   254 / 24K   (64, 32, 64, 256, 8, 2)   240 / 64K
+  sm_90  fp32       <= 64      (64, 64, 64, 4, 2)    128 / 48K   (64, 32, 64, 64, 4, 2)    240 / 32K
+  sm_90  fp32       <= 128     (64, 32, 128, 4, 2)   128 / 64K   (64, 16, 128, 128, 4, 2)  228 / 48K
+  sm_90  fp32       > 128      (128, 32, 32, 8, 3)   220 / 44K   (64, 16, 32, 128, 4, 2)   240 / 32K
+  sm_80  bf16/fp16  <= 64      (128, 64, 64, 8, 3)   199 / 24K   (128, 32, 64, 64, 8, 3)   254 / 32K
+  sm_80  bf16/fp16  <= 128     (128, 64, 128, 8, 3)  203 / 48K   (128, 32, 128, 128, 8, 3) 255 / 48K
+  sm_80  bf16/fp16  <= 256     (64, 64, 256, 8, 2)   255 / 48K   (64, 32, 256, 256, 8, 2)  240 / 56K
+  sm_80  bf16/fp16  > 256      (128, 64, 64, 8, 3)   255 / 24K   (64, 32, 64, 256, 8, 2)   255 / 32K
+  sm_80  fp32       <= 64      (64, 32, 64, 4, 2)    179 / 24K   (64, 16, 64, 64, 4, 2)    175 / 20K
+  sm_80  fp32       <= 128     (64, 32, 128, 4, 2)   255 / 48K   (32, 16, 128, 128, 4, 2)  248 / 26K
+  sm_80  fp32       > 128      (128, 32, 32, 8, 3)   248 / 40K   (64, 16, 32, 128, 8, 2)   221 / 16K
+    short batches (bf16/fp16, D <= 128, fewer tiles than SMs): (64, 32, ., 4, 3) both passes,
+    72-165 / 12-24K forward, 151-254 / 16-32K backward.
+Every compiled: 0 spills, wgmma on sm_90, mma on sm_80 (`fastssl gpu-report --only nt_xent:`).
+Rejected in the sweep (spill bytes): bf16 bwd 64 x 512 D-panels (32-544, both archs); bf16
+bwd (128, 64, 128, 128) on sm_80 (12); bf16 wide fwd with BLOCK_K = 128 (1120-1860) or
+BLOCK_N = 128 (284-528); bf16 wide bwd 128-row / 4-warp tiles (120-936); fp32 bwd
+(64, 16, 128, 128, 4 or 8 warps) on sm_80 (24); fp32 wide BLOCK_K = 64 (324-1348). Several
+chosen tiles sit at 254-255 registers on sm_80 with 0 spills: a Triton upgrade may tip them
+(``tests/test_gpu_report.py`` would fail).
 
 Precision: fp32 accumulation everywhere; the dot operands are Zhat in the input dtype (bf16 /
 fp16 / fp32). fp32 inputs use ``tl.dot(input_precision=...)`` from ``FASTSSL_FP32_DOT``
-(default ``"bf16x3"``: tensor cores, ~1e-5 relative, 3x the products; ``"tf32"`` faster and
-~1e-3; ``"tf32x3"`` ~1e-6 but spills; ``"ieee"`` no tensor cores), see
-:mod:`fastssl.ops._triton_utils`; fp32's FLOP counts below are 3x. fp16 backward: g is
-pre-scaled by a power of two (2^14 / max|g|) so that K (~ g / M per entry) stays in fp16's
-normal range; the epilogue undoes it exactly.
-
-Limits: D <= 256 (one register/shared-memory block of columns per row; larger D raises).
+(default ``"bf16x3"``, present in triton 3.6 and 3.9: tensor cores, ~1e-5 relative, 3x the
+products; ``"tf32"`` faster and ~1e-3; ``"ieee"`` no tensor cores), see
+:mod:`fastssl.ops._triton_utils`; fp32's FLOP counts are 3x. fp16 backward: g is pre-scaled
+by a power of two (2^14 / max|g|, on the device) so that K (~ g / M per entry) stays in fp16's
+normal range; the epilogue undoes it exactly. Under the interpreter, fp32 -> bf16 casts are
+rounded to nearest even (``round_cast``), as on the GPU.
 """
 from __future__ import annotations
 
@@ -68,14 +131,14 @@ import triton
 import triton.language as tl
 
 from . import _library
+from ._aot import aot_entry
 from ._triton_utils import (INTERPRET, TL_TYPE, dot_in_fp32, dot_precision, next_pow2,
-                            num_sms)
+                            num_sms, round_cast)
 
 # Globals read inside kernels must be constexpr.
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 NORM_EPS = tl.constexpr(1e-12)  # F.normalize's eps, on the fp32 norm
-MAX_D = 256
 # fp16 backward: g is scaled so that max |g| * scale = 2^14, keeping K = g p well inside fp16's
 # normal range (|K| <= 2 max|g|, so <= 2^15 < 65504 after scaling).
 FP16_G_TARGET = 2.0 ** 14
@@ -101,26 +164,49 @@ def _load_pair_rows(z1_ptr, z2_ptr, rows, cols, N, D, s1r, s1c, s2r, s2c):
 
 
 @triton.jit
-def ntxent_prologue_kernel(z1_ptr, z2_ptr, zhat_ptr, rinv_ptr, N, D, s1r, s1c, s2r, s2c,
+def ntxent_prologue_kernel(z1_ptr, z2_ptr, zhat_ptr, norm_ptr, N, D, s1r, s1c, s2r, s2c,
                            NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr,
                            BLOCK_D: tl.constexpr):
-    # read M D (input dtype); write M D (input dtype) + M fp32
+    # reads M D (input dtype) 3x (L1/L2-resident after the first); writes M D + M fp32.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_D)
-    x = _load_pair_rows(z1_ptr, z2_ptr, rows, cols, N, D, s1r, s1c, s2r, s2c)
-    # 0 for a finite row, NaN if any element is inf/NaN (inf - inf = NaN).
-    poison = tl.sum(x - x, axis=1)
-    if NORMALIZE:
-        norm = tl.sqrt_rn(tl.sum(x * x, axis=1))
-        r = tl.div_rn(tl.full(norm.shape, 1.0, tl.float32), tl.maximum(norm, NORM_EPS))
-    else:
-        r = tl.full([BLOCK_R], 1.0, tl.float32)
-    r = r + poison
     inb = rows < 2 * N
-    tl.store(rinv_ptr + rows, r, mask=inb)
-    zh = x * r[:, None]
-    tl.store(zhat_ptr + rows[:, None] * D + cols[None, :], zh.to(zhat_ptr.dtype.element_ty),
-             mask=inb[:, None] & (cols < D)[None, :])
+    dcol = tl.arange(0, BLOCK_D)
+    # 1. [Max-abs] per row, and a poison term: 0 for a finite row, NaN if any element is
+    #    inf/NaN (inf - inf = NaN), added to the norm and to every zhat of the row.
+    amax = tl.zeros([BLOCK_R], tl.float32)
+    poison = tl.zeros([BLOCK_R], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        x = _load_pair_rows(z1_ptr, z2_ptr, rows, d0 + dcol, N, D, s1r, s1c, s2r, s2c)
+        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+        poison += tl.sum(x - x, axis=1)
+    # 2. [Overflow-safe norm] |x| = amax sqrt(sum (x / amax)^2): the squared sum of raw fp32
+    #    values overflows at |x| ~ 1.8e19, the scaled one never (each term <= 1).
+    safe_amax = tl.where(amax > 0, amax, 1.0)
+    ss = tl.zeros([BLOCK_R], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        x = _load_pair_rows(z1_ptr, z2_ptr, rows, d0 + dcol, N, D, s1r, s1c, s2r, s2c)
+        xs = tl.div_rn(x, safe_amax[:, None])
+        ss += tl.sum(xs * xs, axis=1)
+    root = tl.sqrt_rn(ss)
+    norm = amax * root + poison
+    tl.store(norm_ptr + rows, norm, mask=inb)
+    # 3. [Zhat] x / max(|x|, eps) = (x / amax) / root, never forming 1/|x| (subnormal for
+    #    |x| > ~1e38); a clamped row is x * (1 / eps) as in F.normalize and the C++ kernel.
+    clamped = norm < NORM_EPS
+    inv_root = tl.div_rn(tl.full([BLOCK_R], 1.0, tl.float32), tl.where(root > 0, root, 1.0))
+    inv_eps = tl.div_rn(1.0, NORM_EPS)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + dcol
+        x = _load_pair_rows(z1_ptr, z2_ptr, rows, cols, N, D, s1r, s1c, s2r, s2c)
+        if NORMALIZE:
+            zh = tl.where(clamped[:, None], x * inv_eps,
+                          tl.div_rn(x, safe_amax[:, None]) * inv_root[:, None])
+        else:
+            zh = x
+        zh = zh + poison[:, None]
+        tl.store(zhat_ptr + rows[:, None] * D + cols[None, :],
+                 round_cast(zh, zhat_ptr.dtype.element_ty),
+                 mask=inb[:, None] & (cols < D)[None, :])
 
 
 @triton.jit
@@ -140,24 +226,56 @@ def _overlaps(j0, lo, hi, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _similarity_k_loop(zhat_ptr, rows, cols, M, D, DOT_FP32: tl.constexpr,
+                       INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """Zhat_I Zhat_J^T for any D: a GEMM K-loop over BLOCK_K-wide chunks of D, fp32
+    accumulator (BLOCK_M x BLOCK_N). Reads (BLOCK_M + BLOCK_N) D elements (L2-resident)."""
+    kcol = tl.arange(0, BLOCK_K)
+    rmask = rows < M
+    cmask = cols < M
+    s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + kcol
+        if EVEN_K:
+            qm = rmask[:, None]
+            km = cmask[:, None]
+        else:
+            qm = rmask[:, None] & (kk < D)[None, :]
+            km = cmask[:, None] & (kk < D)[None, :]
+        q = tl.load(zhat_ptr + rows[:, None] * D + kk[None, :], mask=qm, other=0.0)
+        k = tl.load(zhat_ptr + cols[:, None] * D + kk[None, :], mask=km, other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), s, input_precision=INPUT_PRECISION)
+    return s
+
+
+@triton.jit
 def ntxent_fwd_kernel(zhat_ptr, temp_ptr, mpart_ptr, lpart_ptr, ppart_ptr, N, D,
                       TILES_PER_SPLIT, DECOUPLED: tl.constexpr, DOT_FP32: tl.constexpr,
                       INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_CHUNK: tl.constexpr,
+                      EVEN_K: tl.constexpr):
     # reads BLOCK_M D + (columns of the split) D; writes 3 BLOCK_M fp32 partials.
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     M = 2 * N
     i0 = pid_m * BLOCK_M
     rows = i0 + tl.arange(0, BLOCK_M)
-    dcol = tl.arange(0, BLOCK_D)
-    dmask = dcol < D
-    q = tl.load(zhat_ptr + rows[:, None] * D + dcol[None, :],
-                mask=(rows < M)[:, None] & dmask[None, :], other=0.0)
-    if DOT_FP32:
-        q = q.to(tl.float32)
-    # 1. [Scale] log2(e) / tau, so that exp(S - m) = exp2(S2 - m2).
-    scale = LOG2E / tl.load(temp_ptr).to(tl.float32)
+    kcol = tl.arange(0, BLOCK_K)
+    if ONE_CHUNK:  # D <= BLOCK_K: the row block stays in registers for the whole pass
+        q = tl.load(zhat_ptr + rows[:, None] * D + kcol[None, :],
+                    mask=(rows < M)[:, None] & (kcol < D)[None, :], other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+    # 1. [Scale] S = Zhat_I Zhat_J^T / tau in natural units, and exp(S - m) = exp2((S - m)
+    #    log2(e)): log2(e) is folded into the (small) difference, not into the scale, so the
+    #    backward recomputes bit-identical logits and the saved natural-log LSE needs no
+    #    conversion (a log2-unit LSE converted to natural and back would add ~ulp(lse) to every
+    #    probability: 5x plain fp32 PyTorch's dL/dtau error where that sum cancels, D = 1).
+    inv_tau = tl.div_rn(1.0, tl.load(temp_ptr).to(tl.float32))
     tgt = tl.where(rows < N, rows + N, rows - N)
     lo1, hi1, lo2, hi2 = _target_range(i0, N, BLOCK_M)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -167,18 +285,25 @@ def ntxent_fwd_kernel(zhat_ptr, temp_ptr, mpart_ptr, lpart_ptr, ppart_ptr, N, D,
     j_end = tl.minimum(j_begin + TILES_PER_SPLIT * BLOCK_N, M)
     for j0 in range(j_begin, j_end, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
-        k = tl.load(zhat_ptr + cols[:, None] * D + dcol[None, :],
-                    mask=(cols < M)[:, None] & dmask[None, :], other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
         # 2. [Similarity] 2 BLOCK_M BLOCK_N D FLOPs on the tensor cores, fp32 accumulation.
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * scale
+        if ONE_CHUNK:
+            k = tl.load(zhat_ptr + cols[:, None] * D + kcol[None, :],
+                        mask=(cols < M)[:, None] & (kcol < D)[None, :], other=0.0)
+            if DOT_FP32:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        else:
+            s = _similarity_k_loop(zhat_ptr, rows, cols, M, D, DOT_FP32, INPUT_PRECISION,
+                                   BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+        s = s * inv_tau
         # 3. [Masks] only the tiles they touch pay for them.
         if j0 + BLOCK_N > M:  # ragged last tile
             s = tl.where((cols < M)[None, :], s, float("-inf"))
         if (j0 < i0 + BLOCK_M) & (i0 < j0 + BLOCK_N):  # crosses the diagonal
             s = tl.where(rows[:, None] == cols[None, :], float("-inf"), s)
         if _overlaps(j0, lo1, hi1, BLOCK_N) | _overlaps(j0, lo2, hi2, BLOCK_N):
+            # the positive is read from the same tile as the LSE: no separate dot product,
+            # so loss_i = LSE_i - S_i,t(i) >= 0 up to the exp2/log2 rounding
             is_t = tgt[:, None] == cols[None, :]
             pos += tl.sum(tl.where(is_t, s, 0.0), axis=1)
             if DECOUPLED:
@@ -186,7 +311,8 @@ def ntxent_fwd_kernel(zhat_ptr, temp_ptr, mpart_ptr, lpart_ptr, ppart_ptr, N, D,
         # 4. [Online softmax] running max and sum, exp2; a row with no column yet keeps -inf.
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - shift) + tl.sum(tl.exp2(s - shift[:, None]), axis=1)
+        l_i = (l_i * tl.exp2((m_i - shift) * LOG2E)
+               + tl.sum(tl.exp2((s - shift[:, None]) * LOG2E), axis=1))
         m_i = m_new
     out = pid_s * M + rows
     inb = rows < M
@@ -209,54 +335,73 @@ def ntxent_fwd_combine_kernel(mpart_ptr, lpart_ptr, ppart_ptr, lse_ptr, loss_ptr
     pos = tl.zeros([BLOCK], tl.float32)
     for s in range(SPLITS):
         ms = tl.load(mpart_ptr + s * M + rows, mask=inb, other=float("-inf"))
-        total += tl.load(lpart_ptr + s * M + rows, mask=inb, other=0.0) * tl.exp2(ms - shift)
+        total += (tl.load(lpart_ptr + s * M + rows, mask=inb, other=0.0)
+                  * tl.exp2((ms - shift) * LOG2E))
         pos += tl.load(ppart_ptr + s * M + rows, mask=inb, other=0.0)
-    lse2 = shift + tl.log2(tl.where(inb, total, 1.0))  # padding rows: no log2(0)
-    tl.store(lse_ptr + rows, lse2, mask=inb)
-    tl.store(loss_ptr + rows, ((lse2 - pos) * LN2).to(loss_ptr.dtype.element_ty), mask=inb)
+    # natural-log LSE (the op's saved-tensor contract, shared with the C++ kernel); the max
+    # is added unconverted, only log(sum) goes through log2
+    lse = shift + tl.log2(tl.where(inb, total, 1.0)) * LN2  # padding rows: no log2(0)
+    tl.store(lse_ptr + rows, lse, mask=inb)
+    tl.store(loss_ptr + rows, round_cast(lse - pos, loss_ptr.dtype.element_ty), mask=inb)
 
 
 @triton.jit
 def ntxent_bwd_kernel(zhat_ptr, temp_ptr, lse_ptr, g_ptr, dpart_ptr, N, D, TILES_PER_SPLIT,
-                      DECOUPLED: tl.constexpr, DOT_FP32: tl.constexpr,
+                      PANELS, DECOUPLED: tl.constexpr, DOT_FP32: tl.constexpr,
                       INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    # reads BLOCK_M (D + 2) + (columns of the split) (D + 2); writes BLOCK_M D fp32 partials.
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DP: tl.constexpr,
+                      ONE_CHUNK: tl.constexpr, EVEN_K: tl.constexpr):
+    # Program (row block I, column split s, D-panel p) accumulates dZhat_I[:, panel p] over
+    # the column tiles of split s in a BLOCK_M x BLOCK_DP fp32 register tile.
+    # reads BLOCK_M (D + 2) + (columns of the split) (D + BLOCK_DP + 2) elements;
+    # writes BLOCK_M BLOCK_DP fp32 partials.
     pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid_s = tl.program_id(1) // PANELS
+    pid_p = tl.program_id(1) % PANELS
     M = 2 * N
     i0 = pid_m * BLOCK_M
     rows = i0 + tl.arange(0, BLOCK_M)
     rmask = rows < M
-    dcol = tl.arange(0, BLOCK_D)
-    dmask = dcol < D
-    q = tl.load(zhat_ptr + rows[:, None] * D + dcol[None, :],
-                mask=rmask[:, None] & dmask[None, :], other=0.0)
-    if DOT_FP32:
-        q = q.to(tl.float32)
-    scale = LOG2E / tl.load(temp_ptr).to(tl.float32)
+    pcol = pid_p * BLOCK_DP + tl.arange(0, BLOCK_DP)
+    pmask = pcol < D
+    if ONE_CHUNK:  # D <= BLOCK_K == BLOCK_DP, one panel: Zhat_J serves both dots
+        q = tl.load(zhat_ptr + rows[:, None] * D + pcol[None, :],
+                    mask=rmask[:, None] & pmask[None, :], other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+    # The saved LSE is natural-log, so the logits are too: S - lse is formed in natural units
+    # and only the (small) difference is scaled by log2(e) for exp2. Converting lse itself to
+    # log2 units would add a rounding of ~ulp(lse) to every probability (a 3-8x larger
+    # dL/dtau error than plain fp32 PyTorch where that sum cancels, e.g. D = 1).
+    inv_tau = tl.div_rn(1.0, tl.load(temp_ptr).to(tl.float32))
     lse_i = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
     g_i = tl.load(g_ptr + rows, mask=rmask, other=0.0)
     tgt = tl.where(rows < N, rows + N, rows - N)
     lo1, hi1, lo2, hi2 = _target_range(i0, N, BLOCK_M)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DP], tl.float32)
     j_begin = pid_s * TILES_PER_SPLIT * BLOCK_N
     j_end = tl.minimum(j_begin + TILES_PER_SPLIT * BLOCK_N, M)
     for j0 in range(j_begin, j_end, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         cmask = cols < M
-        k = tl.load(zhat_ptr + cols[:, None] * D + dcol[None, :],
-                    mask=cmask[:, None] & dmask[None, :], other=0.0)
+        # 1. [Recompute] S_IJ (1 eq per D-panel over the whole backward).
+        v = tl.load(zhat_ptr + cols[:, None] * D + pcol[None, :],
+                    mask=cmask[:, None] & pmask[None, :], other=0.0)
+        if DOT_FP32:
+            vf = v.to(tl.float32)
+        else:
+            vf = v
+        if ONE_CHUNK:
+            s = tl.dot(q, tl.trans(vf), input_precision=INPUT_PRECISION)
+        else:
+            s = _similarity_k_loop(zhat_ptr, rows, cols, M, D, DOT_FP32, INPUT_PRECISION,
+                                   BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+        s = s * inv_tau
         lse_j = tl.load(lse_ptr + cols, mask=cmask, other=0.0)
         g_j = tl.load(g_ptr + cols, mask=cmask, other=0.0)
-        if DOT_FP32:
-            kf = k.to(tl.float32)
-        else:
-            kf = k
-        # 1. [Recompute] S2_IJ in log2 units (1 eq over the whole backward).
-        s = tl.dot(q, tl.trans(kf), input_precision=INPUT_PRECISION) * scale
         # 2. [G + G^T] both softmaxes of the symmetric S: row i's and row j's (2 exp2).
-        p = g_i[:, None] * tl.exp2(s - lse_i[:, None]) + g_j[None, :] * tl.exp2(s - lse_j[None, :])
+        p = (g_i[:, None] * tl.exp2((s - lse_i[:, None]) * LOG2E)
+             + g_j[None, :] * tl.exp2((s - lse_j[None, :]) * LOG2E))
         if j0 + BLOCK_N > M:
             p = tl.where(cmask[None, :], p, 0.0)
         if (j0 < i0 + BLOCK_M) & (i0 < j0 + BLOCK_N):
@@ -267,219 +412,307 @@ def ntxent_bwd_kernel(zhat_ptr, temp_ptr, lse_ptr, g_ptr, dpart_ptr, N, D, TILES
             if DECOUPLED:
                 p = tl.where(is_t, 0.0, p)
             p = tl.where(is_t, p - (g_i[:, None] + g_j[None, :]), p)
-        # 4. [dZhat_I += K Zhat_J] 2 BLOCK_M BLOCK_N D FLOPs on the tensor cores.
-        pk = p.to(k.dtype)
+        # 4. [dZhat_I += K Zhat_J] 2 BLOCK_M BLOCK_N BLOCK_DP FLOPs on the tensor cores.
+        pk = round_cast(p, v.dtype)
         if DOT_FP32:
             pk = pk.to(tl.float32)
-        acc = tl.dot(pk, kf, acc, input_precision=INPUT_PRECISION)
-    out = (pid_s * M + rows)[:, None] * D + dcol[None, :]
-    tl.store(dpart_ptr + out, acc, mask=rmask[:, None] & dmask[None, :])
+        acc = tl.dot(pk, vf, acc, input_precision=INPUT_PRECISION)
+    out = (pid_s * M + rows)[:, None] * D + pcol[None, :]
+    tl.store(dpart_ptr + out, acc, mask=rmask[:, None] & pmask[None, :])
 
 
 @triton.jit
-def ntxent_bwd_epilogue_kernel(dpart_ptr, z1_ptr, z2_ptr, rinv_ptr, temp_ptr, gscale_ptr,
-                               dz1_ptr, dz2_ptr, dots_ptr, N, D, SPLITS, s1r, s1c, s2r, s2c,
-                               NORMALIZE: tl.constexpr, UNSCALE: tl.constexpr,
-                               BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    # reads SPLITS M D fp32 + M D (input) + M; writes M D (input dtype) + M fp32.
+def ntxent_bwd_epilogue_kernel(dpart_ptr, zhat_ptr, norm_ptr, temp_ptr, gscale_ptr, dz1_ptr,
+                               dz2_ptr, dots_ptr, N, D, SPLITS, NORMALIZE: tl.constexpr,
+                               UNSCALE: tl.constexpr, BLOCK_R: tl.constexpr,
+                               BLOCK_D: tl.constexpr):
+    # reads 2 (SPLITS M D fp32 + M D) + M; writes M D (input dtype) + M fp32. Two passes over
+    # D in chunks (the row's zhat . dZhat is needed before any dZ of the row).
     M = 2 * N
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_D)
+    dcol = tl.arange(0, BLOCK_D)
     rmask = rows < M
-    mask = rmask[:, None] & (cols < D)[None, :]
-    off = rows[:, None] * D + cols[None, :]
-    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    for s in range(SPLITS):  # fixed order: deterministic
-        acc += tl.load(dpart_ptr + s * M * D + off, mask=mask, other=0.0)
     inv_tau = tl.div_rn(1.0, tl.load(temp_ptr).to(tl.float32))
     if UNSCALE:
         inv_tau = inv_tau / tl.load(gscale_ptr)  # power of two: exact
-    dzh = acc * inv_tau
-    x = _load_pair_rows(z1_ptr, z2_ptr, rows, cols, N, D, s1r, s1c, s2r, s2c)
-    r = tl.load(rinv_ptr + rows, mask=rmask, other=1.0)
-    zh = x * r[:, None]  # fp32 zhat, not the rounded tensor-core operand
-    dot = tl.sum(zh * dzh, axis=1)
+    norm = tl.load(norm_ptr + rows, mask=rmask, other=1.0)
+    r = tl.div_rn(tl.full([BLOCK_R], 1.0, tl.float32), tl.maximum(norm, NORM_EPS))
+    # 1. [zhat . dZhat] per row, summing the splits' partials in split order.
+    dot = tl.zeros([BLOCK_R], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + dcol
+        mask = rmask[:, None] & (cols < D)[None, :]
+        off = rows[:, None] * D + cols[None, :]
+        acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        for s in range(SPLITS):  # fixed order: deterministic
+            acc += tl.load(dpart_ptr + s * M * D + off, mask=mask, other=0.0)
+        zh = tl.load(zhat_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        dot += tl.sum(zh * (acc * inv_tau), axis=1)
     tl.store(dots_ptr + rows, dot, mask=rmask)
-    if NORMALIZE:
-        # d/dz of z / max(|z|, eps): r (dZhat - zhat (zhat . dZhat)); r dZhat when clamped.
-        clamped = tl.sqrt_rn(tl.sum(x * x, axis=1)) < NORM_EPS
-        dz = tl.where(clamped[:, None], dzh, dzh - zh * dot[:, None]) * r[:, None]
-    else:
-        dz = dzh
+    # 2. [Normalisation gradient] d/dz of z / max(|z|, eps): r (dZhat - zhat (zhat . dZhat));
+    #    r dZhat where the norm was clamped.
+    clamped = norm < NORM_EPS
     first = rows < N
     r1 = tl.where(first, rows, 0)
     r2 = tl.where(first, 0, rows - N)
-    tl.store(dz1_ptr + r1[:, None] * D + cols[None, :], dz.to(dz1_ptr.dtype.element_ty),
-             mask=mask & first[:, None])
-    tl.store(dz2_ptr + r2[:, None] * D + cols[None, :], dz.to(dz2_ptr.dtype.element_ty),
-             mask=mask & ~first[:, None])
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + dcol
+        mask = rmask[:, None] & (cols < D)[None, :]
+        off = rows[:, None] * D + cols[None, :]
+        acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        for s in range(SPLITS):
+            acc += tl.load(dpart_ptr + s * M * D + off, mask=mask, other=0.0)
+        dzh = acc * inv_tau
+        if NORMALIZE:
+            zh = tl.load(zhat_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            dz = tl.where(clamped[:, None], dzh, dzh - zh * dot[:, None]) * r[:, None]
+        else:
+            dz = dzh
+        tl.store(dz1_ptr + r1[:, None] * D + cols[None, :],
+                 round_cast(dz, dz1_ptr.dtype.element_ty), mask=mask & first[:, None])
+        tl.store(dz2_ptr + r2[:, None] * D + cols[None, :],
+                 round_cast(dz, dz2_ptr.dtype.element_ty), mask=mask & ~first[:, None])
 
 
 # ---------------------------------------------------------------------------------------
 # Launch configuration
 # ---------------------------------------------------------------------------------------
 
-# Tile configs, (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass, each checked with
-# `fastssl gpu-report` for 0 spills and tensor-core instructions on sm_80 and sm_90 at D = 128:
-# * "large" (bf16/fp16): 128-row blocks, 8 warps (two warpgroups on sm_90): each column tile
-#   loaded from L2 feeds 128 rows (128 FLOP per L2 byte). The backward's 128 x 64 tile spilled
-#   36-44 bytes on sm_80 (255 registers: a 128 x 128 fp32 accumulator + the S/K tile), so its
-#   BLOCK_N is 32 (0 spills, 239 registers on sm_90).
-# * "small" (bf16/fp16): when even a full column split of the large tiles gives fewer programs
-#   than SMs (2N = 512: 4 x 8 = 32 programs large, 8 x 16 = 128 small).
-# * "fp32": bf16x3 splits each fp32 operand in two bf16 halves (3 products), so operands take
-#   twice the registers and shared memory: 64-row blocks, backward 64 x 16 (0 spills; tf32x3
-#   spilled 232-864 bytes at every tile size that fits in shared memory).
-# * "wide" (bf16/fp16, 128 < D <= 256): 64-row blocks, 8 warps.
-CONFIGS = {
-    "large": dict(fwd=(128, 64, 8, 3), bwd=(128, 32, 8, 3)),
-    "small": dict(fwd=(64, 32, 4, 3), bwd=(64, 32, 4, 3)),
-    "fp32": dict(fwd=(64, 32, 4, 2), bwd=(64, 16, 4, 2)),
-    "wide": dict(fwd=(64, 64, 8, 2), bwd=(64, 32, 8, 2)),
-    # interpreter (tests): BLOCK_M != BLOCK_N on purpose, and cheap in Python
-    "interpret": dict(fwd=(64, 32, 4, 1), bwd=(64, 32, 4, 1)),
-}
-ROW_BLOCK = 8  # prologue / epilogue rows per program (memory-bound; 0 spills at D = 128)
+# Tiles per (arch, dtype, D-class), from the ahead-of-time sweep (`fastssl gpu-report
+# --only nt_xent`, see the module header for the numbers). A pass's tile is
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); the backward's adds BLOCK_DP, the
+# width of its register accumulator (one D-panel). D-classes: "d64" (D <= 64), "d128",
+# "d256" (one D-chunk: the row block and, in the backward, the accumulator hold all of D)
+# and "wide" (D > 256: K-loop over D in the forward, D-panels in the backward).
+D_CLASSES = (("d64", 64), ("d128", 128), ("d256", 256), ("wide", None))
+FWD, BWD = "fwd", "bwd"
+
+
+def _tile(fwd, bwd):
+    return {FWD: dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), fwd)),
+            BWD: dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_DP", "num_warps",
+                           "num_stages"), bwd))}
+
+
+def d_class(d: int) -> str:
+    for name, limit in D_CLASSES:
+        if limit is None or d <= limit:
+            return name
+    raise AssertionError
+
+
+ROW_BLOCK = 8      # prologue / epilogue rows per program (memory-bound)
+ROW_BLOCK_D = 128  # ... and the width of their D-chunks
+
+
+def row_block_d(d: int) -> int:
+    return min(ROW_BLOCK_D, max(16, next_pow2(d)))
+
+
+def row_warps(block_d: int) -> int:
+    """Warps of the prologue / epilogue: 2 for chunks of <= 64 columns (triton 3.6's ptxas
+    spilled 12 bytes of the fp32 epilogue at 8 x 64 with 4 warps on sm_90; 2 warps: 0)."""
+    return 2 if block_d <= 64 else 4
 COMBINE_BLOCK = 256
 
+# (arch, dtype) -> D-class -> (fwd tile, bwd tile), from the sweep in the module header;
+# bf16 and fp16 share tiles. "small" variants for short batches (fewer tiles than SMs).
+_HALF = {
+    80: {"d64": ((128, 64, 64, 8, 3), (128, 32, 64, 64, 8, 3)),
+         "d128": ((128, 64, 128, 8, 3), (128, 32, 128, 128, 8, 3)),
+         "d256": ((64, 64, 256, 8, 2), (64, 32, 256, 256, 8, 2)),
+         "wide": ((128, 64, 64, 8, 3), (64, 32, 64, 256, 8, 2))},
+    90: {"d64": ((128, 64, 64, 8, 3), (128, 64, 64, 64, 8, 3)),
+         "d128": ((128, 64, 128, 8, 3), (128, 64, 128, 128, 8, 3)),
+         "d256": ((128, 64, 256, 8, 2), (64, 64, 256, 256, 8, 2)),
+         "wide": ((128, 64, 64, 8, 3), (64, 32, 64, 256, 8, 2))},
+}
+_HALF_SMALL = ((64, 32, None, 4, 3), (64, 32, None, None, 4, 3))
+_FP32 = {
+    80: {"d64": ((64, 32, 64, 4, 2), (64, 16, 64, 64, 4, 2)),
+         "d128": ((64, 32, 128, 4, 2), (32, 16, 128, 128, 4, 2)),
+         "d256": ((128, 32, 32, 8, 3), (64, 16, 32, 128, 8, 2)),
+         "wide": ((128, 32, 32, 8, 3), (64, 16, 32, 128, 8, 2))},
+    90: {"d64": ((64, 64, 64, 4, 2), (64, 32, 64, 64, 4, 2)),
+         "d128": ((64, 32, 128, 4, 2), (64, 16, 128, 128, 4, 2)),
+         "d256": ((128, 32, 32, 8, 3), (64, 16, 32, 128, 4, 2)),
+         "wide": ((128, 32, 32, 8, 3), (64, 16, 32, 128, 4, 2))},
+}
+TILE_TABLE = {(arch, ty): (_FP32 if ty == "fp32" else _HALF)[arch]
+              for arch in (80, 90) for ty in ("fp32", "bf16", "fp16")}
+# interpreter (tests): BLOCK_M != BLOCK_N on purpose, narrow D-chunks and D-panels so that
+# small test widths already take the K-loop, ragged chunks and several panels.
+_INTERPRET_TILE = ((64, 32, 32, 4, 1), (64, 32, 32, 64, 4, 1))
 
-def config_name(m: int, d: int, dtype: torch.dtype, sms: int, interpret: bool = INTERPRET) -> str:
-    if interpret:
-        return "interpret"
-    if dtype == torch.float32:
-        return "fp32"
-    if next_pow2(d) > 128:
-        return "wide"
-    bm, bn = CONFIGS["large"]["fwd"][:2]
-    return "large" if triton.cdiv(m, bm) * triton.cdiv(m, bn) >= sms else "small"
+
+def _arch(cap: int) -> int:
+    """The tile table an arch uses: Hopper and later -> 90, Ampere / Ada -> 80."""
+    return 90 if cap >= 90 else 80
 
 
 def pick_config(m: int, d: int, sms: int, dtype: torch.dtype = torch.bfloat16,
-                interpret: bool = INTERPRET) -> dict:
-    """Tile sizes and column split of both passes for 2N = ``m`` on a GPU with ``sms`` SMs.
+                cap: int = 90, interpret: bool = INTERPRET) -> dict:
+    """Tiles, D-chunking and grid of both passes for 2N = ``m``, width ``d`` on a GPU with
+    ``sms`` SMs of compute capability ``cap`` (e.g. 90).
 
-    Returns ``{"name", "BLOCK_D", "fwd": {...}, "bwd": {...}}``; each pass dict holds
-    ``BLOCK_M, BLOCK_N, num_warps, num_stages, row_blocks, splits, tiles_per_split``, and its
-    grid is ``(row_blocks, splits)``. Columns are split only when the row blocks alone are
-    fewer than the SMs; every split is non-empty.
+    Returns ``{"name", "fwd": {...}, "bwd": {...}}``; each pass dict holds ``BLOCK_M, BLOCK_N,
+    BLOCK_K, num_warps, num_stages, ONE_CHUNK, EVEN_K, row_blocks, splits, tiles_per_split``
+    (the backward also ``BLOCK_DP, panels``); the forward grid is ``(row_blocks, splits)``,
+    the backward's ``(row_blocks, splits * panels)``. Columns are split only when the row
+    blocks (times the D-panels) alone are fewer than the SMs; every split is non-empty.
     """
-    name = config_name(m, d, dtype, sms, interpret)
-    out = dict(name=name, BLOCK_D=max(16, next_pow2(d)))
-    for pass_ in ("fwd", "bwd"):
-        bm, bn, warps, stages = CONFIGS[name][pass_]
-        row_blocks, tiles = triton.cdiv(m, bm), triton.cdiv(m, bn)
-        splits = 1 if row_blocks >= sms else min(tiles, triton.cdiv(sms, row_blocks))
+    ty = TL_TYPE[dtype]
+    dcls = d_class(d)
+    if interpret:
+        name, (fwd, bwd) = "interpret", _INTERPRET_TILE
+        if d <= fwd[2]:
+            dcls = "one"
+    else:
+        fwd, bwd = TILE_TABLE[(_arch(cap), ty)][dcls]
+        name = f"sm_{_arch(cap)}/{ty}/{dcls}"
+        if ty != "fp32" and dcls in ("d64", "d128"):
+            bm, bn = fwd[:2]
+            if triton.cdiv(m, bm) * triton.cdiv(m, bn) < sms:
+                fwd = _HALF_SMALL[0][:2] + (fwd[2],) + _HALF_SMALL[0][3:]
+                bwd = _HALF_SMALL[1][:2] + bwd[2:4] + _HALF_SMALL[1][4:]
+                name += "/small"
+    one = dcls != "wide" and not (ty == "fp32" and dcls == "d256")
+    if dcls == "one":
+        one = True
+    out = dict(name=name)
+    for pass_, tile in ((FWD, fwd), (BWD, bwd)):
+        c = _tile(fwd, bwd)[pass_]
+        if one:  # the whole row in one chunk (and, backward, one panel): BLOCK_K = pow2(D)
+            width = max(16, next_pow2(d))
+            c["BLOCK_K"] = width
+            if pass_ == BWD:
+                c["BLOCK_DP"] = width
+        c["ONE_CHUNK"] = one
+        c["EVEN_K"] = d % c["BLOCK_K"] == 0
+        panels = triton.cdiv(d, c["BLOCK_DP"]) if pass_ == BWD else 1
+        if pass_ == BWD:
+            c["panels"] = panels
+        row_blocks, tiles = triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(m, c["BLOCK_N"])
+        base = row_blocks * panels
+        splits = 1 if base >= sms else min(tiles, triton.cdiv(sms, base))
         per = triton.cdiv(tiles, splits)
-        out[pass_] = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
-                          row_blocks=row_blocks, splits=triton.cdiv(tiles, per),
-                          tiles_per_split=per)
+        c.update(row_blocks=row_blocks, splits=triton.cdiv(tiles, per), tiles_per_split=per)
+        out[pass_] = c
     return out
 
 
 # ---------------------------------------------------------------------------------------
-# Launchers
+# Launchers (the CUDA kernels of fastssl::ntxent_fwd / fastssl::ntxent_bwd)
 # ---------------------------------------------------------------------------------------
 
 
-def _check(z1: torch.Tensor) -> None:
-    if z1.dtype not in TL_TYPE:
-        raise TypeError(f"nt_xent (triton): dtype must be float32, bfloat16 or float16, got "
-                        f"{z1.dtype}")
-    if z1.shape[1] > MAX_D:
-        raise NotImplementedError(
-            f"nt_xent (triton): D = {z1.shape[1]} > {MAX_D} is not supported by the fused GPU "
-            "kernels (one block of columns per row); use backend='reference'")
+def _device_cap(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
-def ntxent_forward(z1: torch.Tensor, z2: torch.Tensor, temperature: torch.Tensor,
-                   normalize: bool, decoupled: bool):
-    """Forward launcher.
+def _check(z1: torch.Tensor, z2: torch.Tensor, temperature: torch.Tensor) -> None:
+    if z1.dtype not in TL_TYPE or z2.dtype != z1.dtype:
+        raise TypeError(f"ntxent (triton): z1 and z2 must share one dtype of float32, bfloat16 "
+                        f"or float16, got {z1.dtype} and {z2.dtype}")
+    if z1.dim() != 2 or z1.shape != z2.shape or z1.shape[0] < 1 or z1.shape[1] < 1:
+        raise ValueError(f"ntxent (triton): z1 and z2 must be (N, D) with N, D >= 1 and equal "
+                         f"shapes, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    if temperature.numel() != 1 or temperature.dtype != torch.float32 \
+            or temperature.device != z1.device:
+        raise ValueError("ntxent (triton): temperature must be a one-element float32 tensor on "
+                         f"{z1.device}, got {temperature.dtype} {tuple(temperature.shape)} on "
+                         f"{temperature.device}")
+
+
+def ntxent_fwd_cuda(z1: torch.Tensor, z2: torch.Tensor, temperature: torch.Tensor,
+                    normalize: bool, decoupled: bool):
+    """Forward of ``fastssl::ntxent_fwd`` on CUDA (or CPU tensors under the interpreter).
 
     Args:
-        z1, z2: (N, D) bf16/fp16/fp32, same device (CUDA, or CPU under the interpreter).
-        temperature: 1-element fp32 tensor on the same device.
+        z1, z2: (N, D) fp32 / bf16 / fp16, same device, any strides, any D >= 1.
+        temperature: one-element fp32 tensor on the same device, read by the kernels through
+            its pointer (no host sync).
+        normalize, decoupled: as in :func:`fastssl.nt_xent`.
     Returns:
-        loss rows (2N,) in the input dtype, lse2 (2N,) fp32 (log2 units), zhat (2N, D) in the
-        input dtype, rinv (2N,) fp32.
+        loss (2N,) in the input dtype; lse (2N,) fp32, natural-log LSE of each row's masked
+        logits; zhat (2N, D) in the input dtype, the tensor-core operand (normalised rows, or
+        the raw rows when ``normalize`` is False); norms (2N,) fp32, the raw L2 row norms,
+        overflow-safe (max-abs scaled). A row holding inf/NaN has a NaN norm and NaN zhat,
+        and makes every loss and lse NaN (as the C++ kernel does).
     """
-    _check(z1)
+    _check(z1, z2, temperature)
     n, d = z1.shape
     m = 2 * n
     dev, dtype = z1.device, z1.dtype
-    cfg = pick_config(m, d, num_sms(dev), dtype)
+    cfg = pick_config(m, d, num_sms(dev), dtype, _device_cap(dev))
     zhat = torch.empty((m, d), device=dev, dtype=dtype)
-    rinv = torch.empty((m,), device=dev, dtype=torch.float32)
+    norms = torch.empty((m,), device=dev, dtype=torch.float32)
     ntxent_prologue_kernel[(triton.cdiv(m, ROW_BLOCK),)](
-        z1, z2, zhat, rinv, n, d, z1.stride(0), z1.stride(1), z2.stride(0), z2.stride(1),
-        NORMALIZE=normalize, BLOCK_R=ROW_BLOCK, BLOCK_D=cfg["BLOCK_D"])
-    fc = cfg["fwd"]
+        z1, z2, zhat, norms, n, d, z1.stride(0), z1.stride(1), z2.stride(0), z2.stride(1),
+        NORMALIZE=normalize, BLOCK_R=ROW_BLOCK, BLOCK_D=row_block_d(d),
+        num_warps=row_warps(row_block_d(d)))
+    fc = cfg[FWD]
     splits = fc["splits"]
     part = torch.empty((3, splits, m), device=dev, dtype=torch.float32)
     ntxent_fwd_kernel[(fc["row_blocks"], splits)](
         zhat, temperature, part[0], part[1], part[2], n, d, fc["tiles_per_split"],
         DECOUPLED=decoupled, DOT_FP32=dot_in_fp32(dtype), INPUT_PRECISION=dot_precision(dtype),
-        BLOCK_M=fc["BLOCK_M"], BLOCK_N=fc["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-        num_warps=fc["num_warps"], num_stages=fc["num_stages"])
+        BLOCK_M=fc["BLOCK_M"], BLOCK_N=fc["BLOCK_N"], BLOCK_K=fc["BLOCK_K"],
+        ONE_CHUNK=fc["ONE_CHUNK"], EVEN_K=fc["EVEN_K"], num_warps=fc["num_warps"],
+        num_stages=fc["num_stages"])
     lse = torch.empty((m,), device=dev, dtype=torch.float32)
     loss = torch.empty((m,), device=dev, dtype=dtype)
     ntxent_fwd_combine_kernel[(triton.cdiv(m, COMBINE_BLOCK),)](
         part[0], part[1], part[2], lse, loss, m, splits, BLOCK=COMBINE_BLOCK)
-    return loss, lse, zhat, rinv
+    return loss, lse, zhat, norms
 
 
-def ntxent_backward(grad_rows: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor,
-                    zhat: torch.Tensor, rinv: torch.Tensor, lse: torch.Tensor,
-                    temperature: torch.Tensor, normalize: bool, decoupled: bool,
-                    need_dtemp: bool):
-    """Backward launcher: (dz1, dz2, dtemperature as a 0-dim fp32 tensor or None)."""
-    n, d = z1.shape
-    m = 2 * n
-    dev, dtype = z1.device, z1.dtype
-    cfg = pick_config(m, d, num_sms(dev), dtype)
-    g = grad_rows.to(torch.float32).contiguous()
-    unscale = dtype == torch.float16
+def ntxent_bwd_cuda(grad_loss: torch.Tensor, zhat: torch.Tensor, norms: torch.Tensor,
+                    lse: torch.Tensor, temperature: torch.Tensor, normalize: bool,
+                    decoupled: bool, dtype: torch.dtype):
+    """Backward of ``fastssl::ntxent_bwd`` on CUDA (or CPU tensors under the interpreter).
+
+    Args:
+        grad_loss: (2N,) any float dtype; zhat, norms, lse: ``ntxent_fwd_cuda``'s outputs;
+        temperature: the forward's one-element fp32 tensor; dtype: the input dtype.
+    Returns:
+        dz1, dz2 (N, D) in ``dtype``; dtemperature, fp32, shaped like ``temperature``. The
+        normalisation gradient uses zhat and r = 1 / max(norm, 1e-12), not z1 / z2.
+    """
+    m, d = zhat.shape
+    n = m // 2
+    dev = zhat.device
+    zhat = zhat.contiguous()
+    cfg = pick_config(m, d, num_sms(dev), zhat.dtype, _device_cap(dev))
+    g = grad_loss.to(torch.float32).contiguous()
+    unscale = zhat.dtype == torch.float16
     gscale = None
-    if unscale:
+    if unscale:  # device-side: no host sync
         gmax = g.abs().amax().clamp_min(1e-30)
         gscale = torch.exp2(torch.floor(torch.log2(FP16_G_TARGET / gmax))).reshape(1)
         g = g * gscale
-    bc = cfg["bwd"]
-    splits = bc["splits"]
+    bc = cfg[BWD]
+    splits, panels = bc["splits"], bc["panels"]
     dpart = torch.empty((splits, m, d), device=dev, dtype=torch.float32)
-    ntxent_bwd_kernel[(bc["row_blocks"], splits)](
-        zhat, temperature, lse, g, dpart, n, d, bc["tiles_per_split"],
-        DECOUPLED=decoupled, DOT_FP32=dot_in_fp32(dtype), INPUT_PRECISION=dot_precision(dtype),
-        BLOCK_M=bc["BLOCK_M"], BLOCK_N=bc["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-        num_warps=bc["num_warps"], num_stages=bc["num_stages"])
+    ntxent_bwd_kernel[(bc["row_blocks"], splits * panels)](
+        zhat, temperature, lse, g, dpart, n, d, bc["tiles_per_split"], panels,
+        DECOUPLED=decoupled, DOT_FP32=dot_in_fp32(zhat.dtype),
+        INPUT_PRECISION=dot_precision(zhat.dtype), BLOCK_M=bc["BLOCK_M"],
+        BLOCK_N=bc["BLOCK_N"], BLOCK_K=bc["BLOCK_K"], BLOCK_DP=bc["BLOCK_DP"],
+        ONE_CHUNK=bc["ONE_CHUNK"], EVEN_K=bc["EVEN_K"], num_warps=bc["num_warps"],
+        num_stages=bc["num_stages"])
     dz1 = torch.empty((n, d), device=dev, dtype=dtype)
     dz2 = torch.empty((n, d), device=dev, dtype=dtype)
     dots = torch.empty((m,), device=dev, dtype=torch.float32)
     ntxent_bwd_epilogue_kernel[(triton.cdiv(m, ROW_BLOCK),)](
-        dpart, z1, z2, rinv, temperature, gscale if unscale else temperature, dz1, dz2, dots,
-        n, d, splits, z1.stride(0), z1.stride(1), z2.stride(0), z2.stride(1),
-        NORMALIZE=normalize, UNSCALE=unscale, BLOCK_R=ROW_BLOCK, BLOCK_D=cfg["BLOCK_D"])
-    dtemp = None
-    if need_dtemp:
-        # dL/dtau = -(1 / (2 tau)) sum_a zhat_a . dZhat_a (a fixed-order reduction).
-        dtemp = -dots.sum() / (2.0 * temperature.reshape(()))
-    return dz1, dz2, dtemp
-
-
-def ntxent_fwd_cuda(z1, z2, temperature, normalize: bool, decoupled: bool):
-    """TEMPORARY adapter of the old launchers to the op contract (replaced by the D-loop
-    kernels)."""
-    loss, lse2, zhat, rinv = ntxent_forward(z1, z2, temperature.reshape(1), normalize,
-                                            decoupled)
-    return loss, lse2 * LN2.value, zhat, 1.0 / rinv
-
-
-def ntxent_bwd_cuda(grad_loss, zhat, norms, lse, temperature, normalize, decoupled, dtype):
-    """TEMPORARY adapter (see ntxent_fwd_cuda)."""
-    n = zhat.shape[0] // 2
-    z = (zhat.float() * norms[:, None]).to(dtype)
-    t = temperature.reshape(1)
-    dz1, dz2, dtemp = ntxent_backward(grad_loss, z[:n], z[n:], zhat, 1.0 / norms,
-                                      lse / LN2.value, t, normalize, decoupled, True)
+        dpart, zhat, norms, temperature, gscale if unscale else temperature, dz1, dz2, dots,
+        n, d, splits, NORMALIZE=normalize, UNSCALE=unscale, BLOCK_R=ROW_BLOCK,
+        BLOCK_D=row_block_d(d), num_warps=row_warps(row_block_d(d)))
+    # dL/dtau = -(1 / (2 tau)) sum_a zhat_a . dZhat_a (a fixed-order device reduction).
+    dtemp = (-dots.sum() / (2.0 * temperature.reshape(()))).reshape(temperature.shape)
     return dz1, dz2, dtemp
 
 
@@ -573,57 +806,66 @@ def nt_xent_rows(z1: torch.Tensor, z2: torch.Tensor, temperature: torch.Tensor,
 # ---------------------------------------------------------------------------------------
 
 
+AOT_DS = (64, 128, 256, 512, 768, 1024)
+AOT_ARCHS = (80, 90)
+
+
 def _aot_entries() -> list:
-    """One entry per (kernel, dtype, config) the launchers use on a GPU, at D = 128 (and the
-    wide config at D = 256)."""
+    """Every (kernel, arch, dtype, D, config) the launchers use on a GPU, at the widths of
+    ``AOT_DS``: the tile kernels once per arch (their tiles are per arch), with the short-batch
+    "small" tiles where they exist; the O(M D) kernels once for both archs. Entries that compile
+    to the same configuration (e.g. D = 512 / 768 / 1024 share the "wide" tiles) are compiled
+    once by ``fastssl gpu-report`` (its cache is keyed by configuration)."""
     entries = []
-    i32 = "i32"
-    plans = [(torch.bfloat16, "large", 128), (torch.bfloat16, "small", 128),
-             (torch.bfloat16, "wide", 256), (torch.float16, "large", 128),
-             (torch.float16, "small", 128), (torch.float32, "fp32", 128)]
-    for dtype, cname, block_d in plans:
-        ty = TL_TYPE[dtype]
-        prec = "bf16x3" if dtype == torch.float32 else "ieee"
-        for pass_, fn, sig in (
-                ("fwd", ntxent_fwd_kernel,
-                 {"zhat_ptr": f"*{ty}", "temp_ptr": "*fp32", "mpart_ptr": "*fp32",
-                  "lpart_ptr": "*fp32", "ppart_ptr": "*fp32", "N": i32, "D": i32,
-                  "TILES_PER_SPLIT": i32}),
-                ("bwd", ntxent_bwd_kernel,
-                 {"zhat_ptr": f"*{ty}", "temp_ptr": "*fp32", "lse_ptr": "*fp32",
-                  "g_ptr": "*fp32", "dpart_ptr": "*fp32", "N": i32, "D": i32,
-                  "TILES_PER_SPLIT": i32})):
-            bm, bn, warps, stages = CONFIGS[cname][pass_]
-            entries.append(dict(
-                name=f"{fn.__name__}[{ty},{cname},D{block_d}]", fn=fn, signature=sig,
-                constexprs=dict(DECOUPLED=False, DOT_FP32=False, INPUT_PRECISION=prec,
-                                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d),
-                tensor_cores=True, num_warps=warps, num_stages=stages))
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        ty = TL_TYPE[dtype]
-        entries.append(dict(
-            name=f"ntxent_prologue_kernel[{ty}]", fn=ntxent_prologue_kernel,
-            signature={"z1_ptr": f"*{ty}", "z2_ptr": f"*{ty}", "zhat_ptr": f"*{ty}",
-                       "rinv_ptr": "*fp32", "N": i32, "D": i32, "s1r": i32, "s1c": i32,
-                       "s2r": i32, "s2c": i32},
-            constexprs=dict(NORMALIZE=True, BLOCK_R=ROW_BLOCK, BLOCK_D=128),
-            tensor_cores=False, num_warps=4, num_stages=1))
-        entries.append(dict(
-            name=f"ntxent_fwd_combine_kernel[{ty}]", fn=ntxent_fwd_combine_kernel,
-            signature={"mpart_ptr": "*fp32", "lpart_ptr": "*fp32", "ppart_ptr": "*fp32",
-                       "lse_ptr": "*fp32", "loss_ptr": f"*{ty}", "M": i32, "SPLITS": i32},
+    ptr_f32 = "fp32"
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for d in AOT_DS:
+            for arch in AOT_ARCHS:
+                plans = {"": pick_config(65536, d, 132, dtype, arch, interpret=False)}
+                small = pick_config(512, d, 132, dtype, arch, interpret=False)
+                if small["name"].endswith("/small"):
+                    plans["small"] = small
+                for tag, cfg in plans.items():
+                    fc, bc = cfg[FWD], cfg[BWD]
+                    common = dict(DECOUPLED=False, DOT_FP32=False,
+                                  INPUT_PRECISION="bf16x3" if dtype == torch.float32 else "ieee")
+                    entries.append(aot_entry(
+                        ntxent_fwd_kernel, op="nt_xent", dtype=dtype, D=d, arch=arch, tag=tag,
+                        pointers=dict(zhat_ptr=dtype, temp_ptr=ptr_f32, mpart_ptr=ptr_f32,
+                                      lpart_ptr=ptr_f32, ppart_ptr=ptr_f32),
+                        constexprs=dict(common, **{k: fc[k] for k in (
+                            "BLOCK_M", "BLOCK_N", "BLOCK_K", "ONE_CHUNK", "EVEN_K")}),
+                        tensor_cores=True, num_warps=fc["num_warps"],
+                        num_stages=fc["num_stages"]))
+                    entries.append(aot_entry(
+                        ntxent_bwd_kernel, op="nt_xent", dtype=dtype, D=d, arch=arch, tag=tag,
+                        pointers=dict(zhat_ptr=dtype, temp_ptr=ptr_f32, lse_ptr=ptr_f32,
+                                      g_ptr=ptr_f32, dpart_ptr=ptr_f32),
+                        constexprs=dict(common, **{k: bc[k] for k in (
+                            "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_DP", "ONE_CHUNK",
+                            "EVEN_K")}),
+                        tensor_cores=True, num_warps=bc["num_warps"],
+                        num_stages=bc["num_stages"]))
+            block_d = row_block_d(d)
+            entries.append(aot_entry(
+                ntxent_prologue_kernel, op="nt_xent", dtype=dtype, D=d,
+                pointers=dict(z1_ptr=dtype, z2_ptr=dtype, zhat_ptr=dtype, norm_ptr=ptr_f32),
+                constexprs=dict(NORMALIZE=True, BLOCK_R=ROW_BLOCK, BLOCK_D=block_d),
+                tensor_cores=False, num_warps=row_warps(block_d), num_stages=1))
+            entries.append(aot_entry(
+                ntxent_bwd_epilogue_kernel, op="nt_xent", dtype=dtype, D=d,
+                pointers=dict(dpart_ptr=ptr_f32, zhat_ptr=dtype, norm_ptr=ptr_f32,
+                              temp_ptr=ptr_f32, gscale_ptr=ptr_f32, dz1_ptr=dtype,
+                              dz2_ptr=dtype, dots_ptr=ptr_f32),
+                constexprs=dict(NORMALIZE=True, UNSCALE=dtype == torch.float16,
+                                BLOCK_R=ROW_BLOCK, BLOCK_D=block_d),
+                tensor_cores=False, num_warps=row_warps(block_d), num_stages=1))
+        entries.append(aot_entry(
+            ntxent_fwd_combine_kernel, op="nt_xent", dtype=dtype, D=None,
+            pointers=dict(mpart_ptr=ptr_f32, lpart_ptr=ptr_f32, ppart_ptr=ptr_f32,
+                          lse_ptr=ptr_f32, loss_ptr=dtype),
             constexprs=dict(BLOCK=COMBINE_BLOCK), tensor_cores=False, num_warps=4,
             num_stages=1))
-        entries.append(dict(
-            name=f"ntxent_bwd_epilogue_kernel[{ty}]", fn=ntxent_bwd_epilogue_kernel,
-            signature={"dpart_ptr": "*fp32", "z1_ptr": f"*{ty}", "z2_ptr": f"*{ty}",
-                       "rinv_ptr": "*fp32", "temp_ptr": "*fp32", "gscale_ptr": "*fp32",
-                       "dz1_ptr": f"*{ty}", "dz2_ptr": f"*{ty}", "dots_ptr": "*fp32",
-                       "N": i32, "D": i32, "SPLITS": i32, "s1r": i32, "s1c": i32,
-                       "s2r": i32, "s2c": i32},
-            constexprs=dict(NORMALIZE=True, UNSCALE=dtype == torch.float16, BLOCK_R=ROW_BLOCK,
-                            BLOCK_D=128),
-            tensor_cores=False, num_warps=4, num_stages=1))
     return entries
 
 
@@ -635,18 +877,31 @@ AOT_KERNELS = _aot_entries()
 # ---------------------------------------------------------------------------------------
 
 
+def _pass(flops, exps, nbytes) -> dict:
+    return dict(flops=int(flops), exps=int(exps), bytes=int(nbytes))
+
+
+def _total(passes: dict) -> dict:
+    out = {k: sum(p[k] for p in passes.values()) for k in ("flops", "exps", "bytes")}
+    out["passes"] = passes
+    return out
+
+
 def work_fused(m: int, d: int, elem_bytes: int = 2) -> dict:
-    """FLOPs, exps and HBM bytes of this module's fwd + bwd at 2N = m (see the header)."""
-    flops = 3 * 2 * m * m * d          # S fwd, S recompute, K Zhat
-    exps = 3 * m * m                   # fwd 1, bwd 2 per element
-    md = m * d
-    hbm = (md * elem_bytes * 2        # prologue: read z, write zhat
-           + md * elem_bytes          # forward: zhat (L2-resident re-reads not counted)
-           + md * elem_bytes          # backward: zhat
-           + md * 4 * 2               # backward partials: write + read fp32 (splits = 1)
-           + md * elem_bytes * 2      # epilogue: read z, write dz
-           + m * 4 * 12 + m * elem_bytes)  # rinv, partial stats, lse, g, dots, loss
-    return dict(flops=flops, exps=exps, bytes=hbm)
+    """FLOPs, exps and HBM bytes of this module's fwd + bwd at 2N = m, width d, on an H100's
+    bf16 tiles (see the header): ``{"flops", "exps", "bytes", "passes": {"fwd", "bwd"}}``.
+    The backward's S recompute and its exps repeat once per D-panel."""
+    panels = pick_config(m, d, 132, torch.bfloat16, 90, interpret=False)[BWD]["panels"]
+    eq = 2 * m * m * d
+    md, b = m * d, elem_bytes
+    # fwd: prologue reads z, writes zhat + norms; the tile pass reads zhat once from HBM (its
+    # re-reads hit L2); partial stats, lse and loss are O(M).
+    fwd = _pass(eq, m * m, 3 * md * b + m * (32 + b))
+    # bwd: tiles read zhat (once per panel), lse, g; write fp32 partials; the epilogue reads
+    # them and zhat, writes dz and the per-row dots.
+    bwd = _pass((panels + 1) * eq, 2 * m * m * panels,
+                (panels + 2) * md * b + 8 * md + 16 * m)
+    return _total(dict(fwd=fwd, bwd=bwd))
 
 
 def work_eager_reference(m: int, d: int, elem_bytes: int = 2) -> dict:
@@ -654,19 +909,25 @@ def work_eager_reference(m: int, d: int, elem_bytes: int = 2) -> dict:
     counting each kernel's M^2 reads and writes (the O(M D) traffic is negligible)."""
     mm = m * m
     b = elem_bytes
-    passes = [
-        ("z @ z.T", 0, 1),                 # write logits
+    fwd_passes = [  # (name, reads, writes) in units of M^2 elements
+        ("z @ z.T", 0, 1),
         ("/ temperature", 1, 1),
         ("eye mask", 0, 1 / b),            # bool
         ("masked_fill", 1 + 1 / b, 1),
         ("logsumexp", 1, 0),
+    ]
+    bwd_passes = [
         ("logsumexp backward", 1, 1),      # exp(x - lse) * g
         ("masked_fill backward", 1 + 1 / b, 1),
         ("div backward", 1, 1),
         ("matmul backward (dS Z, dS^T Z)", 2, 0),
     ]
-    hbm = sum(r + w for _, r, w in passes) * mm * b
-    return dict(flops=3 * 2 * mm * d, exps=2 * mm, bytes=int(hbm))
+    eq = 2 * mm * d
+    fwd = _pass(eq, mm, sum(r + w for _, r, w in fwd_passes) * mm * b)
+    bwd = _pass(2 * eq, mm, sum(r + w for _, r, w in bwd_passes) * mm * b)
+    return _total(dict(fwd=fwd, bwd=bwd))
 
 
-ESTIMATE_SHAPE = dict(m=65536, d=128)
+# (2N, D) of the roofline rows: the headline shape, and the widest D of the sweep.
+ESTIMATE_SHAPES = ((65536, 128), (65536, 1024))
+

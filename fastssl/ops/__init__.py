@@ -6,3 +6,9 @@ contrastive engine they share (``contrastive_core``). Importing this package def
 ``torch.ops.fastssl`` op. Each module lists its ahead-of-time configurations in
 ``AOT_KERNELS`` (see ``fastssl gpu-report``)."""
 from . import augment, clip_loss, ema, info_nce, nt_xent, queue, supcon, xent  # noqa: F401
+
+from .. import _ext  # noqa: E402
+
+# The C++ CPU kernels register when fastssl._C loads: load it now (or keep why not), so that
+# torch.ops.fastssl.<op> on CPU tensors works however the op is reached.
+_ext.available()

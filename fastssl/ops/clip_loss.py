@@ -28,6 +28,9 @@ import torch
 from . import _library, _rows
 from . import contrastive_core as core
 
+# Every engine kernel configuration this op launches, for `fastssl gpu-report`.
+AOT_KERNELS = core.aot_entries("clip_loss")
+
 _library.define("clip_fwd", "(Tensor image, Tensor text, Tensor scale, bool normalize)"
                 " -> (Tensor row_loss, Tensor col_loss, Tensor row_lse, Tensor col_lse)")
 _library.define("clip_bwd", "(Tensor grad_row, Tensor grad_col, Tensor image, Tensor text, "

@@ -28,6 +28,9 @@ import torch
 from . import _library, _rows
 from . import contrastive_core as core
 
+# Every engine kernel configuration this op launches, for `fastssl gpu-report`.
+AOT_KERNELS = core.aot_entries("info_nce")
+
 _library.define("info_nce_queue_fwd", "(Tensor query, Tensor key, Tensor queue, Tensor scale, "
                 "bool normalize) -> (Tensor loss, Tensor lse, Tensor pv)")
 _library.define("info_nce_queue_bwd", "(Tensor grad, Tensor query, Tensor key, Tensor scale, "

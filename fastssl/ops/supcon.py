@@ -31,6 +31,9 @@ import torch
 from . import _library, _rows
 from . import contrastive_core as core
 
+# Every engine kernel configuration this op launches, for `fastssl gpu-report`.
+AOT_KERNELS = core.aot_entries("supcon")
+
 _library.define("supcon_fwd", "(Tensor features, Tensor labels, Tensor scale, bool normalize)"
                 " -> (Tensor loss, Tensor lse, Tensor npos)")
 _library.define("supcon_bwd", "(Tensor grad, Tensor features, Tensor labels, Tensor scale, "

@@ -31,6 +31,9 @@ import torch
 from . import _library, _rows
 from . import contrastive_core as core
 
+# Its engine kernels are info_nce's (targets, self index, decoupled mask): listed in
+# fastssl/ops/info_nce.py's AOT_KERNELS, not twice.
+
 _library.define("xent_fwd", "(Tensor q, Tensor c, Tensor scale, Tensor target, Tensor self_idx, "
                 "bool normalize, bool mask_target) -> (Tensor loss, Tensor lse)")
 _library.define("xent_bwd", "(Tensor grad, Tensor q, Tensor c, Tensor scale, Tensor target, "

@@ -44,3 +44,30 @@ def normalize_backward(dxhat: torch.Tensor, x: torch.Tensor, norm: torch.Tensor,
     proj = dxhat - xhat * (xhat * dxhat).sum(dim=1, keepdim=True)
     clamped = (norm < NORM_EPS)[:, None]
     return torch.where(clamped, dxhat, proj) / denom
+
+
+def scaled_rows(x: torch.Tensor, normalize: bool):
+    """The exact tensor-core operands of the contrastive engine and their fp32 row factors:
+    -> (xs in x's dtype, r (M,) fp32, norms (M,) fp32) with xs * r == x / max(||x||, eps).
+
+    xs = x * 2^-e per row (e from the row's max-abs) is exact in x's dtype (a power-of-two
+    scale), so the dot of two rows is the dot of the inputs themselves, not of normalised rows
+    rounded to 16 bits (at tau = 0.01 that rounding would dominate the error); the normalisation
+    is the fp32 factor r applied to the fp32 dot. Also overflow-safe: |xs| < 1.
+    Without ``normalize``: xs = x, r = 1."""
+    m = x.shape[0]
+    if not normalize:
+        ones = torch.ones(m, dtype=torch.float32, device=x.device)
+        return x.contiguous(), ones, ones
+    xf = x.float()
+    amax = xf.abs().amax(dim=1) if xf.shape[1] > 0 else xf.new_zeros(m)
+    finite = torch.isfinite(amax)
+    _, e = torch.frexp(torch.where(finite & (amax > 0), amax, torch.ones_like(amax)))
+    xs32 = torch.ldexp(xf, -e[:, None].to(torch.float32))
+    norm_s = xs32.norm(dim=1)
+    norms = torch.where(finite, torch.ldexp(norm_s, e.to(torch.float32)),
+                        torch.full_like(norm_s, float("nan")))
+    eps_s = torch.ldexp(torch.full_like(norm_s, NORM_EPS), -e.to(torch.float32))
+    r = 1.0 / torch.maximum(norm_s, eps_s)
+    r = torch.where(finite, r, torch.full_like(r, float("nan")))
+    return xs32.to(x.dtype).contiguous(), r, norms

@@ -38,16 +38,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_fwd_cpu(const at
   }
   float* rl = rlse.data_ptr<float>();
   float* cl = clse.data_ptr<float>();
-  core::forward_lse(I, T, s, {}, rl, cl);
+  // S_ii from the tile that fed both log-sum-exps (core::Picks); each loss is
+  // (max - S_ii) + log_sum: >= 0, and as precise as log_softmax when small.
+  std::vector<int64_t> diag(b);
+  for (int64_t i = 0; i < b; ++i) diag[i] = i;
+  std::vector<float> diag_logit(b), rmax(b), rlog(b), cmax(b), clog(b);
+  core::Picks picks;
+  picks.target = diag.data();
+  picks.target_logit = diag_logit.data();
+  picks.row_max = rmax.data();
+  picks.row_log_sum = rlog.data();
+  picks.col_max = cmax.data();
+  picks.col_log_sum = clog.data();
+  core::forward_lse(I, T, s, {}, rl, cl, picks);
   float* ro = row.data_ptr<float>();
   float* co = col.data_ptr<float>();
-  at::parallel_for(0, b, core::row_grain(d), [&](int64_t r0, int64_t r1) {
-    for (int64_t i = r0; i < r1; ++i) {
-      const float diag = core::logit(I, i, T, i, s);
-      ro[i] = rl[i] - diag;
-      co[i] = cl[i] - diag;
-    }
-  });
+  for (int64_t i = 0; i < b; ++i) {
+    ro[i] = (rmax[i] - diag_logit[i]) + rlog[i];
+    co[i] = (cmax[i] - diag_logit[i]) + clog[i];
+  }
   return {row, col, rlse, clse};
 }
 

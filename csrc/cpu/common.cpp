@@ -1,6 +1,7 @@
 // Implementation of common.h: the tile GEMM and input staging shared by the CPU kernels.
 #include "common.h"
 
+#include <algorithm>
 #include <atomic>
 
 // The Fortran BLAS symbol that torch's CPU library exports (MKL on x86-64 wheels, OpenBLAS
@@ -10,6 +11,9 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
                        const int* k, const float* alpha, const float* a, const int* lda,
                        const float* b, const int* ldb, const float* beta, float* c,
                        const int* ldc) __attribute__((weak));
+// MKL's per-thread thread count (returns the previous one; 0: follow the global setting); absent
+// from non-MKL builds. The C entry point: the lower-case symbol is the Fortran one (int*).
+extern "C" int MKL_Set_Num_Threads_Local(int nthreads) __attribute__((weak));
 
 namespace fastssl {
 
@@ -24,7 +28,11 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float 
     const int im = static_cast<int>(n), in = static_cast<int>(m), ik = static_cast<int>(k);
     const int ilda = static_cast<int>(ldb), ildb = static_cast<int>(lda),
               ildc = static_cast<int>(ldc);
+    // at::parallel_for runs small ranges inline on the calling thread, outside any parallel
+    // region, where MKL would otherwise thread (and may split the sum) by the global count.
+    const int prev = MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0;
     sgemm_(&ta, &tb, &im, &in, &ik, &alpha, b, &ilda, a, &ildb, &beta, c, &ildc);
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(prev);
     return;
   }
   auto opts = at::TensorOptions().dtype(at::kFloat);
@@ -86,6 +94,39 @@ void online_lse_tile(const float* __restrict s, int64_t bi, int64_t bj, float* _
     rmax[i] = nm;
   }
 }
+
+FASTSSL_SIMD_CLONES
+RowNorm row_norm(const float* __restrict x, int64_t d) {
+  float mx = 0.0f;
+#pragma omp simd reduction(max : mx)
+  for (int64_t k = 0; k < d; ++k) {
+    const float a = std::fabs(x[k]);
+    mx = a > mx ? a : mx;
+  }
+  if (!std::isfinite(mx)) return {0, std::numeric_limits<double>::quiet_NaN()};
+  int shift = 0;
+  if (mx > 0x1p24f || (mx > 0.0f && mx < 0x1p-24f))
+    shift = std::clamp(-std::ilogb(mx), -126, 126);  // 2^shift stays a normal float
+  const float f = std::ldexp(1.0f, shift);
+  float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t k = 0; k < d; ++k) {
+    const float v = x[k] * f;
+    ss += v * v;
+  }
+  // NaN elements are skipped by the max but reach ss.
+  return {shift, std::ldexp(std::sqrt(static_cast<double>(ss)), -shift)};
+}
+
+TileBuffers::TileBuffers(int64_t floats) {
+  const size_t bytes = ((static_cast<size_t>(floats) * sizeof(float) + 63) / 64) * 64;
+  for (int t = 0; t < at::get_num_threads(); ++t) {
+    bufs_.emplace_back(static_cast<float*>(std::aligned_alloc(64, bytes)));
+    TORCH_CHECK(bufs_.back() != nullptr, "fastssl: out of memory for a ", bytes, "-byte tile");
+  }
+}
+
+float* TileBuffers::get() const { return bufs_.at(at::get_thread_num()).get(); }
 
 std::string blas_info() {
   return sgemm_ != nullptr ? " + BLAS sgemm_ from torch (tile GEMM)"

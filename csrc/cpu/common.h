@@ -7,6 +7,12 @@
 //  * gemm_rm: row-major single-threaded SGEMM on top of the BLAS torch ships (MKL on x86
 //    wheels). The fused kernels call it on cache-sized tiles from inside at::parallel_for,
 //    where MKL runs sequentially, and do the softmax work between calls.
+//  * row_norm: an L2 norm that neither overflows nor underflows in fp32.
+//  * TileBuffers: one 64-byte-aligned scratch tile per thread (O(tile) memory per thread).
+//
+// Determinism: every kernel partitions its work into units that do not depend on the thread
+// count, and adds partial results in a fixed order, so results are bitwise equal at any
+// torch.set_num_threads (tests/test_cpu_reliability.py).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,6 +20,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <vector>
 #include <bit>
 #include <cstring>
 #include <limits>
@@ -67,7 +76,34 @@ void online_lse_tile(const float* __restrict s, int64_t bi, int64_t bj, float* _
                      float* __restrict rsum, float* __restrict cmax, float* __restrict csum,
                      float* __restrict cshift);
 
-// C = alpha * op(A) * op(B) + beta * C, all row-major, single-threaded.
+// Overflow-safe L2 norm of a row. Squares of fp32 values above ~1.8e19 overflow and those below
+// ~1e-19 underflow, so a row whose max-abs lies outside [2^-24, 2^24] is read scaled by the power
+// of two 2^shift that brings its max-abs into [1, 2) (exact: no rounding); other rows get
+// shift = 0 and the plain fp32 sum of squares. norm = ||x|| of the unscaled row, in double
+// (NaN if the row holds NaN or inf).
+struct RowNorm {
+  int shift;
+  double norm;
+};
+FASTSSL_SIMD_CLONES
+RowNorm row_norm(const float* __restrict x, int64_t d);
+
+// Per-thread scratch of `floats` floats each, 64-byte aligned: MKL's results can depend on the
+// alignment of its operands, and a thread must not get a different answer from another.
+class TileBuffers {
+ public:
+  explicit TileBuffers(int64_t floats);
+  float* get() const;  // the calling thread's buffer (at::get_thread_num())
+
+ private:
+  struct Free {
+    void operator()(float* p) const { std::free(p); }
+  };
+  std::vector<std::unique_ptr<float, Free>> bufs_;
+};
+
+// C = alpha * op(A) * op(B) + beta * C, all row-major, single-threaded (also outside parallel
+// regions: MKL is held to one thread per call, so a GEMM gives the same bits at any thread count).
 // trans_a: A is stored (k x m) and used transposed; trans_b: B is stored (n x k).
 void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
              const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,

@@ -16,6 +16,40 @@ Tile tile_at(int64_t I, int64_t J, int64_t m, int64_t nc) {
   return {i0, std::min(kTile, m - i0), j0, std::min(kTile, nc - j0)};
 }
 
+int64_t num_tiles(int64_t n) { return (n + kTile - 1) / kTile; }
+
+// Column chunks of a rows-only pass: enough units (nti x chunks >= kMinUnits) to feed the
+// threads when there are few row tiles (MoCo: 1 row tile x 256 queue tiles), a function of the
+// shape alone so that the chunks, and the order their partials merge in, never depend on the
+// thread count.
+int64_t col_chunks(int64_t nti, int64_t ntj) {
+  return std::clamp<int64_t>((kMinUnits + nti - 1) / nti, 1, ntj);
+}
+
+// The column tiles [J0, J1) of chunk c.
+std::pair<int64_t, int64_t> chunk_range(int64_t c, int64_t chunks, int64_t ntj) {
+  const int64_t per = (ntj + chunks - 1) / chunks;
+  return {std::min(ntj, c * per), std::min(ntj, (c + 1) * per)};
+}
+
+// The wavefront of the module comment: calls visit(tile) for every tile of the nti x ntj grid,
+// step by step; the tiles of one step share no row block and no column block, so they run in
+// parallel and still reach each block in step order.
+template <class Visit>
+void wavefront(int64_t m, int64_t nc, const Visit& visit) {
+  const int64_t nti = num_tiles(m), ntj = num_tiles(nc);
+  const int64_t span = std::max(nti, ntj), width = std::min(nti, ntj);
+  for (int64_t s = 0; s < span; ++s) {
+    at::parallel_for(0, width, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t I = nti <= ntj ? k : (k + s) % span;
+        const int64_t J = nti <= ntj ? (k + s) % span : k;
+        visit(tile_at(I, J, m, nc));
+      }
+    });
+  }
+}
+
 // S_ij *= rinv_q[i] * rinv_c[j]: the raw-row GEMM becomes the cosine logits. Reads/writes bi*bj.
 FASTSSL_SIMD_CLONES
 void scale_tile(float* __restrict s, int64_t bi, int64_t bj, const float* __restrict rq,
@@ -38,13 +72,41 @@ void mask_tile(float* s, const Tile& t, const Masks& masks) {
   }
 }
 
-// In place: S -> P'_ij = rq_i rc_j (g_i exp(S_ij - lse_i) + h_j exp(S_ij - clse_j)).
+// Picks::target: the logit of each row's target, if this tile holds it (read before masking:
+// the decoupled loss masks the target out of the LSE but still subtracts it).
+void pick_targets(const float* s, const Tile& t, const Picks& picks) {
+  if (picks.target == nullptr) return;
+  for (int64_t r = 0; r < t.bi; ++r) {
+    const int64_t col = picks.target[t.i0 + r];
+    if (col >= t.j0 && col < t.j0 + t.bj) picks.target_logit[t.i0 + r] = s[r * t.bj + col - t.j0];
+  }
+}
+
+// Picks::row_class: adds this tile's same-class unmasked logits to sums[row] (double; read after
+// masking, so the self column is out).
+void pick_class_sums(const float* s, const Tile& t, const Picks& picks, double* sums) {
+  if (picks.row_class == nullptr) return;
+  for (int64_t r = 0; r < t.bi; ++r) {
+    const int64_t cls = picks.row_class[t.i0 + r];
+    const float* row = s + r * t.bj;
+    const int64_t* cc = picks.col_class + t.j0;
+    double acc = 0.0;
+    for (int64_t j = 0; j < t.bj; ++j)
+      if (cc[j] == cls && row[j] != kNegInf) acc += row[j];
+    sums[t.i0 + r] += acc;
+  }
+}
+
+// In place: S -> P'_ij = rq_i rc_j (g_i exp(S_ij - lse_i) + h_j exp(S_ij - clse_j)
+// - w_i [class_i == class_j, S_ij unmasked]).
 // The rq_i rc_j factor lets both tile GEMMs read the raw rows; the owner divides it back out
 // (times alpha) once per row at the end. Masked entries (-inf) give ~0 (exp_f32's clamp).
 FASTSSL_SIMD_CLONES
 void bwd_tile(float* __restrict s, int64_t bi, int64_t bj, const float* __restrict rq,
               const float* __restrict rc, const float* __restrict g, const float* __restrict lse,
-              const float* __restrict h, const float* __restrict clse) {
+              const float* __restrict h, const float* __restrict clse,
+              const int64_t* __restrict row_class, const int64_t* __restrict col_class,
+              const float* __restrict w) {
   for (int64_t i = 0; i < bi; ++i) {
     float* row = s + i * bj;
     const float gi = g[i] * rq[i], li = lse[i], ri = rq[i];
@@ -52,6 +114,14 @@ void bwd_tile(float* __restrict s, int64_t bi, int64_t bj, const float* __restri
 #pragma omp simd
       for (int64_t j = 0; j < bj; ++j)
         row[j] = rc[j] * (gi * exp_f32(row[j] - li) + ri * h[j] * exp_f32(row[j] - clse[j]));
+    } else if (row_class != nullptr) {
+      const int64_t ci = row_class[i];
+      const float wi = w[i] * ri;
+#pragma omp simd
+      for (int64_t j = 0; j < bj; ++j) {
+        const float pos = (col_class[j] == ci && row[j] != kNegInf) ? wi : 0.0f;
+        row[j] = rc[j] * (gi * exp_f32(row[j] - li) - pos);
+      }
     } else {
 #pragma omp simd
       for (int64_t j = 0; j < bj; ++j) row[j] = rc[j] * gi * exp_f32(row[j] - li);
@@ -88,27 +158,45 @@ void pv_tile(float* __restrict s, int64_t bi, int64_t bj, const float* __restric
   }
 }
 
-FASTSSL_SIMD_CLONES
-float sum_squares(const float* __restrict x, int64_t d) {
-  float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-  for (int64_t k = 0; k < d; ++k) ss += x[k] * x[k];
-  return ss;
+// lse = max + log(sum) from running statistics. Every row sum holds exp_f32(max - max) = 1
+// exactly, so sum >= 1 and log(sum) >= 0: a loss (max - S_i,t) + log_sum with S_i,t read from
+// the tiles (Picks) is a sum of two non-negative fp32 numbers, never negative.
+// Writes lse[r] and, when asked for, its parts (max, log_sum).
+void finish_lse(int64_t r, float mx, double sum, float* lse, float* max_out, float* log_sum) {
+  const float ls = static_cast<float>(std::log(sum));
+  lse[r] = mx + ls;
+  if (max_out != nullptr) max_out[r] = mx;
+  if (log_sum != nullptr) log_sum[r] = ls;
 }
 
-// Merges the per-thread (max, sum) of `n` entries at `off` inside each thread's block.
-void merge_stats(const std::vector<float>& st, int nthreads, int64_t per, int64_t off, int64_t n,
-                 float* out) {
+// Merges `chunks` partial (max, sum) blocks (each: [max (n), sum (n)], `stride` floats apart)
+// in chunk order.
+void merge_stats(const float* part, int64_t chunks, int64_t stride, int64_t n, float* out,
+                 float* max_out = nullptr, float* log_sum = nullptr) {
   at::parallel_for(0, n, 1024, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       float mx = kNegInf;
-      for (int t = 0; t < nthreads; ++t) mx = std::max(mx, st[t * per + off + r]);
+      for (int64_t c = 0; c < chunks; ++c) mx = std::max(mx, part[c * stride + r]);
       double sum = 0.0;
-      for (int t = 0; t < nthreads; ++t) {
-        const float tm = st[t * per + off + r];
-        if (tm != kNegInf) sum += st[t * per + off + n + r] * std::exp((double)(tm - mx));
+      for (int64_t c = 0; c < chunks; ++c) {
+        const float tm = part[c * stride + r];
+        if (tm != kNegInf) sum += part[c * stride + n + r] * std::exp((double)(tm - mx));
       }
-      out[r] = mx + static_cast<float>(std::log(sum));
+      finish_lse(r, mx, sum, out, max_out, log_sum);
+    }
+  });
+}
+
+// Rows-only tile units: for unit u = (row tile I, column chunk c), visit(u, I, c, tile) for
+// each tile of the chunk, in column order.
+template <class Visit>
+void row_units(int64_t m, int64_t nc, int64_t chunks, const Visit& visit) {
+  const int64_t nti = num_tiles(m), ntj = num_tiles(nc);
+  at::parallel_for(0, nti * chunks, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t I = u / chunks, c = u % chunks;
+      const auto [J0, J1] = chunk_range(c, chunks, ntj);
+      for (int64_t J = J0; J < J1; ++J) visit(c, tile_at(I, J, m, nc));
     }
   });
 }
@@ -127,110 +215,138 @@ Operand stage(const at::Tensor& t, bool normalize) {
   auto f32 = t.options().dtype(at::kFloat);
   o.rinv_t = at::empty({o.n}, f32);
   o.nrm_t = at::empty({o.n}, f32);
-  o.x = o.storage.data_ptr<float>();
+  o.grad_rinv_t = at::empty({o.n}, f32);
+  o.clamped.assign(o.n, 0);
   float* rinv = o.rinv_t.data_ptr<float>();
   float* nrm = o.nrm_t.data_ptr<float>();
+  float* grinv = o.grad_rinv_t.data_ptr<float>();
   const int64_t d = o.d;
   std::vector<char> bad(o.n, 0);
+  std::vector<int> shift(o.n, 0);
+  const float* x = o.storage.data_ptr<float>();
   at::parallel_for(0, o.n, row_grain(d), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const float* row = o.x + r * d;
-      // fp32 sum of squares (vectorised; MoCo stages a 65536 x 128 queue per call); if it
-      // overflows, redo it in double so that only NaN/inf inputs count as non-finite.
-      double ss = sum_squares(row, d);
-      if (!std::isfinite(ss)) {
-        ss = 0.0;
-        for (int64_t k = 0; k < d; ++k) ss += (double)row[k] * row[k];
-      }
-      bad[r] = !std::isfinite(ss);
-      const float n = static_cast<float>(std::sqrt(ss));
-      const float nc = std::max(n, kNormEps);
-      rinv[r] = normalize ? 1.0f / nc : 1.0f;
-      nrm[r] = normalize ? nc : 1.0f;
+      const RowNorm rn = row_norm(x + r * d, d);
+      bad[r] = !std::isfinite(rn.norm);
+      // Without normalisation the rows are used as they are (no scaling: S itself may overflow,
+      // as it does in the reference).
+      shift[r] = normalize ? rn.shift : 0;
+      const double nc = std::max(rn.norm, static_cast<double>(kNormEps));
+      o.clamped[r] = rn.norm < kNormEps;
+      // For the staged row ldexp(x, shift): its norm-with-eps is ldexp(nc, shift).
+      rinv[r] = normalize ? static_cast<float>(std::ldexp(1.0 / nc, -shift[r])) : 1.0f;
+      nrm[r] = normalize ? static_cast<float>(std::ldexp(nc, shift[r])) : 1.0f;
+      grinv[r] = normalize ? static_cast<float>(1.0 / nc) : 1.0f;
     }
   });
+  for (char b : bad) o.finite = o.finite && !b;
+  if (o.finite && std::any_of(shift.begin(), shift.end(), [](int s) { return s != 0; })) {
+    // Some rows would overflow (or underflow) fp32 products: stage them scaled by 2^shift, in a
+    // private copy when the storage aliases the caller's tensor.
+    if (o.storage.data_ptr() == t.data_ptr()) o.storage = o.storage.clone();
+    float* xs = o.storage.data_ptr<float>();
+    at::parallel_for(0, o.n, row_grain(d), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        if (shift[r] == 0) continue;
+        const float f = std::ldexp(1.0f, shift[r]);
+        for (int64_t k = 0; k < d; ++k) xs[r * d + k] *= f;
+      }
+    });
+  }
+  o.x = o.storage.data_ptr<float>();
   o.rinv = rinv;
   o.nrm = nrm;
-  for (char b : bad) o.finite = o.finite && !b;
+  o.grad_rinv = grinv;
   return o;
 }
 
 void forward_lse(const Operand& q, const Operand& c, float alpha, Masks masks, float* row_lse,
-                 float* col_lse) {
+                 float* col_lse, const Picks& picks) {
   const int64_t m = q.n, nc = c.n, d = q.d;
-  const int64_t nti = (m + kTile - 1) / kTile, ntj = (nc + kTile - 1) / kTile;
-  const int nthreads = at::get_num_threads();
-  const bool cols = col_lse != nullptr;
-  const int64_t per = 2 * m + (cols ? 2 * nc : 0);
-  // Private running stats: [rmax (m), rsum (m), cmax (nc), csum (nc)] per thread.
-  std::vector<float> st(nthreads * per, 0.0f);
-  for (int t = 0; t < nthreads; ++t) {
-    std::fill_n(st.begin() + t * per, m, kNegInf);
-    if (cols) std::fill_n(st.begin() + t * per + 2 * m, nc, kNegInf);
-  }
   const bool scaled = q.normalize || c.normalize;
-  // Row-major pair order: a thread streams column panels against one row panel; with one row
-  // tile (MoCo: 256 queries vs 65536 queue entries) the threads split the columns.
-  at::parallel_for(0, nti * ntj, 1, [&](int64_t p0, int64_t p1) {
-    float* rmax = st.data() + at::get_thread_num() * per;
-    float* rsum = rmax + m;
-    float* cmax = cols ? rsum + m : nullptr;
-    float* csum = cols ? cmax + nc : nullptr;
-    std::vector<float> tile(kTile * kTile), tmp(kTile);
-    for (int64_t p = p0; p < p1; ++p) {
-      const Tile t = tile_at(p / ntj, p % ntj, m, nc);
-      // S_IJ = alpha Q_I C_J^T: reads (bi + bj) d floats, 2 bi bj d flops; S never leaves L2.
-      gemm_rm(false, true, t.bi, t.bj, d, alpha, q.x + t.i0 * d, d, c.x + t.j0 * d, d, 0.0f,
-              tile.data(), t.bj);
-      if (scaled) scale_tile(tile.data(), t.bi, t.bj, q.rinv + t.i0, c.rinv + t.j0);
-      mask_tile(tile.data(), t, masks);
-      online_lse_tile(tile.data(), t.bi, t.bj, rmax + t.i0, rsum + t.i0, cols ? cmax + t.j0 : nullptr,
-               cols ? csum + t.j0 : nullptr, tmp.data());
-    }
+  const bool cols = col_lse != nullptr;
+  TORCH_CHECK(!cols || picks.row_class == nullptr,
+              "fastssl: class sums are a rows-only forward feature");
+  TileBuffers tiles(kTile * kTile + kTile);
+  // S_IJ = alpha Q_I C_J^T: reads (bi + bj) d floats, 2 bi bj d flops; S never leaves L2.
+  auto logits = [&](const Tile& t, float* s) {
+    gemm_rm(false, true, t.bi, t.bj, d, alpha, q.x + t.i0 * d, d, c.x + t.j0 * d, d, 0.0f, s,
+            t.bj);
+    if (scaled) scale_tile(s, t.bi, t.bj, q.rinv + t.i0, c.rinv + t.j0);
+    pick_targets(s, t, picks);
+    mask_tile(s, t, masks);
+  };
+  if (cols) {
+    // Wavefront: each tile updates its rows' and columns' running statistics in place.
+    std::vector<float> rmax(m, kNegInf), rsum(m, 0.0f), cmax(nc, kNegInf), csum(nc, 0.0f);
+    wavefront(m, nc, [&](const Tile& t) {
+      float* s = tiles.get();
+      logits(t, s);
+      online_lse_tile(s, t.bi, t.bj, rmax.data() + t.i0, rsum.data() + t.i0,
+                      cmax.data() + t.j0, csum.data() + t.j0, s + kTile * kTile);
+    });
+    for (int64_t r = 0; r < m; ++r)
+      finish_lse(r, rmax[r], rsum[r], row_lse, picks.row_max, picks.row_log_sum);
+    for (int64_t r = 0; r < nc; ++r)
+      finish_lse(r, cmax[r], csum[r], col_lse, picks.col_max, picks.col_log_sum);
+    return;
+  }
+  const int64_t chunks = col_chunks(num_tiles(m), num_tiles(nc));
+  // Per chunk: [rmax (m), rsum (m)], and the class sums (m doubles) when asked for.
+  std::vector<float> part(chunks * 2 * m, 0.0f);
+  for (int64_t ch = 0; ch < chunks; ++ch) std::fill_n(part.begin() + ch * 2 * m, m, kNegInf);
+  const bool sums = picks.row_class != nullptr;
+  std::vector<double> class_part(sums ? chunks * m : 0, 0.0);
+  row_units(m, nc, chunks, [&](int64_t ch, const Tile& t) {
+    float* s = tiles.get();
+    logits(t, s);
+    if (sums) pick_class_sums(s, t, picks, class_part.data() + ch * m);
+    float* rmax = part.data() + ch * 2 * m;
+    online_lse_tile(s, t.bi, t.bj, rmax + t.i0, rmax + m + t.i0, nullptr, nullptr, nullptr);
   });
-  merge_stats(st, nthreads, per, 0, m, row_lse);
-  if (cols) merge_stats(st, nthreads, per, 2 * m, nc, col_lse);
+  merge_stats(part.data(), chunks, 2 * m, m, row_lse, picks.row_max, picks.row_log_sum);
+  if (sums)
+    for (int64_t r = 0; r < m; ++r) {
+      double acc = 0.0;
+      for (int64_t ch = 0; ch < chunks; ++ch) acc += class_part[ch * m + r];
+      picks.class_logit_sum[r] = acc;
+    }
 }
 
 void forward_lse_pv(const Operand& q, const Operand& c, float alpha, float* row_lse,
                     float* pv) {
   const int64_t m = q.n, nc = c.n, d = q.d;
-  const int64_t nti = (m + kTile - 1) / kTile, ntj = (nc + kTile - 1) / kTile;
-  const int nthreads = at::get_num_threads();
-  // Per thread: [rmax (m), rsum (m)] and the running output o (m x d).
-  const int64_t per = 2 * m;
-  std::vector<float> st(nthreads * per, 0.0f);
-  for (int t = 0; t < nthreads; ++t) std::fill_n(st.begin() + t * per, m, kNegInf);
-  std::vector<float> out(static_cast<size_t>(nthreads) * m * d, 0.0f);
+  const int64_t chunks = col_chunks(num_tiles(m), num_tiles(nc));
+  // Per chunk: [rmax (m), rsum (m)] and the running output o (m x d).
+  std::vector<float> part(chunks * 2 * m, 0.0f);
+  for (int64_t ch = 0; ch < chunks; ++ch) std::fill_n(part.begin() + ch * 2 * m, m, kNegInf);
+  at::Tensor out = at::zeros({chunks, m, d}, q.storage.options().dtype(at::kFloat));
+  float* op = out.data_ptr<float>();
   const bool scaled = q.normalize || c.normalize;
-  at::parallel_for(0, nti * ntj, 1, [&](int64_t p0, int64_t p1) {
-    const int tid = at::get_thread_num();
-    float* rmax = st.data() + tid * per;
-    float* rsum = rmax + m;
-    float* o = out.data() + static_cast<int64_t>(tid) * m * d;
-    std::vector<float> tile(kTile * kTile);
-    for (int64_t p = p0; p < p1; ++p) {
-      const Tile t = tile_at(p / ntj, p % ntj, m, nc);
-      gemm_rm(false, true, t.bi, t.bj, d, alpha, q.x + t.i0 * d, d, c.x + t.j0 * d, d, 0.0f,
-              tile.data(), t.bj);
-      if (scaled) scale_tile(tile.data(), t.bi, t.bj, q.rinv + t.i0, c.rinv + t.j0);
-      pv_tile(tile.data(), t.bi, t.bj, c.rinv + t.j0, rmax + t.i0, rsum + t.i0, o + t.i0 * d, d);
-      // o_I += E C_J: the softmax-weighted columns, 2 bi bj d flops.
-      gemm_rm(false, false, t.bi, d, t.bj, 1.0f, tile.data(), t.bj, c.x + t.j0 * d, d, 1.0f,
-              o + t.i0 * d, d);
-    }
+  TileBuffers tiles(kTile * kTile);
+  row_units(m, nc, chunks, [&](int64_t ch, const Tile& t) {
+    float* s = tiles.get();
+    float* rmax = part.data() + ch * 2 * m;
+    float* o = op + ch * m * d;
+    gemm_rm(false, true, t.bi, t.bj, d, alpha, q.x + t.i0 * d, d, c.x + t.j0 * d, d, 0.0f, s,
+            t.bj);
+    if (scaled) scale_tile(s, t.bi, t.bj, q.rinv + t.i0, c.rinv + t.j0);
+    pv_tile(s, t.bi, t.bj, c.rinv + t.j0, rmax + t.i0, rmax + m + t.i0, o + t.i0 * d, d);
+    // o_I += E C_J: the softmax-weighted columns, 2 bi bj d flops.
+    gemm_rm(false, false, t.bi, d, t.bj, 1.0f, s, t.bj, c.x + t.j0 * d, d, 1.0f, o + t.i0 * d,
+            d);
   });
-  merge_stats(st, nthreads, per, 0, m, row_lse);
-  // pv_i = sum_t exp(max_t,i - lse_i) o_t,i (thread order: deterministic).
+  merge_stats(part.data(), chunks, 2 * m, m, row_lse);
+  // pv_i = sum_c exp(max_c,i - lse_i) o_c,i, in chunk order (split-K flash-decoding merge).
   at::parallel_for(0, m, row_grain(d), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       float* dst = pv + r * d;
       for (int64_t k = 0; k < d; ++k) dst[k] = 0.0f;
-      for (int t = 0; t < nthreads; ++t) {
-        const float tm = st[t * per + r];
+      for (int64_t ch = 0; ch < chunks; ++ch) {
+        const float tm = part[ch * 2 * m + r];
         if (tm == kNegInf) continue;
         const float w = std::exp(finite_or_zero(tm) - row_lse[r]);
-        const float* src = out.data() + (static_cast<int64_t>(t) * m + r) * d;
+        const float* src = op + (ch * m + r) * d;
         for (int64_t k = 0; k < d; ++k) dst[k] += w * src[k];
       }
     }
@@ -239,69 +355,35 @@ void forward_lse_pv(const Operand& q, const Operand& c, float alpha, float* row_
 
 void backward_softmax(const Operand& q, const Operand& c, float alpha, Masks masks,
                       const float* g, const float* lse, const float* h, const float* clse,
-                      float* dq, float* dc) {
+                      float* dq, float* dc, const ClassTerm& cls) {
   const int64_t m = q.n, nc = c.n, d = q.d;
-  const int64_t nti = (m + kTile - 1) / kTile, ntj = (nc + kTile - 1) / kTile;
-  const int nthreads = at::get_num_threads();
-  // Split the dimension with more tiles: its gradient is written by the thread that owns the
-  // tile row (column); the other side ("shared") is accumulated in the output by thread 0 and
-  // in one private buffer per extra thread, summed at the end.
-  const bool split_rows = nti >= ntj;
-  const int64_t outer = split_rows ? nti : ntj, inner = split_rows ? ntj : nti;
-  float* shared = split_rows ? dc : dq;
-  const int64_t shared_n = split_rows ? nc : m;
   std::memset(dq, 0, sizeof(float) * m * d);
   if (dc != nullptr) std::memset(dc, 0, sizeof(float) * nc * d);
-  // Untouched private pages cost no memory: a buffer is zeroed by its thread on first use.
-  std::vector<at::Tensor> priv(nthreads);
-  std::vector<char> used(nthreads, 0);
-  if (shared != nullptr)
-    for (int t = 1; t < nthreads; ++t)
-      priv[t] = at::empty({shared_n, d}, q.storage.options().dtype(at::kFloat));
   const bool scaled = q.normalize || c.normalize;
-  at::parallel_for(0, outer, 1, [&](int64_t o0, int64_t o1) {
-    const int tid = at::get_thread_num();
-    float* mine = nullptr;
-    if (shared != nullptr) {
-      mine = tid == 0 ? shared : priv[tid].data_ptr<float>();
-      if (tid != 0 && !used[tid]) std::memset(mine, 0, sizeof(float) * shared_n * d);
-      used[tid] = 1;
-    }
-    float* dqp = split_rows ? dq : mine;
-    float* dcp = split_rows ? mine : dc;
-    std::vector<float> tile(kTile * kTile);
-    for (int64_t o = o0; o < o1; ++o) {
-      for (int64_t in = 0; in < inner; ++in) {
-        const Tile t = split_rows ? tile_at(o, in, m, nc) : tile_at(in, o, m, nc);
-        // 1. Recompute S_IJ (1 matmul-equivalent over the whole backward).
-        gemm_rm(false, true, t.bi, t.bj, d, alpha, q.x + t.i0 * d, d, c.x + t.j0 * d, d, 0.0f,
-                tile.data(), t.bj);
-        if (scaled) scale_tile(tile.data(), t.bi, t.bj, q.rinv + t.i0, c.rinv + t.j0);
-        mask_tile(tile.data(), t, masks);
-        // 2. S -> P' in place (both softmax directions from the one recompute).
-        bwd_tile(tile.data(), t.bi, t.bj, q.rinv + t.i0, c.rinv + t.j0, g + t.i0, lse + t.i0,
-                 h != nullptr ? h + t.j0 : nullptr, clse != nullptr ? clse + t.j0 : nullptr);
-        // 3. dQ_I += P' C_J ; dC_J += P'^T Q_I (raw rows; 2 bi bj d flops each).
-        gemm_rm(false, false, t.bi, d, t.bj, 1.0f, tile.data(), t.bj, c.x + t.j0 * d, d, 1.0f,
-                dqp + t.i0 * d, d);
-        if (dcp != nullptr)
-          gemm_rm(true, false, t.bj, d, t.bi, 1.0f, tile.data(), t.bj, q.x + t.i0 * d, d, 1.0f,
-                  dcp + t.j0 * d, d);
-      }
-    }
+  TileBuffers tiles(kTile * kTile);
+  // Wavefront: dQ_I and dC_J are written in place by the one tile of the step that touches
+  // them, no per-thread accumulators (extra memory: one tile per thread).
+  wavefront(m, nc, [&](const Tile& t) {
+    float* s = tiles.get();
+    // 1. Recompute S_IJ (1 matmul-equivalent over the whole backward).
+    gemm_rm(false, true, t.bi, t.bj, d, alpha, q.x + t.i0 * d, d, c.x + t.j0 * d, d, 0.0f, s,
+            t.bj);
+    if (scaled) scale_tile(s, t.bi, t.bj, q.rinv + t.i0, c.rinv + t.j0);
+    mask_tile(s, t, masks);
+    // 2. S -> P' in place (both softmax directions, and SupCon's positives, from one recompute).
+    bwd_tile(s, t.bi, t.bj, q.rinv + t.i0, c.rinv + t.j0, g + t.i0, lse + t.i0,
+             h != nullptr ? h + t.j0 : nullptr, clse != nullptr ? clse + t.j0 : nullptr,
+             cls.row_class != nullptr ? cls.row_class + t.i0 : nullptr,
+             cls.col_class != nullptr ? cls.col_class + t.j0 : nullptr,
+             cls.w != nullptr ? cls.w + t.i0 : nullptr);
+    // 3. dQ_I += P' C_J ; dC_J += P'^T Q_I (raw rows; 2 bi bj d flops each).
+    gemm_rm(false, false, t.bi, d, t.bj, 1.0f, s, t.bj, c.x + t.j0 * d, d, 1.0f, dq + t.i0 * d,
+            d);
+    if (dc != nullptr)
+      gemm_rm(true, false, t.bj, d, t.bi, 1.0f, s, t.bj, q.x + t.i0 * d, d, 1.0f,
+              dc + t.j0 * d, d);
   });
-  // Sum the private buffers into the shared side (fixed thread order), then undo the
-  // rq_i rc_j factor of P' and apply alpha: gradients w.r.t. the normalised rows.
-  if (shared != nullptr) {
-    at::parallel_for(0, shared_n, row_grain(d), [&](int64_t r0, int64_t r1) {
-      for (int t = 1; t < nthreads; ++t) {
-        if (!used[t]) continue;
-        const float* src = priv[t].data_ptr<float>();
-        for (int64_t r = r0; r < r1; ++r)
-          for (int64_t k = 0; k < d; ++k) shared[r * d + k] += src[r * d + k];
-      }
-    });
-  }
+  // Undo the rq_i rc_j factor of P' and apply alpha: gradients w.r.t. the normalised rows.
   auto rescale = [&](float* out, const Operand& x) {
     at::parallel_for(0, x.n, row_grain(d), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
@@ -320,8 +402,8 @@ void normalize_backward(const Operand& x, float* dxhat) {
   at::parallel_for(0, x.n, row_grain(d), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       float* row = dxhat + r * d;
-      const float ri = x.rinv[r];
-      if (x.nrm[r] <= kNormEps) {  // clamped norm: x / eps is linear in x
+      const float ri = x.grad_rinv[r];
+      if (x.clamped[r]) {  // clamped norm: x / eps is linear in x
         for (int64_t k = 0; k < d; ++k) row[k] *= ri;
         continue;
       }

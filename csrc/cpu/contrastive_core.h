@@ -14,14 +14,21 @@
 //
 // Normalisation never materialises Qhat: the tile GEMMs read the raw fp32 rows (the input
 // itself when it is fp32 and contiguous) and the tile is scaled by rinv_q[i] * rinv_c[j]
-// afterwards. That keeps the extra memory of CLIP at B = 16384, D = 256 at the gradients plus
-// one private accumulator per extra thread (see backward_softmax).
+// afterwards. Rows too large or too small for fp32 products (max-abs outside [2^-24, 2^24]) are
+// staged scaled by a power of two (exact), so |x| up to 1e30 neither overflows the GEMM nor the
+// squared norm; for other rows nothing changes.
 //
-// Threads: forward splits the tile pairs and keeps private (max, sum) per thread (O(T (m + nc))
-// floats), merged in thread order; backward splits the dimension with more tiles (rows for
-// CLIP, columns for MoCo's 256 x 65536), so the gradient of that side is written by its owner
-// and the other side gets one private accumulator per extra thread. Deterministic for a given
-// thread count; no atomics.
+// Threads (results bitwise independent of the thread count, extra memory independent of it):
+//  * forward_lse, rows only (xent, supcon): units = (row tile, fixed column chunk); each unit
+//    keeps its rows' running (max, sum) over its chunk in a partial, merged in chunk order. The
+//    number of chunks depends on the shape only (col_chunks), so partials are O(m) floats.
+//  * forward_lse with columns (CLIP) and backward_softmax: a wavefront over the tile grid.
+//    Step s visits the tiles (I, (I + s) mod L) (L = the larger tile count): within a step no
+//    two tiles share a row or a column block, so each tile updates its row and column
+//    statistics (gradients) in place, with no partials and no atomics, and every block receives
+//    its tiles in step order whatever thread ran them. One barrier per step.
+//  * forward_lse_pv (MoCo): units as forward_lse; a unit's running output o is a partial of
+//    m x d floats per column chunk, with col_chunks * m <= m + kMinUnits * kTile rows.
 #pragma once
 
 #include <vector>
@@ -32,7 +39,10 @@ namespace fastssl::core {
 
 // 256 x 256 fp32 tile = 256 KiB: the tile plus two 256 x D panels stay in L2 (1 MiB on Zen 4).
 constexpr int64_t kTile = 256;
-constexpr float kNormEps = 1e-12f;  // F.normalize's eps; the norm is computed in fp32 (double sum)
+constexpr float kNormEps = 1e-12f;  // F.normalize's eps (applied to the norm of the input row)
+// Work units a rows-only forward aims for (row tiles x column chunks): enough for 64 threads,
+// and a fixed function of the shape, never of the thread count.
+constexpr int64_t kMinUnits = 64;
 
 // Grain (rows) of the O(n d) row loops: a parallel region only pays off above ~64K elements
 // (measured: on this shared 2-core machine every fork of a region can wait a scheduler
@@ -42,11 +52,14 @@ inline int64_t row_grain(int64_t d) { return std::max<int64_t>(64, 65536 / std::
 // An (n x d) operand staged for the core.
 struct Operand {
   at::Tensor storage;  // fp32 contiguous rows; aliases the input when it is fp32 contiguous
-  at::Tensor rinv_t;   // (n) 1 / max(||x_i||, eps) when normalising, else 1
+  at::Tensor rinv_t;   // (n) xhat_i = x_i * rinv_i (x: the staged, maybe power-of-2-scaled rows)
   at::Tensor nrm_t;    // (n) 1 / rinv: the factor that turns a raw-row accumulator back
+  at::Tensor grad_rinv_t;  // (n) 1 / max(||input row||, eps): normalize_backward's factor
   const float* x = nullptr;
   const float* rinv = nullptr;
   const float* nrm = nullptr;
+  const float* grad_rinv = nullptr;
+  std::vector<char> clamped;  // the input row's norm fell below eps (x / eps is linear)
   int64_t n = 0, d = 0;
   bool normalize = false;
   bool clamped_any = false;
@@ -65,9 +78,30 @@ struct Masks {
   const int64_t* b = nullptr;
 };
 
+// Logits read from the forward tiles themselves, so that a loss is computed from the very
+// S_i,t that entered LSE_i: (max_i - S_i,t) + log_sum_i is then a sum of two exactly
+// non-negative fp32 numbers. A separately computed dot product rounds differently and can make
+// a loss that is >= 0 in exact arithmetic come out negative.
+struct Picks {
+  const int64_t* target = nullptr;  // per row: the column whose logit to keep (before masking)
+  float* target_logit = nullptr;    // out (q.n)
+  // Per row: sum of the unmasked S_ij over columns j of the row's class (SupCon's positives).
+  // Rows-only forward (col_lse == nullptr) only.
+  const int64_t* row_class = nullptr;
+  const int64_t* col_class = nullptr;
+  double* class_logit_sum = nullptr;  // out (q.n)
+  // Out (optional): each LSE in two parts, lse = max + log_sum. A loss written as
+  // (max - S_i,t) + log_sum keeps the relative precision of a small loss, as log_softmax does;
+  // lse - S_i,t loses everything below ulp(lse) (~1e-5 at tau = 0.01).
+  float* row_max = nullptr;
+  float* row_log_sum = nullptr;
+  float* col_max = nullptr;
+  float* col_log_sum = nullptr;
+};
+
 // row_lse (q.n floats) and, when col_lse != nullptr, col_lse (c.n floats) of the masked S.
 void forward_lse(const Operand& q, const Operand& c, float alpha, Masks masks, float* row_lse,
-                 float* col_lse);
+                 float* col_lse, const Picks& picks = {});
 
 // Flash-attention-style forward for losses whose columns get no gradient (MoCo's queue):
 // row_lse as forward_lse (no masks) and pv (q.n x d) = sum_j softmax(S)_ij chat_j, accumulated
@@ -76,12 +110,20 @@ void forward_lse(const Operand& q, const Operand& c, float alpha, Masks masks, f
 // no recompute, 2 matmul-equivalents in total instead of 3.
 void forward_lse_pv(const Operand& q, const Operand& c, float alpha, float* row_lse, float* pv);
 
+// A term -w_i [class(i) == class(j)] of dS_ij over the unmasked columns (SupCon's positives),
+// folded into the backward tiles so that it takes the same GEMMs as the softmax part.
+struct ClassTerm {
+  const int64_t* row_class = nullptr;
+  const int64_t* col_class = nullptr;
+  const float* w = nullptr;  // per row
+};
+
 // Softmax part of the backward. g, lse: per row (g may hold zeros); h, clse: per column, or
 // both null (no column softmax). Writes (overwrites) dq (q.n x d) with alpha P Chat and, when
 // dc != nullptr, dc (c.n x d) with alpha P^T Qhat: gradients w.r.t. the *normalised* rows.
 void backward_softmax(const Operand& q, const Operand& c, float alpha, Masks masks,
                       const float* g, const float* lse, const float* h, const float* clse,
-                      float* dq, float* dc);
+                      float* dq, float* dc, const ClassTerm& cls = {});
 
 // In place, row by row: dxhat -> dx through xhat = x / max(||x||, eps) (identity when the
 // operand is not normalised). Returns nothing; see rows_dot for the scale gradient.
@@ -90,7 +132,7 @@ void normalize_backward(const Operand& x, float* dxhat);
 // sum_i xhat_i . v_i in double, in row order (deterministic).
 double rows_dot(const Operand& x, const float* v);
 
-// alpha * xhat_i . yhat_j
+// alpha * xhat_i . yhat_j (for logits outside any tile: MoCo's positive)
 float logit(const Operand& x, int64_t i, const Operand& y, int64_t j, float alpha);
 
 // dst[i] = src, row-wise helper: out[k] += s * yhat_j[k]

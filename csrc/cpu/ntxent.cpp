@@ -15,10 +15,18 @@
 //    the O(M D) epilogue, exactly, in fp32.
 //  * Tile GEMMs go to the BLAS that torch ships (single-threaded per tile inside
 //    at::parallel_for); exp/max/sum run in FASTSSL_SIMD_CLONES loops (AVX-512 / AVX2).
-//  * Threads own disjoint tile-pair ranges and private (max, sum) / dZ accumulators, merged in
-//    a fixed order afterwards: deterministic for a given thread count, no atomics.
-//  * Memory: Z in fp32 (M D), the row LSE (M), per-thread accumulators (T M D in backward)
-//    and one B x B tile per thread. Never M x M.
+//  * Threads: the upper tile pairs are visited in the rounds of a round-robin tournament
+//    (circle method) over the row blocks, after one round of diagonal tiles. In a round every
+//    block is in at most one pair, so a tile updates the running (max, sum) and the dZ of both
+//    its blocks in place (no private accumulators, no atomics), and every block receives its
+//    tiles in round order whatever thread ran them: bitwise the same result at any thread
+//    count. One barrier per round (2N / 256 rounds).
+//  * The positive logit S_i,t(i) is read from the tile that feeds LSE_i (not recomputed as a
+//    separate dot product), and loss_i = (max_i - S_i,t(i)) + log sum_i: never negative.
+//  * Memory: Z in fp32 (M D), dZ (M D), the row statistics (M) and one B x B tile per thread.
+//    Never M x M, nothing that grows with threads x M.
+//  * Staging is overflow-safe: a row's squared norm is taken on the row scaled by a power of
+//    two when its max-abs is outside [2^-24, 2^24] (row_norm), so |z| up to 1e30 normalises.
 //  * Non-finite inputs: detected while staging Z; the loss rows (and gradients) are NaN.
 #include <torch/library.h>
 
@@ -38,12 +46,54 @@ struct TilePair {
   int64_t i0, bi, j0, bj;
 };
 
-std::vector<TilePair> upper_tile_pairs(int64_t m) {
-  std::vector<TilePair> pairs;
-  for (int64_t i0 = 0; i0 < m; i0 += kTile)
-    for (int64_t j0 = i0; j0 < m; j0 += kTile)
-      pairs.push_back({i0, std::min(kTile, m - i0), j0, std::min(kTile, m - j0)});
-  return pairs;
+// The upper tile pairs (I <= J) of M rows in rounds: round 0 holds the diagonal tiles, each
+// later round a perfect matching of the blocks (circle method: block nb - 1 of an even count
+// stays, the others rotate; an odd count gets a dummy block). No block appears twice in a
+// round. Depends on M alone.
+std::vector<std::vector<TilePair>> tile_rounds(int64_t m) {
+  const int64_t nb = (m + kTile - 1) / kTile;
+  auto pair = [&](int64_t a, int64_t b) {
+    const int64_t i = std::min(a, b), j = std::max(a, b);
+    return TilePair{i * kTile, std::min(kTile, m - i * kTile), j * kTile,
+                    std::min(kTile, m - j * kTile)};
+  };
+  std::vector<std::vector<TilePair>> rounds(1);
+  for (int64_t b = 0; b < nb; ++b) rounds[0].push_back(pair(b, b));
+  const int64_t players = nb + (nb % 2);  // with a dummy block nb when nb is odd
+  for (int64_t r = 0; r + 1 < players; ++r) {
+    std::vector<TilePair> round;
+    auto add = [&](int64_t a, int64_t b) {
+      if (a < nb && b < nb) round.push_back(pair(a, b));
+    };
+    add(players - 1, r);
+    for (int64_t k = 1; k < players / 2; ++k)
+      add((r + k) % (players - 1), (r - k + players - 1) % (players - 1));
+    rounds.push_back(std::move(round));
+  }
+  return rounds;
+}
+
+// Runs visit(tile pair) for every pair, round by round (parallel inside a round).
+template <class Visit>
+void for_each_round(const std::vector<std::vector<TilePair>>& rounds, const Visit& visit) {
+  for (const auto& round : rounds)
+    at::parallel_for(0, static_cast<int64_t>(round.size()), 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) visit(round[p]);
+    });
+}
+
+// S_i,t(i) of the rows (and, off the diagonal, of the columns) of a tile, before masking.
+void pick_positives(const float* s, const TilePair& p, int64_t n, float* pos) {
+  const int64_t m = 2 * n;
+  for (int64_t r = 0; r < p.bi; ++r) {
+    const int64_t t = (p.i0 + r + n) % m;
+    if (t >= p.j0 && t < p.j0 + p.bj) pos[p.i0 + r] = s[r * p.bj + (t - p.j0)];
+  }
+  if (p.i0 == p.j0) return;
+  for (int64_t c = 0; c < p.bj; ++c) {
+    const int64_t t = (p.j0 + c + n) % m;
+    if (t >= p.i0 && t < p.i0 + p.bi) pos[p.j0 + c] = s[(t - p.i0) * p.bj + c];
+  }
 }
 
 // Masks the self-similarity (diagonal tiles) and, for the decoupled loss, the target pair.
@@ -102,12 +152,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_fwd_cpu(
   at::parallel_for(0, m, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       float* row = z + r * d;
-      float ss = 0.0f;
-      for (int64_t k = 0; k < d; ++k) ss += row[k] * row[k];
-      nrm[r] = std::sqrt(ss);
+      const RowNorm rn = row_norm(row, d);
+      nrm[r] = static_cast<float>(rn.norm);
       if (normalize) {
-        const float inv = 1.0f / std::max(nrm[r], kNormEps);
-        for (int64_t k = 0; k < d; ++k) row[k] *= inv;
+        // x / max(||x||, eps) as (x 2^shift) * (2^-shift / max(||x||, eps)): both factors stay
+        // normal floats for |x| up to fp32's max.
+        const float f = std::ldexp(1.0f, rn.shift);
+        const float inv = static_cast<float>(
+            std::ldexp(1.0 / std::max(rn.norm, static_cast<double>(kNormEps)), -rn.shift));
+        for (int64_t k = 0; k < d; ++k) row[k] = (row[k] * f) * inv;
       }
     }
   });
@@ -117,52 +170,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_fwd_cpu(
     return {lse.to(z1.scalar_type()), lse, zhat, norms};
   }
 
-  // Upper-triangle tiles, split across threads; private running stats per thread.
-  const auto pairs = upper_tile_pairs(m);
-  const int nthreads = at::get_num_threads();
-  at::Tensor stats = at::empty({nthreads, 2, m}, f32);
-  stats.select(1, 0).fill_(kNegInf);
-  stats.select(1, 1).zero_();
-  float* st = stats.data_ptr<float>();
-  at::parallel_for(0, static_cast<int64_t>(pairs.size()), 1, [&](int64_t p0, int64_t p1) {
-    const int tid = at::get_thread_num();
-    float* tmax = st + static_cast<int64_t>(tid) * 2 * m;
-    float* tsum = tmax + m;
-    std::vector<float> tile(kTile * kTile), tmp(kTile);
-    for (int64_t p = p0; p < p1; ++p) {
-      const TilePair& tp = pairs[p];
-      // S_IJ = Z_I Z_J^T / tau: reads (bi + bj) D floats, 2 bi bj D flops.
-      gemm_rm(false, true, tp.bi, tp.bj, d, alpha, z + tp.i0 * d, d, z + tp.j0 * d, d, 0.0f,
-              tile.data(), tp.bj);
-      mask_tile(tile.data(), tp, n, decoupled);
-      // A diagonal tile's columns are its own rows: update them once, as rows.
-      const bool diagonal = tp.i0 == tp.j0;
-      online_lse_tile(tile.data(), tp.bi, tp.bj, tmax + tp.i0, tsum + tp.i0,
-                      diagonal ? nullptr : tmax + tp.j0, tsum + tp.j0, tmp.data());
-    }
+  // Running (max, sum) per row, updated in place by the round-robin schedule.
+  const auto rounds = tile_rounds(m);
+  std::vector<float> rmax(m, kNegInf), rsum(m, 0.0f), pos(m, 0.0f);
+  TileBuffers tiles(kTile * kTile + kTile);
+  for_each_round(rounds, [&](const TilePair& tp) {
+    float* tile = tiles.get();
+    // S_IJ = Z_I Z_J^T / tau: reads (bi + bj) D floats, 2 bi bj D flops.
+    gemm_rm(false, true, tp.bi, tp.bj, d, alpha, z + tp.i0 * d, d, z + tp.j0 * d, d, 0.0f, tile,
+            tp.bj);
+    pick_positives(tile, tp, n, pos.data());
+    mask_tile(tile, tp, n, decoupled);
+    // A diagonal tile's columns are its own rows: update them once, as rows.
+    const bool diagonal = tp.i0 == tp.j0;
+    online_lse_tile(tile, tp.bi, tp.bj, rmax.data() + tp.i0, rsum.data() + tp.i0,
+                    diagonal ? nullptr : rmax.data() + tp.j0, rsum.data() + tp.j0,
+                    tile + kTile * kTile);
   });
 
-  // Merge the per-thread (max, sum) in thread order, add the target logit.
+  // loss = (max - S_i,t(i)) + log(sum): without `decoupled` both terms are >= 0 exactly (the
+  // positive is one of the row's logits, and the sum holds exp_f32(0) = 1 exactly), so no row
+  // loss is negative; and a small loss keeps its relative precision (log_softmax's form), where
+  // lse - S_i,t(i) would lose everything below ulp(lse).
   at::Tensor loss = at::empty({m}, f32);
   float* l = lse.data_ptr<float>();
   float* out = loss.data_ptr<float>();
-  at::parallel_for(0, m, 256, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      float mx = kNegInf;
-      for (int t = 0; t < nthreads; ++t) mx = std::max(mx, st[(int64_t)t * 2 * m + r]);
-      double sum = 0.0;
-      for (int t = 0; t < nthreads; ++t) {
-        const float tm = st[(int64_t)t * 2 * m + r];
-        if (tm != kNegInf) sum += st[(int64_t)t * 2 * m + m + r] * std::exp((double)(tm - mx));
-      }
-      l[r] = mx + static_cast<float>(std::log(sum));
-      const float* zi = z + r * d;
-      const float* zt = z + ((r + n) % m) * d;
-      float dot = 0.0f;
-      for (int64_t k = 0; k < d; ++k) dot += zi[k] * zt[k];
-      out[r] = l[r] - alpha * dot;
-    }
-  });
+  for (int64_t r = 0; r < m; ++r) {
+    const float log_sum = static_cast<float>(std::log(static_cast<double>(rsum[r])));
+    l[r] = rmax[r] + log_sum;
+    out[r] = (rmax[r] - pos[r]) + log_sum;
+  }
   return {loss.to(z1.scalar_type()), lse, zhat, norms};
 }
 
@@ -188,34 +225,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_bwd_cpu(
             at::full_like(temperature, std::numeric_limits<double>::quiet_NaN())};
   }
 
-  const auto pairs = upper_tile_pairs(m);
-  const int nthreads = at::get_num_threads();
-  // Private dZ accumulators: nthreads x M x D fp32 (16 MiB at 2N = 16384, D = 128, 2 threads).
-  at::Tensor acc = at::zeros({nthreads, m, d}, zhat.options());
+  // dZ (before the epilogue), written in place by the round-robin schedule.
+  at::Tensor acc = at::zeros({m, d}, zhat.options());
   float* ap = acc.data_ptr<float>();
-  at::parallel_for(0, static_cast<int64_t>(pairs.size()), 1, [&](int64_t p0, int64_t p1) {
-    float* dz = ap + static_cast<int64_t>(at::get_thread_num()) * m * d;
-    std::vector<float> tile(kTile * kTile);
-    for (int64_t p = p0; p < p1; ++p) {
-      const TilePair& tp = pairs[p];
-      // 1. Recompute S_IJ (0.5 eq over the triangle).
-      gemm_rm(false, true, tp.bi, tp.bj, d, alpha, z + tp.i0 * d, d, z + tp.j0 * d, d, 0.0f,
-              tile.data(), tp.bj);
-      mask_tile(tile.data(), tp, n, decoupled);
-      // 2. S -> K = (G + G^T)_IJ in place.
-      ntxent_bwd_tile(tile.data(), tp.bi, tp.bj, lp + tp.i0, gp + tp.i0, lp + tp.j0, gp + tp.j0);
-      // 3. dZ_I += K Z_J ; dZ_J += K^T Z_I (the diagonal tile's K is already symmetric and
-      //    holds both directions, so it feeds dZ_I once).
-      gemm_rm(false, false, tp.bi, d, tp.bj, 1.0f, tile.data(), tp.bj, z + tp.j0 * d, d, 1.0f,
-              dz + tp.i0 * d, d);
-      if (tp.i0 != tp.j0)
-        gemm_rm(true, false, tp.bj, d, tp.bi, 1.0f, tile.data(), tp.bj, z + tp.i0 * d, d, 1.0f,
-                dz + tp.j0 * d, d);
-    }
+  const auto rounds = tile_rounds(m);
+  TileBuffers tiles(kTile * kTile);
+  for_each_round(rounds, [&](const TilePair& tp) {
+    float* tile = tiles.get();
+    // 1. Recompute S_IJ (0.5 eq over the triangle).
+    gemm_rm(false, true, tp.bi, tp.bj, d, alpha, z + tp.i0 * d, d, z + tp.j0 * d, d, 0.0f, tile,
+            tp.bj);
+    mask_tile(tile, tp, n, decoupled);
+    // 2. S -> K = (G + G^T)_IJ in place.
+    ntxent_bwd_tile(tile, tp.bi, tp.bj, lp + tp.i0, gp + tp.i0, lp + tp.j0, gp + tp.j0);
+    // 3. dZ_I += K Z_J ; dZ_J += K^T Z_I (the diagonal tile's K is already symmetric and
+    //    holds both directions, so it feeds dZ_I once).
+    gemm_rm(false, false, tp.bi, d, tp.bj, 1.0f, tile, tp.bj, z + tp.j0 * d, d, 1.0f,
+            ap + tp.i0 * d, d);
+    if (tp.i0 != tp.j0)
+      gemm_rm(true, false, tp.bj, d, tp.bi, 1.0f, tile, tp.bj, z + tp.i0 * d, d, 1.0f,
+              ap + tp.j0 * d, d);
   });
 
-  // Epilogue per row a (O(M D)): sum the thread partials, scale by 1/tau, subtract the
-  // target term (g_a + g_t(a)) z_t(a) / tau, then the temperature and normalisation gradients.
+  // Epilogue per row a (O(M D)): scale by 1/tau, subtract the target term
+  // (g_a + g_t(a)) z_t(a) / tau, then the temperature and normalisation gradients.
   at::Tensor dzf = at::empty({m, d}, zhat.options());
   float* out = dzf.data_ptr<float>();
   std::vector<double> dot_partial(m);
@@ -225,11 +258,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_bwd_cpu(
       const int64_t t = (a + n) % m;
       const float gt = gp[a] + gp[t];
       const float* zt = z + t * d;
-      for (int64_t k = 0; k < d; ++k) row[k] = 0.0f;
-      for (int th = 0; th < nthreads; ++th) {
-        const float* src = ap + (int64_t)th * m * d + a * d;
-        for (int64_t k = 0; k < d; ++k) row[k] += src[k];
-      }
+      const float* src = ap + a * d;
+      for (int64_t k = 0; k < d; ++k) row[k] = src[k];
       const float* za = z + a * d;
       float dot = 0.0f;
       for (int64_t k = 0; k < d; ++k) {

@@ -10,6 +10,7 @@
 //    self and target in global column indices;
 //  * clip_loss(gather=True): each direction, local rows vs the other modality of all ranks.
 // Forward: 1 matmul-equivalent of m nc d; backward: 3 (one recompute, dQ and dC).
+// Results are bitwise independent of the thread count (contrastive_core.h, "Threads").
 #include <torch/library.h>
 
 #include "contrastive_core.h"
@@ -55,11 +56,18 @@ std::tuple<at::Tensor, at::Tensor> xent_fwd_cpu(const at::Tensor& q, const at::T
   const int64_t* t = tg.data_ptr<int64_t>();
   core::Masks masks{si.data_ptr<int64_t>(), mask_target ? t : nullptr};
   float* l = lse.data_ptr<float>();
-  core::forward_lse(Q, C, alpha, masks, l, nullptr);
+  // The target logit is read from the same tile that fed the LSE (core::Picks), and the loss
+  // is (max - target) + log_sum: >= 0 whenever the target is not masked, and as precise as
+  // log_softmax when it is small.
+  std::vector<float> target_logit(m), row_max(m), row_log_sum(m);
+  core::Picks picks;
+  picks.target = t;
+  picks.target_logit = target_logit.data();
+  picks.row_max = row_max.data();
+  picks.row_log_sum = row_log_sum.data();
+  core::forward_lse(Q, C, alpha, masks, l, nullptr, picks);
   float* out = loss.data_ptr<float>();
-  at::parallel_for(0, m, core::row_grain(d), [&](int64_t r0, int64_t r1) {
-    for (int64_t i = r0; i < r1; ++i) out[i] = l[i] - core::logit(Q, i, C, t[i], alpha);
-  });
+  for (int64_t i = 0; i < m; ++i) out[i] = (row_max[i] - target_logit[i]) + row_log_sum[i];
   return {loss, lse};
 }
 

@@ -28,7 +28,10 @@
 //    the CPU time. Samples are handed to threads one at a time (their costs differ).
 //  * Every row loop is a FASTSSL_SIMD_CLONES function (AVX-512 / AVX2 / baseline picked at
 //    run time), branch-free in the inner loop so that GCC vectorises it (hue included: the
-//    HSV sector select is done with compares, not a table).
+//    HSV sector select is done with compares, not a table). The blur, written with explicit
+//    vectors, is hand multiversioned instead: one register width per clone (a vector wider
+//    than the clone's registers lives in memory: the AVX2 clone was 6x slower at the blur).
+//    FASTSSL_NO_V4_CLONE builds (common.h) run the AVX2 code on an AVX-512 machine.
 //  * Comparability (DESIGN.md): -ffp-contract=off and the reference's operation order, so
 //    products and sums round exactly as in PyTorch; the contrast mean is summed in double and
 //    rounded once, like the reference's float64 mean.
@@ -190,8 +193,8 @@ void row_gray(float* __restrict r, float* __restrict g, float* __restrict b, int
 // float64 mean. (A sequential double sum is a 4-cycle dependency chain per pixel.)
 // The 8 lanes are two 4-double vectors, not one 8-double vector: a vector type wider than
 // the clone's registers has no machine mode, so GCC keeps it in memory and moves it through
-// general registers (store-forwarding stalls: that made the AVX2 clone ~5x slower here).
-// 32-byte types are native in the AVX2 and AVX-512 clones.
+// general registers (store-forwarding stalls: 3x slower in the AVX2 clone). 32-byte types are
+// native in the AVX2 and AVX-512 clones.
 typedef double vd4 __attribute__((vector_size(32), aligned(8), may_alias));
 typedef float vf4 __attribute__((vector_size(16), aligned(4), may_alias));
 typedef float vf8 __attribute__((vector_size(32), aligned(4), may_alias));
@@ -225,7 +228,7 @@ double row_gray_sum(const float* __restrict r, const float* __restrict g,
 // for AVX2, 4 (xmm) for the baseline. One width for all clones does not work: a vector
 // wider than the registers has no machine mode and lives on the stack (the AVX2 clone of a
 // 16-float version moved every accumulator through memory and general registers at every tap:
-// ~60% of its time). Element-wise every width computes the same thing (t * x, then +, taps in
+// 6.4x slower, 80% of that clone's time for SimCLR views). Element-wise every width computes the same thing (t * x, then +, taps in
 // order) as the scalar code and the reference, so all clones give bit-identical results.
 typedef float vf16 __attribute__((vector_size(64), aligned(4), may_alias));
 constexpr int64_t kLanes = 16;  // the widest vector: row buffers are rounded up to it

@@ -28,6 +28,14 @@ def op_kernels() -> dict:
             cuda = "CUDA C++"
         out[name] = {"cpu": "C++" if has("CPU") else None, "cuda": cuda}
     return out
+def _simd_clone() -> str | None:
+    """The ISA clone (AVX-512 / AVX2 / baseline) that the C++ CPU kernels run on this CPU, as
+    GCC's dispatcher picks it; None without the extension."""
+    if not _ext.available():
+        return None
+    if not _ext.has_op("simd_clone"):
+        return "unknown (this build of the extension predates the report: rebuild it)"
+    return torch.ops.fastssl.simd_clone()
 
 
 def collect() -> dict:
@@ -45,6 +53,7 @@ def collect() -> dict:
         "cpp_extension": _ext.available(),
         "cpp_extension_build": _ext.build_info(),
         "cpp_extension_error": _ext.why_unavailable(),
+        "cpu_simd_clone": _simd_clone(),
         "triton": triton_version,
         "triton_error": triton_why,
         "triton_interpret": _dispatch.triton_interpret(),
@@ -70,6 +79,8 @@ def run(args) -> int:
           f"torch {info['torch']}, {info['threads']} threads)")
     print(f"  C++ extension (CPU kernels): {yes(info['cpp_extension'])}"
           + (f" -- {info['cpp_extension_build']}" if info["cpp_extension"] else ""))
+    if info["cpu_simd_clone"]:
+        print(f"      ISA clone on this CPU: {info['cpu_simd_clone']}")
     if not info["cpp_extension"]:
         print(f"      why not: {info['cpp_extension_error']}")
         print("      CPU ops run the pure-PyTorch reference (slow, O(N^2) memory).")

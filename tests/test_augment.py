@@ -578,3 +578,37 @@ def test_bad_input_gaps(make, exc, match):
     'int object is not iterable', a crash inside the reference on meta tensors)."""
     with pytest.raises(exc, match=match):
         make()
+@needs_cpp
+@pytest.mark.parametrize("out", [75, 130])
+def test_cpp_matches_reference_wide_rows(out):
+    # Rows wide enough for every block shape of the blur in every ISA clone (AVX2: blocks of
+    # 8 x 8 floats, then 4 x 8, then single vectors; AVX-512: 4 x 16, then single vectors),
+    # which the small images above never reach. Also the contrast mean's 8-lane gray sum over
+    # long rows (AVX2 clone: two 4-double accumulators).
+    x = _images("uint8", 3, hw=(out + 9, out + 4), seed=7)
+    for view in (0, 1):
+        p = _all_on(sample_params(3, (out + 9, out + 4), out, "simclr", view, _gen(10 + view)))
+        got = apply(x, p, out, **UNIT, backend="cpp")
+        ref = apply(x, p, out, **UNIT, backend="reference")
+        assert _max_diff(got, ref) <= TOL
+
+
+@pytest.mark.skipif(not _ext.has_op("simd_clone"),
+                    reason=f"C++ extension: {_ext.why_unavailable() or 'no simd_clone op'}")
+def test_simd_clone_matches_cpu_flags():
+    # The clone `fastssl info` reports is the one GCC's dispatcher picks: never one this CPU
+    # lacks the instructions for.
+    clone = torch.ops.fastssl.simd_clone()
+    assert clone in ("x86-64-v4 (AVX-512)", "x86-64-v3 (AVX2+FMA)", "x86-64 baseline (SSE2)",
+                     "portable (no x86-64 ISA clones in this build)")
+    try:
+        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
+                    .split(":")[1].split())
+    except (OSError, StopIteration):
+        return
+    if not {"avx2", "fma", "bmi2"} <= flags:
+        assert "v3" not in clone and "v4" not in clone
+    if not {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"} <= flags:
+        assert "v4" not in clone
+    from fastssl import info
+    assert info.collect()["cpu_simd_clone"] == clone

@@ -28,7 +28,10 @@
 //    the CPU time. Samples are handed to threads one at a time (their costs differ).
 //  * Every row loop is a FASTSSL_SIMD_CLONES function (AVX-512 / AVX2 / baseline picked at
 //    run time), branch-free in the inner loop so that GCC vectorises it (hue included: the
-//    HSV sector select is done with compares, not a table).
+//    HSV sector select is done with compares, not a table). The blur, written with explicit
+//    vectors, is hand multiversioned instead: one register width per clone (a vector wider
+//    than the clone's registers lives in memory: the AVX2 clone was 6x slower at the blur).
+//    FASTSSL_NO_V4_CLONE builds (common.h) run the AVX2 code on an AVX-512 machine.
 //  * Comparability (DESIGN.md): -ffp-contract=off and the reference's operation order, so
 //    products and sums round exactly as in PyTorch; the contrast mean is summed in double and
 //    rounded once, like the reference's float64 mean.
@@ -188,75 +191,130 @@ void row_gray(float* __restrict r, float* __restrict g, float* __restrict b, int
 // order (a fixed order: deterministic). In double the order changes the sum by ~1e-16
 // relative, far below the one rounding to fp32 of the mean, so it equals the reference's
 // float64 mean. (A sequential double sum is a 4-cycle dependency chain per pixel.)
-typedef double vd8 __attribute__((vector_size(64), aligned(8), may_alias));
+// The 8 lanes are two 4-double vectors, not one 8-double vector: a vector type wider than
+// the clone's registers has no machine mode, so GCC keeps it in memory and moves it through
+// general registers (store-forwarding stalls: 3x slower in the AVX2 clone). 32-byte types are
+// native in the AVX2 and AVX-512 clones.
+typedef double vd4 __attribute__((vector_size(32), aligned(8), may_alias));
+typedef float vf4 __attribute__((vector_size(16), aligned(4), may_alias));
 typedef float vf8 __attribute__((vector_size(32), aligned(4), may_alias));
 
 FASTSSL_SIMD_CLONES
 double row_gray_sum(const float* __restrict r, const float* __restrict g,
                     const float* __restrict b, int64_t n) {
-  vd8 acc = {0, 0, 0, 0, 0, 0, 0, 0};
+  vd4 acc_lo = {0, 0, 0, 0}, acc_hi = {0, 0, 0, 0};  // lanes 0..3 and 4..7
   int64_t x = 0;
   for (; x + 8 <= n; x += 8) {
     const vf8 rv = *reinterpret_cast<const vf8*>(r + x);
     const vf8 gv = *reinterpret_cast<const vf8*>(g + x);
     const vf8 bv = *reinterpret_cast<const vf8*>(b + x);
     const vf8 gray = rv * kGrayR + gv * kGrayG + bv * kGrayB;
-    acc = acc + __builtin_convertvector(gray, vd8);
+    const vf4 gray_lo = __builtin_shufflevector(gray, gray, 0, 1, 2, 3);
+    const vf4 gray_hi = __builtin_shufflevector(gray, gray, 4, 5, 6, 7);
+    acc_lo = acc_lo + __builtin_convertvector(gray_lo, vd4);
+    acc_hi = acc_hi + __builtin_convertvector(gray_hi, vd4);
   }
   double sum = 0.0;
-  for (int j = 0; j < 8; ++j) sum += acc[j];
+  for (int j = 0; j < 4; ++j) sum += acc_lo[j];
+  for (int j = 0; j < 4; ++j) sum += acc_hi[j];
   for (; x < n; ++x) sum += static_cast<double>(r[x] * kGrayR + g[x] * kGrayG + b[x] * kGrayB);
   return sum;
 }
 
 // ---- blur -------------------------------------------------------------------------------------
 
-// 16 floats as one GCC vector: a zmm in the x86-64-v4 clone, 2 ymm in v3, 4 xmm in the
-// baseline. Written explicitly because the blur's accumulators must stay in registers across
-// the taps; element-wise it is the same (t * x, then +) as the scalar code and the reference.
+// The blur's accumulators must stay in registers across the taps, so it is written with
+// explicit GCC vectors of the clone's register width: 16 floats (zmm) for AVX-512, 8 (ymm)
+// for AVX2, 4 (xmm) for the baseline. One width for all clones does not work: a vector
+// wider than the registers has no machine mode and lives on the stack (the AVX2 clone of a
+// 16-float version moved every accumulator through memory and general registers at every tap:
+// 6.4x slower, 80% of that clone's time for SimCLR views). Element-wise every width computes the same thing (t * x, then +, taps in
+// order) as the scalar code and the reference, so all clones give bit-identical results.
 typedef float vf16 __attribute__((vector_size(64), aligned(4), may_alias));
-constexpr int64_t kLanes = 16;
-__attribute__((always_inline)) static inline vf16 load16(const float* p) {
-  return *reinterpret_cast<const vf16*>(p);
+constexpr int64_t kLanes = 16;  // the widest vector: row buffers are rounded up to it
+
+// Unaligned loads and stores by memcpy: a typedef's aligned(4) / may_alias do not survive
+// being a template argument (GCC drops them), so dereferencing a V* could be an aligned move.
+template <typename V>
+__attribute__((always_inline)) static inline V load_v(const float* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));
+  return v;
 }
-__attribute__((always_inline)) static inline void store16(float* p, vf16 v) {
-  *reinterpret_cast<vf16*>(p) = v;
+template <typename V>
+__attribute__((always_inline)) static inline void store_v(float* p, V v) {
+  __builtin_memcpy(p, &v, sizeof(V));
 }
 
-// dst[x] = sum_k taps[k] * src[x + k], k = 0..K-1 in order, for x < round_up(n, 16):
-// src needs round_up(n, 16) + k - 1 readable floats, dst round_up(n, 16) writable ones.
-// Four independent 16-lane accumulators hide the add latency (a chain per tap otherwise).
-// Work: 2 K flops per output; reads (K + 1) floats per 16 outputs per chain from L1.
-FASTSSL_SIMD_CLONES
-void blur_1d(const float* const* src, int64_t step, const float* __restrict taps, int64_t k,
-             float* __restrict dst, int64_t n) {
+// Outputs [x, x + C * L) with C independent accumulators (they hide the add latency: one
+// chain per tap otherwise). in(j) + x is tap j's input for output x.
+template <typename V, int C, typename In>
+__attribute__((always_inline)) static inline void blur_block(In in, const float* taps, int64_t k,
+                                                             float* dst, int64_t x) {
+  constexpr int64_t L = sizeof(V) / sizeof(float);
+  V a[C];
+  const float* s0 = in(0) + x;
+#pragma GCC unroll 16
+  for (int c = 0; c < C; ++c) a[c] = taps[0] * load_v<V>(s0 + c * L);
+  for (int64_t j = 1; j < k; ++j) {
+    const float t = taps[j];
+    const float* sj = in(j) + x;
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c) a[c] = a[c] + t * load_v<V>(sj + c * L);
+  }
+#pragma GCC unroll 16
+  for (int c = 0; c < C; ++c) store_v<V>(dst + x + c * L, a[c]);
+}
+
+// dst[x] = sum_k taps[k] * src[x + k], k = 0..K-1 in order, for x < round_up(n, L) (L the
+// vector width, <= kLanes): src needs round_up(n, 16) + k - 1 readable floats, dst
+// round_up(n, 16) writable ones. Work: 2 K flops per output, from L1.
+template <typename V, int C>
+__attribute__((always_inline)) static inline void blur_1d_impl(const float* const* src,
+                                                               int64_t step,
+                                                               const float* __restrict taps,
+                                                               int64_t k, float* __restrict dst,
+                                                               int64_t n) {
+  constexpr int64_t L = sizeof(V) / sizeof(float);
   // src[j] + x is tap j's input for output x; for the horizontal pass src[j] = row + j
   // (step 1: one pointer, offset by j), for the vertical pass src[j] = the reflected row j.
   auto in = [&](int64_t j) { return step ? src[0] + j : src[j]; };
   int64_t x = 0;
-  for (; x + 4 * kLanes <= n + kLanes - 1; x += 4 * kLanes) {
-    const float* s0 = in(0) + x;
-    vf16 a0 = taps[0] * load16(s0), a1 = taps[0] * load16(s0 + kLanes);
-    vf16 a2 = taps[0] * load16(s0 + 2 * kLanes), a3 = taps[0] * load16(s0 + 3 * kLanes);
-    for (int64_t j = 1; j < k; ++j) {
-      const float t = taps[j];
-      const float* sj = in(j) + x;
-      a0 = a0 + t * load16(sj);
-      a1 = a1 + t * load16(sj + kLanes);
-      a2 = a2 + t * load16(sj + 2 * kLanes);
-      a3 = a3 + t * load16(sj + 3 * kLanes);
-    }
-    store16(dst + x, a0);
-    store16(dst + x + kLanes, a1);
-    store16(dst + x + 2 * kLanes, a2);
-    store16(dst + x + 3 * kLanes, a3);
+  for (; x + C * L <= n + L - 1; x += C * L) blur_block<V, C>(in, taps, k, dst, x);
+  // The rest in blocks of 4, then 1 vector (224 = 3 x 64 + 32 in the AVX2 clone).
+  if constexpr (C > 4) {
+    for (; x + 4 * L <= n + L - 1; x += 4 * L) blur_block<V, 4>(in, taps, k, dst, x);
   }
-  for (; x < n; x += kLanes) {
-    vf16 a0 = taps[0] * load16(in(0) + x);
-    for (int64_t j = 1; j < k; ++j) a0 = a0 + taps[j] * load16(in(j) + x);
-    store16(dst + x, a0);
-  }
+  for (; x < n; x += L) blur_block<V, 1>(in, taps, k, dst, x);
 }
+
+// Hand-written multiversions (GCC dispatches them like FASTSSL_SIMD_CLONES): one vector
+// width per clone. 4 zmm / 8 ymm accumulators (64 floats a block; AVX2 needs 8 ymm chains to
+// cover the add latency at 2 adds a cycle) / 4 xmm.
+#if FASTSSL_MULTIVERSION
+#if FASTSSL_V4_CLONE
+__attribute__((target("arch=x86-64-v4"))) void blur_1d(const float* const* src, int64_t step,
+                                                       const float* __restrict taps, int64_t k,
+                                                       float* __restrict dst, int64_t n) {
+  blur_1d_impl<vf16, 4>(src, step, taps, k, dst, n);
+}
+#endif
+__attribute__((target("arch=x86-64-v3"))) void blur_1d(const float* const* src, int64_t step,
+                                                       const float* __restrict taps, int64_t k,
+                                                       float* __restrict dst, int64_t n) {
+  blur_1d_impl<vf8, 8>(src, step, taps, k, dst, n);
+}
+__attribute__((target("default"))) void blur_1d(const float* const* src, int64_t step,
+                                                const float* __restrict taps, int64_t k,
+                                                float* __restrict dst, int64_t n) {
+  blur_1d_impl<vf4, 4>(src, step, taps, k, dst, n);
+}
+#else
+void blur_1d(const float* const* src, int64_t step, const float* __restrict taps, int64_t k,
+             float* __restrict dst, int64_t n) {
+  blur_1d_impl<vf4, 4>(src, step, taps, k, dst, n);
+}
+#endif
 
 // ---- epilogue: solarize -> normalize -> cast ------------------------------------------------
 

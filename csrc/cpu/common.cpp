@@ -2,6 +2,8 @@
 #include "common.h"
 
 #include <algorithm>
+#include <torch/library.h>
+
 #include <atomic>
 
 // The Fortran BLAS symbol that torch's CPU library exports (MKL on x86-64 wheels, OpenBLAS
@@ -127,6 +129,25 @@ TileBuffers::TileBuffers(int64_t floats) {
 }
 
 float* TileBuffers::get() const { return bufs_.at(at::get_thread_num()).get(); }
+// Hand-written multiversions of one tiny function with the same target list as
+// FASTSSL_SIMD_CLONES: GCC's dispatcher picks among them exactly as it picks among the clones.
+namespace {
+#if FASTSSL_MULTIVERSION
+__attribute__((target("default"))) const char* clone_probe() { return "x86-64 baseline (SSE2)"; }
+__attribute__((target("arch=x86-64-v3"))) const char* clone_probe() {
+  return "x86-64-v3 (AVX2+FMA)";
+}
+#if FASTSSL_V4_CLONE
+__attribute__((target("arch=x86-64-v4"))) const char* clone_probe() {
+  return "x86-64-v4 (AVX-512)";
+}
+#endif
+#else
+const char* clone_probe() { return "portable (no x86-64 ISA clones in this build)"; }
+#endif
+}  // namespace
+
+const char* simd_clone_in_use() { return clone_probe(); }
 
 std::string blas_info() {
   return sgemm_ != nullptr ? " + BLAS sgemm_ from torch (tile GEMM)"
@@ -152,3 +173,8 @@ bool copy_rows_to_f32(const at::Tensor& z, float* dst, int64_t row0) {
 }
 
 }  // namespace fastssl
+
+// `fastssl info` asks for the clone in use (registered here, beside the function it exposes).
+TORCH_LIBRARY_FRAGMENT(fastssl, m) {
+  m.def("simd_clone() -> str", []() { return std::string(fastssl::simd_clone_in_use()); });
+}

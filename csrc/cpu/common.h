@@ -28,10 +28,22 @@
 #include <limits>
 #include <string>
 
+//  * FASTSSL_NO_V4_CLONE (a -D for measurement builds only): leave the AVX-512 clone out, so
+//    that an AVX-512 machine runs (and tests, and times) the AVX2 code that AVX2-only CPUs run.
+//    FASTSSL_V4_CLONE is 1 where the AVX-512 clone is built (for hand-written multiversions).
 #if defined(FASTSSL_X86) && defined(__GNUC__) && !defined(__clang__)
+#define FASTSSL_MULTIVERSION 1
+#if defined(FASTSSL_NO_V4_CLONE)
+#define FASTSSL_V4_CLONE 0
+#define FASTSSL_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define FASTSSL_V4_CLONE 1
 #define FASTSSL_SIMD_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
 #else
+#define FASTSSL_MULTIVERSION 0
+#define FASTSSL_V4_CLONE 0
 #define FASTSSL_SIMD_CLONES
 #endif
 
@@ -108,6 +120,11 @@ class TileBuffers {
 void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
              const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
              int64_t ldc);
+
+// The clone set that FASTSSL_SIMD_CLONES functions run on this CPU, as the dynamic loader
+// picks it: "x86-64-v4 (AVX-512)", "x86-64-v3 (AVX2+FMA)", "x86-64 baseline (SSE2)", or
+// "portable (not x86-64 / not GCC)". For `fastssl info`.
+const char* simd_clone_in_use();
 
 // " + BLAS: <name>" for build_info().
 std::string blas_info();

@@ -43,10 +43,12 @@ fused = _views("auto")
 reference = _views("reference")
 
 
-def _torchvision_v2():
+def torchvision_v2_compose():
+    """The SimCLR recipe as one torchvision v2 ``Compose`` (draws one parameter set per call;
+    benchmarks/augment_throughput.py uses it per image and on a whole batch)."""
     from torchvision.transforms import v2
 
-    t = v2.Compose([
+    return v2.Compose([
         v2.RandomResizedCrop(OUT_SIZE, scale=(0.08, 1.0), antialias=True),
         v2.RandomHorizontalFlip(),
         v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
@@ -55,6 +57,10 @@ def _torchvision_v2():
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
+
+
+def _torchvision_v2():
+    t = torchvision_v2_compose()
     return lambda inputs: tuple(torch.stack([t(im) for im in inputs["images"]])
                                 for _ in range(2))
 

@@ -84,6 +84,12 @@ for op in ("ema_update_", "moco_enqueue_"):
         why = "no CUDA kernel registered"
     if not has:
         problems.append(f"fastssl::{op}: {why}")
+        continue
+    # The CUDA kernel must be the compiled one (csrc/cuda), not some Python registration.
+    dump = torch._C._dispatch_dump(f"fastssl::{op}")
+    cuda_lines = [line for line in dump.splitlines() if line.startswith("CUDA:")]
+    if not any("csrc/cuda/" in line for line in cuda_lines):
+        problems.append(f"fastssl::{op}: the CUDA kernel does not come from csrc/cuda: {cuda_lines}")
 build = _ext.build_info() or ""
 if "cuda" not in build:
     problems.append(f"build_info() does not mention cuda: {build!r}")
@@ -112,14 +118,14 @@ import sys
 import torch
 
 import fastssl
-from fastssl import _ext, reference
+from fastssl import _dispatch, _ext, reference
 
 if _ext.available():
-    sys.exit("[cuda-check] FAILED: FASTSSL_NO_EXT=1 install still loads fastssl._C")
+    sys.exit("[cuda-check] FAILED: the FASTSSL_NO_EXT=1 install still loads fastssl._C")
 torch.manual_seed(0)
-z1, z2 = torch.randn(6, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64)
-z1, z2 = z1.float(), z2.float()
-got = fastssl.nt_xent(z1, z2, temperature=0.5, backend="triton")
+z1, z2 = torch.randn(6, 8), torch.randn(6, 8)
+with _dispatch.triton_on_cpu():  # the ops' CUDA (Triton) kernels, run by the interpreter
+    got = fastssl.nt_xent(z1, z2, temperature=0.5, backend="triton")
 want = reference.nt_xent(z1.double(), z2.double(), temperature=0.5)
 if not torch.allclose(got.double(), want, rtol=1e-4, atol=1e-5):
     sys.exit(f"[cuda-check] FAILED: Triton nt_xent without _C gave {got.item()} vs {want.item()}")

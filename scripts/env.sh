@@ -89,13 +89,24 @@ log=build/env-build.log
 build_start=$SECONDS
 echo "[env] building fastssl and its C++ extension with ninja, $MAX_JOBS jobs (unchanged" \
      "objects in build/ are reused; a cold build takes minutes; full log: $log)" >&2
-# pip -v streams the build; the terminal gets a line per compiled file and the link.
+# pip -v streams the build; the terminal gets a line per compiled file and the link. (A shell
+# loop, not awk: mawk reads a pipe in large blocks, which would hold the lines back.)
+progress() {
+  local line step src
+  local step_re='^ *(\[[0-9]+/[0-9]+\]) ' src_re='/(csrc/[^ ]+\.(cpp|cu)) -o '
+  while IFS= read -r line; do
+    if [[ $line =~ $step_re ]]; then
+      step=${BASH_REMATCH[1]}
+      src="..."
+      if [[ $line =~ $src_re ]]; then src=${BASH_REMATCH[1]}; fi
+      echo "[env]   $step $src" >&2
+    elif [[ $line == *" -shared "*"_C"* ]]; then
+      echo "[env]   linking fastssl/_C" >&2
+    fi
+  done
+}
 set +e
-"${PIP[@]}" -v --no-build-isolation -e . </dev/null 2>&1 | tee "$log" | awk '
-  /^ *\[[0-9]+\/[0-9]+\] / { src = "..."; for (i = 2; i <= NF; i++) if ($i ~ /\/csrc\/.*\.(cpp|cu)$/) src = $i
-                           sub(".*/csrc/", "csrc/", src)
-                           printf "[env]   %s %s\n", $1, src; fflush() }
-  / -shared / && /_C/     { print "[env]   linking fastssl/_C"; fflush() }' >&2
+"${PIP[@]}" -v --no-build-isolation -e . </dev/null 2>&1 | tee "$log" | progress
 status=${PIPESTATUS[0]}
 set -e
 if [ "$status" -ne 0 ]; then

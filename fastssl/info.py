@@ -54,6 +54,9 @@ def collect() -> dict:
         "cpp_extension_build": _ext.build_info(),
         "cpp_extension_error": _ext.why_unavailable(),
         "cpu_simd_clone": _simd_clone(),
+        # CUDA C++ kernels (csrc/cuda): registered only by a build against a CUDA torch.
+        "cuda_cpp_kernels": [op for op in ("ema_update_", "moco_enqueue_")
+                             if _ext.has_kernel(op, "CUDA")],
         "triton": triton_version,
         "triton_error": triton_why,
         "triton_interpret": _dispatch.triton_interpret(),
@@ -84,6 +87,10 @@ def run(args) -> int:
     if not info["cpp_extension"]:
         print(f"      why not: {info['cpp_extension_error']}")
         print("      CPU ops run the pure-PyTorch reference (slow, O(N^2) memory).")
+    if info["torch_cuda_build"]:
+        print("  CUDA C++ kernels: " + (", ".join(info["cuda_cpp_kernels"]) or
+                                         ("none (fastssl._C was built without CUDA)"
+                                          if info["cpp_extension"] else "none")))
     print(f"  Triton (GPU kernels): {info['triton'] or 'no'}"
           + (" [TRITON_INTERPRET=1: kernels run on CPU tensors]" if info["triton_interpret"]
              else ""))

@@ -28,3 +28,17 @@ def test_python_examples_run():
     assert blocks
     for code in blocks:
         exec(compile(code, "README.md", "exec"), {})
+
+
+def test_gpu_install_section_matches_the_build_and_ci_checks_it():
+    """The GPU install the README documents is the one CI builds (scripts/check_cuda_build.sh),
+    and the default architectures it states are setup.py's."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "bash scripts/check_cuda_build.sh" in ci.splitlines()
+    setup_py = (ROOT / "setup.py").read_text()
+    default = re.search(r'^DEFAULT_CUDA_ARCH_LIST = "(.+)"$', setup_py, re.M)
+    assert default, "setup.py has no DEFAULT_CUDA_ARCH_LIST"
+    gpu = _section("Install on a GPU machine")
+    assert f'TORCH_CUDA_ARCH_LIST="{default.group(1)}"' in gpu
+    for needed in ("pip install --no-build-isolation .", "FASTSSL_NO_EXT=1", "fastssl info"):
+        assert needed in gpu, needed

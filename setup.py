@@ -42,7 +42,7 @@ def extension_modules():
     # target_clones(x86-64-v4, x86-64-v3, default) so AVX-512 / AVX2+FMA are picked at run
     # time on x86-64; other architectures build the plain version.
     # -ffp-contract=off: the augmentation kernels must match the reference bit for bit-ish
-    # (DESIGN.md, comparability rules). -fno-trapping-math changes no result (no FP exception
+    # (docs/DESIGN.md, section 4.8). -fno-trapping-math changes no result (no FP exception
     # flag is inspected) but lets GCC if-convert, hence vectorise, loops with selects (hue).
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
            "-fno-trapping-math",

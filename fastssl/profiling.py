@@ -459,7 +459,7 @@ def format_table(results: list[dict], load=None) -> str:
         if bad:
             lines.append(f"! noise: phases that run the same code on both sides differ by more "
                          f"than {100 * NOISE_LIMIT:.0f}% ({same}): the machine's load changed "
-                         f"faster than the steps alternate; re-run, or raise --steps")
+                         f"faster than the phases alternate; re-run, or raise --steps")
         else:
             lines.append(f"noise check: phases that run the same code on both sides agree "
                          f"within {100 * NOISE_LIMIT:.0f}% ({same})")

@@ -86,7 +86,7 @@ def extension_modules():
     # target_clones(x86-64-v4, x86-64-v3, default) so AVX-512 / AVX2+FMA are picked at run
     # time on x86-64; other architectures build the plain version.
     # -ffp-contract=off: the augmentation kernels must match the reference bit for bit-ish
-    # (docs/DESIGN.md, comparability rules). -fno-trapping-math changes no result (no FP
+    # (docs/DESIGN.md, section 4.8). -fno-trapping-math changes no result (no FP
     # exception flag is inspected) but lets GCC if-convert, hence vectorise, loops with
     # selects (hue).
     # -g0: Python's own CFLAGS carry -g; debug info for these template-heavy files costs build

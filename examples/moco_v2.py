@@ -8,6 +8,15 @@
 
     python examples/moco_v2.py
     python examples/moco_v2.py --steps 2 --batch 16 --width 4 --queue 64   # smoke test
+
+The printed InfoNCE *rises* over the first steps (about 4.5 -> 6.5 with the defaults), and
+that is expected, not a divergence. The queue starts as random unit vectors (as in official
+MoCo): nearly orthogonal to every query, they are easy negatives, so the loss starts low. Each
+step replaces ``--batch`` of them with real keys from the key encoder; at initialisation that
+encoder maps all images to similar directions, so real keys are hard negatives and the loss
+climbs towards log(1 + queue size) (8.3 for 4,096 keys) until the queue is full (queue / batch
+= 16 steps here). Only from then on does the loss measure learning, and it falls as the
+encoders learn to tell images apart.
 """
 import argparse
 import copy
@@ -66,7 +75,9 @@ def main(argv=None):
         fastssl.ema_update_(key_enc, query_enc, args.momentum)  # key = m*key + (1-m)*query
         queue.enqueue(F.normalize(k, dim=1))
         if step % 10 == 0 or step == args.steps - 1:
-            print(f"step {step:4d}  InfoNCE {loss.item():.4f}")
+            filled = min(args.queue, step * args.batch)  # real keys when the loss was computed
+            print(f"step {step:4d}  InfoNCE {loss.item():.4f}  (queue: {filled}/{args.queue} "
+                  f"real keys)", flush=True)
     return loss.item()
 
 

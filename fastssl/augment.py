@@ -19,8 +19,7 @@ each) -> grayscale -> Gaussian blur (separable, reflect padding) -> solarize -> 
 Differences from torchvision v2 (deliberate, documented): the resize is plain bilinear
 (``antialias=False``; v2's RandomResizedCrop antialiases when it shrinks a crop); the whole
 chain runs in float [0, 1] (v2 on uint8 rounds back to uint8 between ops); the Gaussian taps
-are torchvision's ``exp(-x^2 / (2 sigma^2))`` (DESIGN.md's softmax(-(x/sigma)^2) drops the
-1/2); the contrast mean is a float64 reduction rounded once. Random draws follow v2's
+are torchvision's ``exp(-x^2 / (2 sigma^2))`` (docs/DESIGN.md, section 4.8); the contrast mean is a float64 reduction rounded once. Random draws follow v2's
 distributions but come from one vectorised stream (see :func:`sample_params`), not v2's.
 
 Example:
@@ -226,7 +225,7 @@ def gaussian_taps(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """(B,) sigmas -> (B, K) normalised taps, torchvision's ``_get_gaussian_kernel1d``:
     ``x = linspace(-(K-1)/2, (K-1)/2, K)``, ``exp(-x^2 / (2 sigma^2))`` / sum.
 
-    (DESIGN.md writes softmax(-(x/sigma)^2); torchvision has the factor 1/2, followed here.)
+    (docs/DESIGN.md, section 4.8: torchvision's kernel, with its factor 1/2.)
     """
     half = (kernel_size - 1) * 0.5
     x = torch.linspace(-half, half, kernel_size, dtype=torch.float32)

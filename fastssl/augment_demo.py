@@ -6,7 +6,9 @@ a house with a checkered roof), a hue wheel (hue jitter rotates it, saturation j
 gray removes it) and a test card (colour bars, gray ramp, fine stripes that show the blur).
 
 Each row: the original (resized to the view size), then ``--pairs`` pairs of views (view 0,
-view 1) drawn with per-sample parameters; a white gap separates the pairs.
+view 1) drawn with per-sample parameters; a white gap separates the pairs. The PNG carries its
+own labels (column titles above, row titles on the left), drawn with matplotlib; without
+matplotlib the bare grid is written and the labels are printed instead.
 """
 from __future__ import annotations
 
@@ -119,19 +121,75 @@ def make_grid(recipe: str = "simclr", out_size: int = 128, pairs: int = 3, seed:
     return (grid.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
+ROW_NAMES = ("landscape", "hue wheel", "test card")
+
+
+def column_names(pairs: int) -> list[str]:
+    names = ["original"]
+    for k in range(1, pairs + 1):
+        names += [f"pair {k}: view 0", f"pair {k}: view 1"]
+    return names
+
+
+def column_centres(out_size: int, pairs: int) -> list[float]:
+    """x of each tile's centre in :func:`make_grid`'s layout, in pixels."""
+    s, g = out_size, GAP
+    xs = [g + s / 2]
+    x = g + s + g
+    for _ in range(pairs):
+        xs += [x + s / 2, x + s + 1 + s / 2]
+        x += 2 * s + 1 + g
+    return xs
+
+
+def write_labelled_png(path: str, grid: torch.Tensor, out_size: int, pairs: int,
+                       title: str) -> bool:
+    """Writes ``grid`` with column titles above, row titles on the left and ``title`` on
+    top, at one image pixel per PNG pixel. Returns False (and writes nothing) when
+    matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    _, h, w = grid.shape
+    top, left, dpi = 44, 78, 100
+    fig = plt.figure(figsize=((w + left) / dpi, (h + top) / dpi), dpi=dpi)
+    ax = fig.add_axes([left / (w + left), 0, w / (w + left), h / (h + top)])
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_axis_off()
+    fs = max(6.0, min(9.0, out_size / 14))
+    for x, name in zip(column_centres(out_size, pairs), column_names(pairs)):
+        ax.text(x, -4, name, ha="center", va="bottom", fontsize=fs, clip_on=False)
+    for i, name in enumerate(ROW_NAMES[:(h - GAP) // (out_size + GAP)]):
+        y = GAP + i * (out_size + GAP) + out_size / 2
+        ax.text(-6, y, name, ha="right", va="center", fontsize=fs, clip_on=False)
+    fig.text(0.5, 1 - 4 / (h + top), title, ha="center", va="top", fontsize=fs + 1)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return True
+
+
 def add_arguments(p) -> None:
-    p.add_argument("--recipe", default="simclr", choices=augment.RECIPES)
+    p.add_argument("--recipe", default="simclr", choices=augment.RECIPES,
+                   help="augmentation recipe")
     p.add_argument("--out", default="views.png", help="PNG file to write")
     p.add_argument("--size", type=int, default=128, help="side of each view (pixels)")
     p.add_argument("--pairs", type=int, default=3, help="view pairs per image")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default="auto", choices=("auto", "cpp", "triton", "reference"))
+    p.add_argument("--seed", type=int, default=0, help="seeds the per-sample parameters")
+    p.add_argument("--backend", default="auto", choices=("auto", "cpp", "triton", "reference"),
+                   help="which implementation draws the views")
 
 
 def run(args) -> int:
     grid = make_grid(args.recipe, args.size, args.pairs, args.seed, args.backend)
-    write_png(args.out, grid)
-    print(f"wrote {args.out}: {grid.shape[2]}x{grid.shape[1]} px; rows: landscape, hue wheel, "
-          f"test card; columns: original, then {args.pairs} pairs (view 0 | view 1) of the "
-          f"{args.recipe} recipe")
+    title = (f"fastssl augment-demo: {args.recipe} recipe, {args.pairs} view pairs per image "
+             f"(per-sample parameters), seed {args.seed}")
+    labelled = write_labelled_png(args.out, grid, args.size, args.pairs, title)
+    if not labelled:
+        write_png(args.out, grid)
+    print(f"wrote {args.out}: rows: {', '.join(ROW_NAMES)}; columns: original, then "
+          f"{args.pairs} pairs (view 0 | view 1) of the {args.recipe} recipe"
+          + ("" if labelled else " (no labels in the PNG: matplotlib is not installed)"))
     return 0

@@ -97,12 +97,13 @@ def _u(g, n, lo, hi, *shape):
 
 
 def render_shapes(n: int, seed: int = 0, size: int = 32, *, clutter: int = 3,
-                  noise: float = 0.03) -> tuple[torch.Tensor, torch.Tensor]:
+                  noise: float = 0.03,
+                  labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Renders ``n`` shape images, deterministically from ``seed``.
 
     Per image, independently of the class (coordinates: the image spans [-1, 1]):
 
-    * class: uniform over :data:`SHAPE_CLASSES` (6 classes);
+    * class: ``labels`` if given, else uniform over :data:`SHAPE_CLASSES` (6 classes);
     * scale (circumradius): U(0.35, 0.65), i.e. 5.6 to 10.4 pixels at 32x32;
     * centre: U(-0.45, 0.45) per axis; rotation: U(0, 2*pi);
     * background: a random RGB colour U(0, 1)^3 plus a linear gradient of amplitude U(0, 0.3)
@@ -122,7 +123,10 @@ def render_shapes(n: int, seed: int = 0, size: int = 32, *, clutter: int = 3,
         (torch.Size([4, 3, 32, 32]), torch.uint8, True)
     """
     g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(len(SHAPE_CLASSES), (n,), generator=g)
+    if labels is None:
+        labels = torch.randint(len(SHAPE_CLASSES), (n,), generator=g)
+    elif labels.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
     scale = _u(g, n, 0.35, 0.65)
     cx, cy = _u(g, n, -0.45, 0.45), _u(g, n, -0.45, 0.45)
     theta = _u(g, n, 0.0, 2 * math.pi)
@@ -172,11 +176,23 @@ def _split(n: int, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch
     return perm[n_test:].sort().values, perm[:n_test].sort().values
 
 
+def _balanced_labels(n: int, n_classes: int, g: torch.Generator) -> torch.Tensor:
+    """``n`` labels in random order with every class count within one of ``n / n_classes``."""
+    return (torch.arange(n) % n_classes)[torch.randperm(n, generator=g)]
+
+
 def shapes(n_train: int = 2048, n_test: int = 1024, seed: int = 0) -> Dataset:
     """The procedural shapes dataset (see :func:`render_shapes`): the first ``n_train``
     images are the training split (unlabelled for SSL, labelled for the probes), the next
-    ``n_test`` the held-out split."""
-    images, labels = render_shapes(n_train + n_test, seed=seed)
+    ``n_test`` the held-out split.
+
+    Both splits are class-balanced (counts within one of each other), so chance on the
+    held-out split is exactly 1 / 6 for any classifier that ignores its input, and a probe's
+    accuracy is not shifted by which classes a small split happens to over-represent."""
+    g = torch.Generator().manual_seed(seed + 104729)
+    k = len(SHAPE_CLASSES)
+    labels = torch.cat([_balanced_labels(n_train, k, g), _balanced_labels(n_test, k, g)])
+    images, labels = render_shapes(n_train + n_test, seed=seed, labels=labels)
     idx = torch.arange(n_train + n_test)
     return Dataset("shapes", images, labels, images.flatten(1).float() / 255,
                    idx[:n_train], idx[n_train:], SHAPE_CLASSES)

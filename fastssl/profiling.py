@@ -4,24 +4,35 @@ Builds the model of ``fastssl train`` (a small ResNet-style encoder + projector,
 predictor / momentum encoder / queue the method needs: :class:`fastssl.training.SSLModel`),
 runs ``--steps`` real training steps on synthetic uint8 images after ``--warmup`` untimed
 steps, and reports per phase -- augmentation, encoder forward, loss forward, backward,
-optimizer, EMA + queue -- the mean milliseconds per step and their share of the step.
+optimizer, EMA + queue -- the **median** milliseconds over the timed steps, their spread
+(fastest and slowest step) and the median's share of the median step.
 
 How it is measured:
 
 * The phases are delimited by ``time.perf_counter`` boundaries that tile the step (each phase
-  starts where the previous one ended; on CUDA every boundary synchronises the device).
-  ``step_ms`` is the wall time of the whole timed loop divided by the steps, measured
-  separately, so the phases' sum falls short of it by the loop's own overhead (batch
-  selection, progress bar): typically 97-100%.
+  starts where the previous one ended; on CUDA every boundary synchronises the device), and
+  every step's wall time is taken around the whole step, so the phases of one step sum to
+  its wall time. The table's phase medians come from different steps, so their sum can differ
+  from the median step by a few percent.
+* ``--backend both`` runs fused and reference in two processes that advance in lock-step,
+  phase by phase: the fused process runs its augmentation while the reference one waits,
+  then the reference one runs its augmentation, then both encoder forwards, and so on (which
+  side goes first alternates from step to step); each process is warmed by its own
+  ``--warmup`` steps first. On a shared machine a change of load then lands on both sides
+  of a phase, not on whichever backend happened to run during it. A step's wall time is then
+  the sum of its phases (the waits are not timed). The phases that run the same code on both
+  sides (encoder forward, optimizer, and the backward through the encoder that dominates
+  "backward") measure the noise of the comparison: the table prints the fused/reference
+  ratio of every phase and flags same-code phases whose ratio is off by more than 10%. Two
+  processes, not one, so that each has its own allocator and its own peak memory figure.
 * Peak memory, CPU: the peak resident set size (``VmHWM``, reset by writing ``5`` to
   ``/proc/self/clear_refs`` once model and data exist) minus the resident size at that moment,
   i.e. what the steps add: activations, gradients, optimiser state, workspaces, augmented views.
   CUDA: ``torch.cuda.max_memory_allocated`` minus what was allocated at the same moment.
-* ``--backend both`` runs fused and reference each in its own process (so neither inherits
-  the other's allocator state) and prints them side by side.
 * ``--trace out.json`` records 2 further steps with ``torch.profiler`` (phases appear as
   ``fastssl::<phase>`` ranges) and writes a Chrome trace (open in chrome://tracing or
-  https://ui.perfetto.dev); those steps are not part of the timing.
+  https://ui.perfetto.dev); those steps are not part of the timing. With ``--backend both``
+  each backend writes its own file (``out.fused.json``, ``out.reference.json``).
 
 Example:
     $ fastssl profile --method moco --batch 256 --steps 10 --backend both
@@ -30,6 +41,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -37,27 +49,38 @@ import time
 import torch
 
 from ._progress import Progress
-from .training import METHODS, PHASES, SSLModel
+from .training import METHODS, PHASES, PhaseTimer, SSLModel
 
 PHASE_LABELS = {"augmentation": "augmentation", "encoder_forward": "encoder forward",
                 "loss_forward": "loss forward", "backward": "backward",
                 "optimizer": "optimizer", "ema_queue": "EMA + queue"}
+# Phases whose code does not depend on the backend: their fused/reference ratio is the noise
+# floor of the comparison. "backward" is mostly the encoder's backward too, but it also holds
+# the loss's backward (fused vs reference), so it is shown but not used as a noise check.
+SAME_CODE_PHASES = ("encoder_forward", "optimizer")
+NOISE_LIMIT = 0.10
+_PROTOCOL = "@@fastssl-profile "  # prefix of the lines a worker sends its parent
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--method", choices=METHODS, default="simclr")
-    p.add_argument("--batch", type=int, default=256, help="images per step (default 256)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--method", choices=METHODS, default="simclr",
+                   help="the SSL method whose training step is profiled")
+    p.add_argument("--batch", type=int, default=256, help="images per step")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (per backend)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (per backend)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where it runs")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; on a busy machine 1 "
                         "can be several times faster than oversubscribed threads)")
-    p.add_argument("--backend", choices=("fused", "reference", "both"), default="fused")
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--width", type=int, default=32, help="encoder width (features: 4w)")
-    p.add_argument("--queue", type=int, default=4096, help="MoCo queue size")
-    p.add_argument("--trace", default=None, metavar="OUT.json", help="write a Chrome trace")
+    p.add_argument("--backend", choices=("fused", "reference", "both"), default="fused",
+                   help="fastssl's fused ops, their plain-PyTorch references, or both "
+                        "in lock-step, phase by phase")
+    p.add_argument("--image-size", type=int, default=32,
+                   help="side of the synthetic uint8 images (and of the views)")
+    p.add_argument("--width", type=int, default=32, help="encoder width w (features: 4w)")
+    p.add_argument("--queue", type=int, default=4096, help="MoCo queue size (keys)")
+    p.add_argument("--trace", default=None, metavar="OUT.json",
+                   help="write a Chrome trace of 2 extra steps (default: none)")
     p.add_argument("--json", action="store_true", help="last stdout line: a JSON summary")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -114,146 +137,373 @@ class _PeakMemory:
 # one backend, in this process
 # ---------------------------------------------------------------------------------------
 
-def profile(method: str = "simclr", batch: int = 256, steps: int = 10, *, warmup: int = 2,
-            device="cpu", backend: str = "fused", image_size: int = 32, width: int = 32,
-            queue: int = 4096, trace: str | None = None, progress: bool = True) -> dict:
-    """Times ``steps`` training steps of ``method``; returns the JSON summary as a dict."""
-    if steps < 1 or batch < 2 or warmup < 0:
-        raise ValueError(f"need steps >= 1, batch >= 2, warmup >= 0; got {steps}, {batch}, "
-                         f"{warmup}")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: torch.cuda.is_available() is False here")
-    g = torch.Generator().manual_seed(0)
-    pool = [torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8,
-                          generator=g).to(device) for _ in range(min(4, steps + warmup))]
-    model = SSLModel(method, backend=backend, width=width, image_size=image_size,
-                     queue_size=queue, total_steps=warmup + steps, device=device)
-    mem = _PeakMemory(device)
-    mem.start()
-    bar = Progress(warmup + steps, f"profile {method}/{backend} b={batch}", enabled=progress)
-    for i in range(warmup):
-        model.step(pool[i % len(pool)])
-        bar.update()
-    timer = _Timer(device)
-    timer.sync()
-    t0 = time.perf_counter()
-    for i in range(steps):
-        model.step(pool[(warmup + i) % len(pool)], timer.phases)
-        bar.update()
-    timer.sync()
-    wall = time.perf_counter() - t0
-    bar.close()
-    peak = mem.stop()
-    if trace:
-        _trace(model, pool, device, trace)
-    step_ms = 1e3 * wall / steps
-    phases = {k: round(1e3 * v / steps, 3) for k, v in timer.phases.totals.items()}
-    return {"method": method, "batch": batch, "step_ms": round(step_ms, 3),
-            "phases_ms": phases, "images_per_s": round(batch * steps / wall, 1),
-            "peak_mb": None if peak is None else round(peak, 1),
-            "backend": backend, "device": device.type, "steps": steps, "warmup": warmup,
-            "image_size": image_size, "threads": torch.get_num_threads(),
-            "memory": mem.kind}
+class StepRunner:
+    """One backend's model, data and memory probe; :meth:`step` runs one training step and
+    returns ``{"wall": s, "phases": {phase: s}}`` (timed) or None (``timed=False``)."""
 
+    def __init__(self, method: str = "simclr", batch: int = 256, *, total_steps: int = 12,
+                 device="cpu", backend: str = "fused", image_size: int = 32, width: int = 32,
+                 queue: int = 4096):
+        if batch < 2:
+            raise ValueError(f"need batch >= 2, got {batch}")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: torch.cuda.is_available() is False here")
+        g = torch.Generator().manual_seed(0)
+        self.pool = [torch.randint(0, 256, (batch, 3, image_size, image_size),
+                                   dtype=torch.uint8, generator=g).to(self.device)
+                     for _ in range(min(4, total_steps))]
+        self.model = SSLModel(method, backend=backend, width=width, image_size=image_size,
+                              queue_size=queue, total_steps=total_steps, device=self.device)
+        self.n = 0
+        self.memory = _PeakMemory(self.device)
+        self.memory.start()
 
-class _Timer:
-    def __init__(self, device):
-        from .training import PhaseTimer
-        self.device = device
-        self.phases = PhaseTimer(device)
-
-    def sync(self):
+    def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
+    def step(self, timed: bool = True, before_phase=None) -> dict | None:
+        images = self.pool[self.n % len(self.pool)]
+        self.n += 1
+        if not timed:
+            self.model.step(images)
+            return None
+        timer = PhaseTimer(self.device, before_phase=before_phase)
+        self._sync()
+        t0 = time.perf_counter()
+        self.model.step(images, timer)
+        self._sync()
+        return {"wall": time.perf_counter() - t0, "phases": dict(timer.totals)}
 
-def _trace(model, pool, device, path) -> None:
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as tprofile
+    def trace(self, path: str) -> None:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as tprofile
+        acts = [ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            acts.append(ProfilerActivity.CUDA)
+        with tprofile(activities=acts) as prof:
+            for _ in range(2):
+                self.model.step(self.pool[self.n % len(self.pool)],
+                                PhaseTimer(self.device, annotate=True))
+                self.n += 1
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        prof.export_chrome_trace(path)
 
-    from .training import PhaseTimer
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with tprofile(activities=acts) as prof:
-        for i in range(2):
-            model.step(pool[i % len(pool)], PhaseTimer(device, annotate=True))
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    prof.export_chrome_trace(path)
+
+def summarize(records: list[dict], *, batch: int) -> dict:
+    """Medians and spreads (min, max) of per-step records from :meth:`StepRunner.step`."""
+    walls = [r["wall"] for r in records]
+    step_ms = 1e3 * statistics.median(walls)
+    phases = {p: [1e3 * r["phases"][p] for r in records] for p in PHASES}
+    return {"step_ms": round(step_ms, 3),
+            "step_spread_ms": [round(1e3 * min(walls), 3), round(1e3 * max(walls), 3)],
+            "phases_ms": {p: round(statistics.median(v), 3) for p, v in phases.items()},
+            "phases_spread_ms": {p: [round(min(v), 3), round(max(v), 3)]
+                                 for p, v in phases.items()},
+            "images_per_s": round(batch * 1e3 / step_ms, 1),
+            # how well the phases tile each step (the rest: loop overhead), median over steps
+            "phases_share": round(statistics.median(
+                sum(r["phases"].values()) / r["wall"] for r in records), 4)}
+
+
+def profile(method: str = "simclr", batch: int = 256, steps: int = 10, *, warmup: int = 2,
+            device="cpu", backend: str = "fused", image_size: int = 32, width: int = 32,
+            queue: int = 4096, trace: str | None = None, progress: bool = True) -> dict:
+    """Times ``steps`` training steps of ``method`` with one backend, in this process;
+    returns the JSON summary as a dict."""
+    _check_counts(steps, warmup)
+    runner = StepRunner(method, batch, total_steps=warmup + steps, device=device,
+                        backend=backend, image_size=image_size, width=width, queue=queue)
+    bar = Progress(warmup + steps, f"profile {method}/{backend} b={batch}", enabled=progress)
+    for _ in range(warmup):
+        runner.step(timed=False)
+        bar.update()
+    records = []
+    for _ in range(steps):
+        records.append(runner.step())
+        bar.update()
+    bar.close()
+    peak = runner.memory.stop()
+    if trace:
+        runner.trace(trace)
+    return _result(records, runner, method=method, batch=batch, backend=backend, steps=steps,
+                   warmup=warmup, image_size=image_size, peak=peak)
+
+
+def _check_counts(steps: int, warmup: int) -> None:
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"need steps >= 1 and warmup >= 0; got {steps}, {warmup}")
+
+
+def _result(records, runner, *, method, batch, backend, steps, warmup, image_size, peak):
+    return {"method": method, "batch": batch, **summarize(records, batch=batch),
+            "peak_mb": None if peak is None else round(peak, 1),
+            "backend": backend, "device": runner.device.type, "steps": steps,
+            "warmup": warmup, "image_size": image_size, "threads": torch.get_num_threads(),
+            "memory": runner.memory.kind}
+
+
+# ---------------------------------------------------------------------------------------
+# --backend both: two worker processes in lock-step
+# ---------------------------------------------------------------------------------------
+
+def _serve(config: dict) -> int:
+    """Worker side of ``--backend both``: builds one backend's runner, then obeys commands
+    read from stdin, one per line, answering with protocol lines on stdout:
+
+    * ``warm``: one untimed step; answers ``{}``.
+    * ``step``: one timed step in lock-step with the parent: before each phase it answers
+      ``{"ready": phase}`` and waits for ``go``; after the last phase it answers the step's
+      record ``{"wall", "phases"}`` (wall = sum of the phases: the waits are not timed).
+    * ``finish``: answers peak memory and context, writes the trace if asked, exits.
+    """
+    if config.get("threads"):
+        torch.set_num_threads(config["threads"])
+    runner = StepRunner(config["method"], config["batch"],
+                        total_steps=config["warmup"] + config["steps"], device=config["device"],
+                        backend=config["backend"], image_size=config["image_size"],
+                        width=config["width"], queue=config["queue"])
+
+    def reply(obj) -> None:
+        sys.stdout.write(_PROTOCOL + json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    def wait_for_go(phase: str) -> None:
+        reply({"ready": phase})
+        cmd = sys.stdin.readline().strip()
+        if cmd != "go":
+            raise RuntimeError(f"fastssl profile worker: expected 'go', got {cmd!r}")
+
+    reply({"ready": None})
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "warm":
+            runner.step(timed=False)
+            reply({})
+        elif cmd == "step":
+            record = runner.step(before_phase=wait_for_go)
+            record["wall"] = sum(record["phases"].values())
+            reply(record)
+        elif cmd == "finish":
+            peak = runner.memory.stop()
+            if config.get("trace"):
+                runner.trace(config["trace"])
+            reply({"peak": peak, "memory": runner.memory.kind, "device": runner.device.type,
+                   "threads": torch.get_num_threads()})
+            return 0
+        else:
+            raise RuntimeError(f"fastssl profile worker: unknown command {cmd!r}")
+    return 1
+
+
+class _Worker:
+    def __init__(self, config: dict):
+        self.backend = config["backend"]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fastssl.profiling", "serve", json.dumps(config)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+            cwd=os.getcwd(), env=os.environ.copy())
+
+    def send(self, cmd: str) -> None:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+
+    def receive(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(_PROTOCOL):
+                return json.loads(line[len(_PROTOCOL):])
+        code = self.proc.wait()
+        raise RuntimeError(f"fastssl profile: the {self.backend} worker exited with code "
+                           f"{code} (its error is printed above)")
+
+    def ask(self, cmd: str) -> dict:
+        self.send(cmd)
+        return self.receive()
+
+
+def _lockstep_step(pair) -> dict:
+    """One timed step of both workers, phase by phase: ``pair[0]`` runs a phase, then
+    ``pair[1]`` runs the same phase, then the next phase; returns ``{backend: record}``."""
+    msgs = [w.ask("step") for w in pair]  # each stops before its first phase
+    done = {}
+    while len(done) < len(pair):
+        for i, w in enumerate(pair):
+            if w.backend in done:
+                continue
+            msgs[i] = w.ask("go")
+            if "ready" not in msgs[i]:
+                done[w.backend] = msgs[i]
+    return done
+
+
+def profile_both(args) -> list[dict]:
+    """Fused and reference in two worker processes in lock-step, phase by phase: the fused
+    encoder forward, then the reference encoder forward, then both backwards, and so on;
+    which side goes first alternates from step to step. A change in the machine's load then
+    lands on both sides of every phase's comparison (they run within a second of each
+    other), not on whichever backend happened to run during it."""
+    _check_counts(args.steps, args.warmup)
+    workers = []
+    for backend in ("fused", "reference"):
+        config = {"method": args.method, "batch": args.batch, "steps": args.steps,
+                  "warmup": args.warmup, "device": args.device, "backend": backend,
+                  "image_size": args.image_size, "width": args.width, "queue": args.queue,
+                  "threads": args.threads, "trace": None}
+        if args.trace:
+            root, ext = os.path.splitext(args.trace)
+            config["trace"] = f"{root}.{backend}{ext or '.json'}"
+        workers.append(_Worker(config))
+    try:
+        for w in workers:  # both build their model at the same time; then wait for both
+            w.receive()
+        rounds = args.warmup + args.steps
+        bar = Progress(rounds, f"profile {args.method} fused+reference b={args.batch}",
+                       enabled=not args.quiet)
+        records = {w.backend: [] for w in workers}
+        for r in range(rounds):
+            pair = workers if r % 2 == 0 else workers[::-1]
+            if r < args.warmup:
+                for w in pair:
+                    w.ask("warm")
+            else:
+                for backend, rec in _lockstep_step(pair).items():
+                    records[backend].append(rec)
+            bar.update()
+        bar.close()
+        results = []
+        for w in workers:
+            fin = w.ask("finish")
+            w.proc.wait()
+            results.append({"method": args.method, "batch": args.batch,
+                            **summarize(records[w.backend], batch=args.batch),
+                            "peak_mb": None if fin["peak"] is None else round(fin["peak"], 1),
+                            "backend": w.backend, "device": fin["device"], "steps": args.steps,
+                            "warmup": args.warmup, "image_size": args.image_size,
+                            "threads": fin["threads"], "memory": fin["memory"],
+                            "interleaved": "phase by phase"})
+        return results
+    finally:
+        for w in workers:
+            if w.proc.poll() is None:
+                w.proc.kill()
+                w.proc.wait()
 
 
 # ---------------------------------------------------------------------------------------
 # the command
 # ---------------------------------------------------------------------------------------
 
-def _child(args, backend: str) -> dict:
-    """Runs one backend in a fresh process (clean peak memory) and parses its JSON line."""
-    cmd = [sys.executable, "-m", "fastssl", "profile", "--method", args.method,
-           "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--device", args.device, "--backend", backend, "--image-size", str(args.image_size),
-           "--width", str(args.width), "--queue", str(args.queue), "--json"]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    if args.quiet:
-        cmd.append("--quiet")
-    if args.trace:
-        root, ext = os.path.splitext(args.trace)
-        cmd += ["--trace", f"{root}.{backend}{ext or '.json'}"]
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True,
-                         cwd=os.getcwd(), env=os.environ.copy())
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def noise_check(results: list[dict]) -> dict:
+    """fused/reference ratio of the median of each phase that runs the same code on both
+    sides (:data:`SAME_CODE_PHASES`): ``{phase: ratio}``."""
+    fused, ref = results
+    out = {}
+    for p in SAME_CODE_PHASES:
+        a, b = fused["phases_ms"][p], ref["phases_ms"][p]
+        if b > 0:
+            out[p] = round(a / b, 3)
+    return out
 
 
-def format_table(results: list[dict]) -> str:
+def _load_text(load) -> str:
+    if not load:
+        return ""
+    return (f"; load average (1 min) {load[0]:.1f} at the start, {load[1]:.1f} at the end, "
+            f"on {os.cpu_count()} CPUs")
+
+
+def format_table(results: list[dict], load=None) -> str:
     r0 = results[0]
+    how = ("fused and reference in lock-step phase by phase, each in its own process"
+           if len(results) == 2 else f"{r0['backend']} backend")
     head = (f"fastssl profile: {r0['method']}, batch {r0['batch']}, {r0['image_size']}x"
             f"{r0['image_size']} uint8 images, {r0['steps']} timed steps after {r0['warmup']} "
-            f"warm-up, {r0['device']}, {r0['threads']} threads")
-    cols = "".join(f"{r['backend'] + ' ms':>14}{'share':>7}" for r in results)
-    lines = [head, f"{'phase':<18}{cols}"]
+            f"warm-up ({how}), {r0['device']}, {r0['threads']} threads{_load_text(load)}")
+    lines = [head, "time per step: median [fastest - slowest] of the timed steps, in ms; "
+                   "share = median / median step"]
+    cell_w = 28
+    cols = "".join(f"{r['backend'] + ' ms [min - max]':>{cell_w}}{'share':>7}" for r in results)
+    ratio = len(results) == 2
+    lines.append(f"{'phase':<16}{cols}" + (f"{'fused/ref':>11}" if ratio else ""))
+
+    def cell(med, spread):
+        return f"{med:>9.2f} [{spread[0]:.2f} - {spread[1]:.2f}]".rjust(cell_w)
+
+    noise = noise_check(results) if ratio else {}
     for ph in PHASES:
-        row = "".join(f"{r['phases_ms'][ph]:>14.2f}{100 * r['phases_ms'][ph] / r['step_ms']:>6.1f}%"
-                      for r in results)
-        lines.append(f"{PHASE_LABELS[ph]:<18}{row}")
-    row = "".join(f"{sum(r['phases_ms'].values()):>14.2f}"
-                  f"{100 * sum(r['phases_ms'].values()) / r['step_ms']:>6.1f}%" for r in results)
-    lines.append(f"{'sum of phases':<18}{row}")
-    lines.append(f"{'step (wall)':<18}" + "".join(f"{r['step_ms']:>14.2f}{'':>7}" for r in results))
-    lines.append(f"{'images/s':<18}" + "".join(f"{r['images_per_s']:>14.1f}{'':>7}"
-                                              for r in results))
-    lines.append(f"{'peak memory MB':<18}" + "".join(
-        f"{'n/a' if r['peak_mb'] is None else format(r['peak_mb'], '.1f'):>14}{'':>7}"
+        row = "".join(cell(r["phases_ms"][ph], r["phases_spread_ms"][ph])
+                      + f"{100 * r['phases_ms'][ph] / r['step_ms']:>6.1f}%" for r in results)
+        if ratio:
+            b = results[1]["phases_ms"][ph]
+            mark = " !" if ph in noise and abs(noise[ph] - 1) > NOISE_LIMIT else ""
+            row += (f"{results[0]['phases_ms'][ph] / b:>9.2f}x" if b > 0 else f"{'-':>10}") + mark
+        lines.append(f"{PHASE_LABELS[ph]:<16}{row}")
+    lines.append(f"{'sum of medians':<16}" + "".join(
+        f"{sum(r['phases_ms'].values()):>{cell_w}.2f}"
+        f"{100 * sum(r['phases_ms'].values()) / r['step_ms']:>6.1f}%" for r in results))
+    row = "".join(cell(r["step_ms"], r["step_spread_ms"]) + f"{'':>7}" for r in results)
+    if ratio:
+        row += f"{results[0]['step_ms'] / results[1]['step_ms']:>9.2f}x"
+    lines.append(f"{'step (wall)':<16}{row}")
+    lines.append(f"{'images/s':<16}" + "".join(f"{r['images_per_s']:>{cell_w}.1f}{'':>7}"
+                                            for r in results))
+    lines.append(f"{'peak memory MB':<16}" + "".join(
+        f"{'n/a' if r['peak_mb'] is None else format(r['peak_mb'], '.1f'):>{cell_w}}{'':>7}"
         for r in results))
-    if len(results) == 2 and results[1]["step_ms"] > 0:
-        lines.append(f"speed-up of fused over reference (step time): "
-                     f"{results[1]['step_ms'] / results[0]['step_ms']:.2f}x; peak memory: "
-                     f"{r0['memory']}")
-    else:
-        lines.append(f"peak memory: {r0['memory']}")
+    if ratio:
+        lines.append(f"speed-up of fused over reference (median step): "
+                     f"{results[1]['step_ms'] / results[0]['step_ms']:.2f}x")
+        same = ", ".join(f"{PHASE_LABELS[p]} {v:.2f}x" for p, v in noise.items())
+        bad = [p for p, v in noise.items() if abs(v - 1) > NOISE_LIMIT]
+        if bad:
+            lines.append(f"! noise: phases that run the same code on both sides differ by more "
+                         f"than {100 * NOISE_LIMIT:.0f}% ({same}): the machine's load changed "
+                         f"faster than the phases alternate; re-run, or raise --steps")
+        else:
+            lines.append(f"noise check: phases that run the same code on both sides agree "
+                         f"within {100 * NOISE_LIMIT:.0f}% ({same})")
+    lines.append(f"peak memory: {r0['memory']}")
     return "\n".join(lines)
 
 
 JSON_KEYS = ("method", "batch", "step_ms", "phases_ms", "images_per_s", "peak_mb")
+SPREAD_KEYS = ("step_spread_ms", "phases_spread_ms", "phases_share")
 
 
 def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     if args.backend == "both":
-        results = [_child(args, "fused"), _child(args, "reference")]
+        results = profile_both(args)
     else:
         results = [profile(args.method, args.batch, args.steps, warmup=args.warmup,
                            device=args.device, backend=args.backend,
                            image_size=args.image_size, width=args.width, queue=args.queue,
                            trace=args.trace, progress=not args.quiet)]
-    print(format_table(results))
-    if args.trace and args.backend != "both":
-        print(f"Chrome trace: {args.trace}")
+    load = (load0, os.getloadavg()[0]) if load0 is not None else None
+    print(format_table(results, load))
+    if args.trace:
+        names = ([args.trace] if args.backend != "both" else
+                 [f"{os.path.splitext(args.trace)[0]}.{b}{os.path.splitext(args.trace)[1] or '.json'}"
+                  for b in ("fused", "reference")])
+        print("Chrome trace: " + ", ".join(names))
     if args.json:
-        # The summary keys first, then the context (backend, device, threads, sizes).
+        # The summary keys first, then the spreads and the context (backend, device, sizes).
         line = dict(results[0])
+        if load:
+            line["loadavg_1min"] = [round(v, 2) for v in load]
         if len(results) == 2:
-            line["reference"] = {k: results[1][k] for k in JSON_KEYS[2:]}
+            line["reference"] = {k: results[1][k] for k in JSON_KEYS[2:] + SPREAD_KEYS}
+            line["same_code_ratio"] = noise_check(results)
         print(json.dumps(line))
     sys.stdout.flush()
     return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "serve":
+        sys.exit(_serve(json.loads(sys.argv[2])))
+    sys.exit("usage: python -m fastssl.profiling serve '<json config>' (internal: the worker "
+             "of `fastssl profile --backend both`)")

@@ -106,11 +106,15 @@ class PhaseTimer:
     """``phase(name)`` ends the running phase and starts ``name``; ``end()`` ends the last.
     Consecutive phases share their boundary, so the phases tile the step exactly. On CUDA each
     boundary synchronises the device (so the time lands in the phase that queued the work).
-    With ``annotate``, each phase is also a ``torch.profiler.record_function`` range."""
+    With ``annotate``, each phase is also a ``torch.profiler.record_function`` range.
+    ``before_phase(name)``, if given, runs at each boundary after the clock of the finished
+    phase stopped and before the clock of phase ``name`` starts (``fastssl profile --backend
+    both`` uses it to let the other backend's process run the same phase in between)."""
 
-    def __init__(self, device: torch.device, annotate: bool = False):
+    def __init__(self, device: torch.device, annotate: bool = False, before_phase=None):
         self.sync = device.type == "cuda"
         self.annotate = annotate
+        self.before_phase = before_phase
         self.totals = dict.fromkeys(PHASES, 0.0)
         self._name = None
         self._t = 0.0
@@ -128,6 +132,9 @@ class PhaseTimer:
         if self._rf is not None:
             self._rf.__exit__(None, None, None)
             self._rf = None
+        if self.before_phase is not None and name is not None:
+            self.before_phase(name)
+            now = self._now()
         self._name, self._t = name, now
         if self.annotate and name is not None:
             self._rf = torch.profiler.record_function(f"fastssl::{name}")
@@ -368,25 +375,27 @@ DEFAULTS = {  # per dataset: epochs, batch
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--method", choices=METHODS, default="simclr")
-    p.add_argument("--data", choices=datasets.DATASETS, default="shapes")
+    p.add_argument("--method", choices=METHODS, default="simclr", help="the SSL method")
+    p.add_argument("--data", choices=datasets.DATASETS, default="shapes",
+                   help="built-in dataset: procedural shapes, or the 8x8 digits")
     p.add_argument("--epochs", type=int, default=None,
                    help="SSL epochs (default: 40 on shapes, 30 on digits)")
-    p.add_argument("--batch", type=int, default=None, help="default: 128")
+    p.add_argument("--batch", type=int, default=None, help="images per step (default: 128)")
     p.add_argument("--width", type=int, default=32, help="encoder width w (features: 4w)")
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=2e-3,
+                   help="AdamW peak learning rate (1-epoch warm-up, cosine decay)")
     p.add_argument("--n-train", type=int, default=None,
-                   help="shapes only: training images (default 2048, held-out 1024; with "
-                        "this flag the held-out split is a quarter of it)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+                   help="shapes only: training images (default 2048); the held-out split is "
+                        "always 1024 class-balanced images")
+    p.add_argument("--seed", type=int, default=0, help="seeds data, weights and augmentation")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; on a busy machine 1 "
                         "can be several times faster than oversubscribed threads)")
     p.add_argument("--out-dir", default="train_out", help="where the loss-curve PNG goes")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="do not draw the loss curve")
     p.add_argument("--json", action="store_true", help="last stdout line: a JSON summary")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
 def _plot(losses, steps_per_epoch, path, title) -> None:
@@ -408,13 +417,32 @@ def _plot(losses, steps_per_epoch, path, title) -> None:
     plt.close(fig)
 
 
+SHAPES_HELD_OUT = 1024  # held-out images of the shapes data, whatever --n-train is
+
+
+def _log(msg: str, enabled: bool) -> None:
+    if enabled:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def ci95(acc: float, n: int) -> float:
+    """Half-width of the normal-approximation 95% interval of an accuracy measured on ``n``
+    held-out images: the probe figures' sampling noise (at 1/6 and n = 1024: 2.3 points)."""
+    return 1.96 * math.sqrt(max(acc * (1 - acc), 1e-12) / n)
+
+
 def train(method: str = "simclr", data: str = "shapes", *, epochs=None, batch=None,
           width: int = 32, lr: float = 2e-3, n_train=None, seed: int = 0, device="cpu",
           progress: bool = True) -> dict:
-    """Pre-trains, probes, and returns the summary dict (plus ``losses``)."""
+    """Pre-trains, probes, and returns the summary dict (plus ``losses``).
+
+    Progress goes to stderr from the first second (flushed): what is being built, a bar for
+    the SSL steps, then each probe as it runs. The baselines are probed after SSL, from the
+    encoder's saved initial weights, so the bar starts at once."""
     t0 = time.perf_counter()
+    _log(f"fastssl train: {method} on {data}: building the data and the model ...", progress)
     if data == "shapes" and n_train is not None:
-        ds = datasets.shapes(n_train=n_train, n_test=max(n_train // 4, 64), seed=seed)
+        ds = datasets.shapes(n_train=n_train, n_test=SHAPES_HELD_OUT, seed=seed)
     else:
         ds = datasets.load(data, seed=seed)
     epochs = epochs if epochs is not None else DEFAULTS[data]["epochs"]
@@ -426,19 +454,9 @@ def train(method: str = "simclr", data: str = "shapes", *, epochs=None, batch=No
     model = SSLModel(method, width=width, lr=lr, total_steps=total,
                      warmup_steps=min(steps_per_epoch, total // 10), device=device, seed=seed)
     y_tr, y_te = ds.labels[ds.train], ds.labels[ds.test]
-    acc = {}
-
-    def probe(name, enc):
-        f_tr, f_te = encode(enc, [x_train, ds.images[ds.test]], calibrate=x_train)
-        acc[name] = linear_probe(f_tr, y_tr, f_te, y_te, seed=seed)
-
-    # The baselines first (they do not depend on SSL): the encoder's random initialisation
-    # (the very weights SSL starts from) and the raw pixels.
-    probe("random", model.initial_encoder)
-    acc["pixel"] = linear_probe(ds.pixels[ds.train], y_tr, ds.pixels[ds.test], y_te, seed=seed)
-    if progress:
-        print(f"baselines: random-init probe {acc['random']:.3f}, pixel probe "
-              f"{acc['pixel']:.3f}", file=sys.stderr)
+    _log(f"  {ds.train.numel()} training / {ds.test.numel()} held-out images, "
+         f"{len(ds.classes)} classes; {epochs} epochs x {steps_per_epoch} steps of {batch}, "
+         f"{torch.get_num_threads()} threads", progress)
 
     gen = torch.Generator().manual_seed(seed + 3)
     losses = []
@@ -452,12 +470,31 @@ def train(method: str = "simclr", data: str = "shapes", *, epochs=None, batch=No
             bar.update(loss=losses[-1])
     bar.close()
     t_ssl = time.perf_counter() - t_ssl
-    probe("ssl", model.encoder)
+
+    acc = {}
+
+    def probe(name, label, features):
+        t = time.perf_counter()
+        _log(f"  linear probe: {label} ...", progress)
+        f_tr, f_te = features()
+        acc[name] = linear_probe(f_tr, y_tr, f_te, y_te, seed=seed)
+        _log(f"    {100 * acc[name]:.1f}% ({time.perf_counter() - t:.0f} s)", progress)
+
+    def frozen(enc):
+        return lambda: encode(enc, [x_train, ds.images[ds.test]], calibrate=x_train)
+
+    probe("ssl", "SSL encoder (frozen)", frozen(model.encoder))
+    # The same encoder at its random initialisation (the very weights SSL started from).
+    probe("random", "same encoder at random init", frozen(model.initial_encoder))
+    probe("pixel", "raw pixels", lambda: (ds.pixels[ds.train], ds.pixels[ds.test]))
+    n_test = int(ds.test.numel())
     return {"method": method, "data": data, "epochs": epochs,
             "ssl_probe_acc": round(acc["ssl"], 4), "random_probe_acc": round(acc["random"], 4),
             "pixel_probe_acc": round(acc["pixel"], 4),
             "seconds": round(time.perf_counter() - t0, 1), "ssl_seconds": round(t_ssl, 1),
-            "n_train": int(ds.train.numel()), "n_test": int(ds.test.numel()), "batch": batch,
+            "n_train": int(ds.train.numel()), "n_test": n_test, "batch": batch,
+            "chance": round(1 / len(ds.classes), 4),
+            "ci95": {k: round(ci95(v, n_test), 4) for k, v in acc.items()},
             "steps": total, "losses": losses, "steps_per_epoch": steps_per_epoch}
 
 
@@ -476,12 +513,13 @@ def run(args) -> int:
     print(f"fastssl train: {res['method']} on {res['data']} ({res['n_train']} train / "
           f"{res['n_test']} held-out images), {res['epochs']} epochs x "
           f"{res['steps_per_epoch']} steps of {res['batch']}, {res['seconds']:.0f} s "
-          f"(SSL {res['ssl_seconds']:.0f} s), {torch.get_num_threads()} threads")
-    print(f"{'linear probe (held-out)':<34}{'accuracy':>10}")
-    for key, label in (("ssl_probe_acc", f"{res['method']} encoder (frozen)"),
-                       ("random_probe_acc", "same encoder, random init"),
-                       ("pixel_probe_acc", "raw pixels")):
-        print(f"{label:<34}{100 * res[key]:>9.1f}%")
+          f"(SSL {res['ssl_seconds']:.0f} s), {torch.get_num_threads()} threads", flush=True)
+    print(f"{'linear probe (held-out)':<34}{'accuracy':>10}   95% interval")
+    for key, short, label in (("ssl_probe_acc", "ssl", f"{res['method']} encoder (frozen)"),
+                              ("random_probe_acc", "random", "same encoder, random init"),
+                              ("pixel_probe_acc", "pixel", "raw pixels")):
+        print(f"{label:<34}{100 * res[key]:>9.1f}%   +-{100 * res['ci95'][short]:.1f}")
+    print(f"{'chance (balanced classes)':<34}{100 * res['chance']:>9.1f}%")
     print(f"SSL loss: {res['losses'][0]:.3f} (first step) -> "
           f"{sum(res['losses'][-res['steps_per_epoch']:]) / res['steps_per_epoch']:.3f} "
           f"(last epoch mean)" + (f"; curve: {plot}" if plot else ""))

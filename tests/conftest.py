@@ -32,3 +32,12 @@ def _triton_kernels_on_cpu(request):
     from fastssl import _dispatch
     with _dispatch.triton_on_cpu():
         yield
+def pytest_configure(config):
+    # torch.compile's inductor imports torch.fx.experimental.optimization, which imports
+    # torch.utils.mkldnn, whose classes decorate 14 methods with the deprecated
+    # torch.jit.script_method: 14 DeprecationWarnings per session from torch itself (raised in
+    # torch/jit/_script.py), none from fastssl (which never uses TorchScript). Silenced by
+    # message, category and module, so any other deprecation still shows.
+    config.addinivalue_line(
+        "filterwarnings",
+        r"ignore:`torch\.jit\.script_method` is deprecated:DeprecationWarning:torch\.jit\._script")

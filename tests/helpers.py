@@ -1,6 +1,6 @@
 """Tolerance rules and comparison helpers for all op tests.
 
-The rule (DESIGN.md, after flash-attention): compute an fp64 truth from the same (low
+The rule (docs/DESIGN.md, section 5, after flash-attention): compute an fp64 truth from the same (low
 precision) inputs; run plain PyTorch (``fastssl.reference``) in the test dtype to see how
 wrong *it* is; the fused op must be within ``FACTOR`` x that error, plus one unit in the last
 place of the output dtype (the fused op rounds its fp32 result to that dtype once).

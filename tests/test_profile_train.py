@@ -33,8 +33,14 @@ def test_profile_json_phases_tile_the_step(method, capsys):
     assert res["method"] == method and res["batch"] == 16
     assert set(res["phases_ms"]) == set(PHASES)
     assert all(v >= 0 for v in res["phases_ms"].values())
-    share = sum(res["phases_ms"].values()) / res["step_ms"]
-    assert 0.90 <= share <= 1.05, share
+    # Each step's phases tile it (what is left is the loop's own overhead) ...
+    assert 0.90 <= res["phases_share"] <= 1.0 + 1e-6, res["phases_share"]
+    # ... and the table's figures are medians within each step's fastest/slowest.
+    for p in PHASES:
+        lo, hi = res["phases_spread_ms"][p]
+        assert lo <= res["phases_ms"][p] <= hi
+    lo, hi = res["step_spread_ms"]
+    assert lo <= res["step_ms"] <= hi
     assert res["peak_mb"] is not None and res["peak_mb"] >= 0
     assert res["images_per_s"] == pytest.approx(16 * 1000 / res["step_ms"], rel=1e-2, abs=0.06)
 
@@ -52,16 +58,22 @@ def test_profile_reference_backend_and_trace(tmp_path, capsys):
 
 
 def test_profile_both_backends_side_by_side(capsys):
-    # Each backend runs in its own process (clean peak memory); the table shows both.
+    # Each backend runs in its own process (clean peak memory), the two in lock-step phase
+    # by phase; the table shows both, with the same-code phases' ratio as a noise check.
     assert cli.main(["profile", "--method", "simclr", "--backend", "both", *TINY_PROFILE,
                      "--threads", "1", "--json"]) == 0
     out = capsys.readouterr().out
-    assert "fused ms" in out and "reference ms" in out
+    assert "fused ms" in out and "reference ms" in out and "fused/ref" in out
+    assert "noise check" in out or "! noise" in out
     res = _last_json(out)
-    assert res["backend"] == "fused"
+    assert res["backend"] == "fused" and res["interleaved"] == "phase by phase"
     ref = res["reference"]
-    assert set(ref) == {"step_ms", "phases_ms", "images_per_s", "peak_mb"}
-    assert 0.90 <= sum(ref["phases_ms"].values()) / ref["step_ms"] <= 1.05
+    assert set(ref) == {"step_ms", "phases_ms", "images_per_s", "peak_mb", "step_spread_ms",
+                        "phases_spread_ms", "phases_share"}
+    # Lock-step: a step's wall time is the sum of its phases (the waits are not timed).
+    assert ref["phases_share"] == pytest.approx(1.0)
+    assert set(res["same_code_ratio"]) == {"encoder_forward", "optimizer"}
+    assert all(v > 0 for v in res["same_code_ratio"].values())
 
 
 def test_train_tiny_cli(tmp_path, capsys):
@@ -107,3 +119,69 @@ def test_probe_chance_on_shuffled_labels():
     y = torch.randint(0, 4, (400,), generator=g)
     acc = linear_probe(x[:300], y[:300], x[300:], y[300:])
     assert acc < 0.45  # no signal -> about chance (0.25), never a leak of test labels
+
+
+def _nt_xent_step(backend, z1, z2):
+    from fastssl import nt_xent
+    nt_xent(z1, z2, 0.1, backend=backend).backward()
+
+
+@pytest.mark.skipif(not __import__("fastssl")._ext.has_op("ntxent_fwd"),
+                    reason="C++ extension missing")
+def test_fused_kernels_leave_no_threads_spinning():
+    """The fused C++ kernels must not leave threads spinning (or busy) after they return.
+
+    1. Load-independent: the CPU time this process burns during a 20 ms sleep right after a
+       fused NT-Xent forward + backward is no more than after the plain-PyTorch reference of
+       the same call (OpenMP's pool spins briefly after any parallel region, torch's own
+       included; a thread of ours left spinning would burn the whole 20 ms).
+    2. The effect on the next torch op: a matmul right after the fused call vs right after the
+       reference call, interleaved (ABBA), best of 2 per round, median of the paired ratios
+       <= 1.1. On an oversubscribed machine (1-minute load above 1.5x the CPU count) this
+       ratio measures how long the scheduler takes to wake OpenMP's sleeping workers, not our
+       kernels: then the test reports the ratio and skips instead of asserting.
+    Runs with at least 2 threads (spinning threads only matter with a pool)."""
+    import os
+    import statistics
+    import time
+    torch.set_num_threads(max(2, torch.get_num_threads()))
+    g = torch.Generator().manual_seed(0)
+    z1 = torch.randn(256, 128, generator=g).requires_grad_()
+    z2 = torch.randn(256, 128, generator=g).requires_grad_()
+    a = torch.randn(256, 256, generator=g)
+    b = torch.randn(256, 256, generator=g)
+
+    def matmul_after(backend):
+        best = float("inf")
+        for _ in range(2):
+            _nt_xent_step(backend, z1, z2)
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    def idle_cpu_after(backend):
+        _nt_xent_step(backend, z1, z2)
+        c0 = time.process_time()
+        time.sleep(0.02)
+        return time.process_time() - c0
+
+    for backend in ("cpp", "reference"):  # warm both paths and the matmul
+        matmul_after(backend)
+    ratios, idle = [], {"cpp": [], "reference": []}
+    load = [os.getloadavg()[0]]
+    for r in range(20):
+        order = ("cpp", "reference") if r % 2 == 0 else ("reference", "cpp")
+        t = {k: matmul_after(k) for k in order}
+        ratios.append(t["cpp"] / t["reference"])
+        for k in order:
+            idle[k].append(idle_cpu_after(k))
+    load.append(os.getloadavg()[0])
+    idle_fused, idle_plain = (statistics.median(idle[k]) for k in ("cpp", "reference"))
+    assert idle_fused <= idle_plain + 0.005, (idle_fused, idle_plain)
+    ratio = statistics.median(ratios)
+    if max(load) > 1.5 * os.cpu_count():
+        pytest.skip(f"matmul-after ratio {ratio:.2f} not judged: load average {max(load):.1f} "
+                    f"on {os.cpu_count()} CPUs (idle-CPU check passed: {1e3 * idle_fused:.1f} "
+                    f"vs {1e3 * idle_plain:.1f} ms)")
+    assert ratio <= 1.1, (ratio, sorted(ratios))

@@ -5,7 +5,9 @@ so one case's allocations and caches never colour another's memory figure.
 
 * Time: ``time.perf_counter`` around the mode (forward / backward / both), after one untimed
   run of that mode (``torch.compile`` compiles there, outside every timed region); CUDA is
-  synchronised before reading the clock.
+  synchronised before reading the clock. Every timed run is kept: min / p20 / median / p80 /
+  max, so the reader sees the spread, not only a best or a median.
+* GEMM rate (for the floor): probed in the same process beside the case, see :func:`measure`.
 * Peak extra memory: CPU -- the process' resident-set high-water mark (VmHWM) minus the
   resident set just before the run, after resetting the mark (``/proc/self/clear_refs`` = 5);
   the worker runs with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed blocks return to the OS and
@@ -108,30 +110,44 @@ def run_mode(fn, inputs: dict, mode: str, device: torch.device) -> float:
 
 
 def measure(fn, make_inputs, mode: str, device: torch.device, repeat: int,
-            max_seconds: float = 60.0) -> dict:
+            max_seconds: float = 60.0, gemm_probe: bool = False) -> dict:
     """Peak memory of the first run of ``mode`` (the warm-up: cold for eager providers,
     post-compile for torch.compile providers whose compile ran earlier), then ``repeat`` timed
-    runs (fewer if the total would pass ``max_seconds``)."""
+    runs (fewer if the total would pass ``max_seconds``): min / p20 / median / p80 / max.
+
+    With ``gemm_probe``, a short GEMM probe (:func:`matmul_gflops`) runs right after the
+    warm-up and right after every timed run, and the best rate seen is returned as
+    ``gemm_gflops``: the yardstick of the case's floor, taken beside the case rather than
+    once per benchmark, so a change of the machine's load between cases cannot make a floor
+    ratio fall below 1 (the best probe is the least loaded one; a case slowed by load only
+    raises its ratio)."""
     inputs = make_inputs()
     with PeakMemory(device) as pm:
         first = run_mode(fn, inputs, mode, device)
+    rates = [matmul_gflops(device, reps=3)] if gemm_probe else []
     times = []
     budget = max_seconds - first
     for _ in range(max(1, repeat)):
         times.append(run_mode(fn, inputs, mode, device))
         budget -= times[-1]
+        if gemm_probe:
+            rates.append(matmul_gflops(device, reps=3))
         if budget <= 0:
             break
     times.sort()
     q = lambda p: times[min(len(times) - 1, int(p * len(times)))]  # noqa: E731
-    return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * times[0],
-            "p20_ms": 1e3 * q(0.2), "p80_ms": 1e3 * q(0.8), "runs": len(times),
-            "peak_mb": pm.mb}
+    out = {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * times[0],
+           "p20_ms": 1e3 * q(0.2), "p80_ms": 1e3 * q(0.8), "max_ms": 1e3 * times[-1],
+           "runs": len(times), "peak_mb": pm.mb}
+    if rates:
+        out["gemm_gflops"] = max(rates)
+        out["gemm_gflops_min"] = min(rates)
+    return out
 
 
 def matmul_gflops(device: torch.device, n: int = 2048, k: int = 128, reps: int = 10) -> float:
-    """FP32 GEMM throughput of this machine at NT-Xent's tile shape (n x k times k x n):
-    the yardstick of the "fraction of the floor" figures."""
+    """FP32 GEMM throughput of this machine at NT-Xent's tile shape (n x k times k x n), best
+    of ``reps``: the yardstick of the "fraction of the floor" figures."""
     a = torch.randn(n, k, device=device)
     b = torch.randn(n, k, device=device)
     for _ in range(2):

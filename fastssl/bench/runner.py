@@ -21,17 +21,21 @@ from .measure import MODES, matmul_gflops
 
 def add_arguments(p) -> None:
     p.add_argument("--op", nargs="+", default=["nt_xent"],
-                   help="ops to benchmark, or 'all' (default: nt_xent); see --list")
+                   help="ops to benchmark, or 'all'; see --list")
     p.add_argument("--list", action="store_true", help="list the benchmarkable ops and exit")
-    p.add_argument("--sizes", type=int, nargs="+", help="override the op's default sizes")
+    p.add_argument("--sizes", type=int, nargs="+",
+                   help="override the op's default sizes (default: the op's, see --list)")
     p.add_argument("--modes", nargs="+", choices=MODES, help="default: all the op supports")
     p.add_argument("--providers", nargs="+",
-                   help="subset of fused, reference, compiled and the op's extra providers")
+                   help="subset of fused, reference, compiled and the op's extra providers "
+                        "(default: all)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--repeat", type=int, default=3, help="timed runs per case (default 3)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the op's inputs")
+    p.add_argument("--repeat", type=int, default=5,
+                   help="timed runs per case (fewer when --max-seconds runs out)")
     p.add_argument("--max-seconds", type=float, default=60.0,
-                   help="stop repeating a case once its runs took this long (default 60)")
+                   help="stop repeating a case once its runs took this long")
     p.add_argument("--json", metavar="PATH", help="write all rows (and machine info) as JSON")
     p.add_argument("--plot", metavar="PATH",
                    help="PNG of time and peak memory against size (one file per op: "
@@ -64,12 +68,63 @@ def _run_worker(job: dict) -> list[dict]:
     return rows
 
 
+NOISY_SPREAD = 1.3  # max/min of a case's timed runs above this: marked, re-run suggested
+MARKS = {  # mark in the table -> what it means (printed under the table when used)
+    "~": f"max/min of the timed runs > {NOISY_SPREAD}: a noisy case; re-run it (more "
+         "--repeat, or a quieter machine) before quoting it",
+    "!": "fused/floor below 1 is impossible at a steady GEMM rate: the load changed between "
+         "the GEMM probes and the runs; do not quote this ratio, re-run",
+    "<": "'both' (forward + backward) came out faster than one of its parts: noise; re-run",
+}
+
+
+def annotate(spec, rows: list[dict], gflops: float | None) -> None:
+    """Adds ``spread`` (max/min), ``floor_ms`` / ``floor_ratio`` (mode both, ops with a FLOP
+    count: fused median / the time of the op's FLOPs at the best GEMM rate probed beside the
+    case, or ``gflops`` when the case has no probe) and ``flags`` to each measured row."""
+    by = {(r["provider"], r["mode"], r["x"]): r for r in rows if "median_ms" in r}
+    for (p, mode, x), r in by.items():
+        flags = []
+        r["spread"] = round(r["max_ms"] / r["min_ms"], 3) if r.get("min_ms") else None
+        if r["spread"] is not None and r["spread"] > NOISY_SPREAD:
+            flags.append("noisy")
+        if mode == "both":
+            parts = [by[(p, m, x)]["median_ms"] for m in ("forward", "backward")
+                     if (p, m, x) in by]
+            if parts and r["median_ms"] < max(parts):
+                flags.append("both_faster_than_a_part")
+        rate = r.get("gemm_gflops") or gflops
+        if mode == "both" and p == "fused" and spec.flops and rate:
+            r["floor_gflops"] = round(rate, 1)
+            r["floor_ms"] = spec.flops(x) / (rate * 1e9) * 1e3
+            r["floor_ratio"] = round(r["median_ms"] / r["floor_ms"], 3)
+            if r["floor_ratio"] < 1:
+                flags.append("below_floor")
+        r["flags"] = flags
+
+
+def _marks(row) -> str:
+    flags = row.get("flags", [])
+    return (("~" if "noisy" in flags else "") + ("<" if "both_faster_than_a_part" in flags
+                                                  else ""))
+
+
+def _fmt_one(ms: float) -> str:
+    return f"{ms / 1e3:.2f} s" if ms >= 1e3 else f"{ms:.1f} ms"
+
+
 def _fmt_ms(row) -> str:
+    """``median [min-max]`` and the row's marks."""
     if row is None:
         return "-"
     if "median_ms" in row:
-        ms = row["median_ms"]
-        return f"{ms / 1e3:.2f} s" if ms >= 1e3 else f"{ms:.1f} ms"
+        med, lo, hi = row["median_ms"], row.get("min_ms"), row.get("max_ms")
+        if lo is None or hi is None or row.get("runs", 1) < 2:
+            return _fmt_one(med) + _marks(row)
+        unit, div = ("s", 1e3) if med >= 1e3 else ("ms", 1.0)
+        digits = 2 if unit == "s" else 1
+        return (f"{med / div:.{digits}f} [{lo / div:.{digits}f}-{hi / div:.{digits}f}] {unit}"
+                + _marks(row))
     return "skip" if "skipped" in row else "error"
 
 
@@ -80,43 +135,67 @@ def _fmt_mb(row) -> str:
     return f"{mb / 1024:.2f} GB" if mb >= 1024 else f"{mb:.0f} MB"
 
 
+PROVIDER_LEGEND = ("fused = fastssl's op; reference = the eager PyTorch reference "
+                   "(fastssl.reference); compiled = torch.compile(reference)")
+
+
 def print_table(spec, rows: list[dict], gflops: float | None, out=sys.stdout) -> None:
+    """One table per mode: time as median [min-max] of the timed runs, peak extra memory,
+    ratios of medians, and (mode both) fused/floor; marks explained under the tables."""
+    annotate(spec, rows, gflops)
     providers = [p for p in spec.providers() if any(r["provider"] == p for r in rows)]
     print(f"\n## {spec.name}: {spec.describe}", file=out)
+    print(f"time: median [min-max] of the timed runs; {PROVIDER_LEGEND}", file=out)
+    used = set()
     for mode in [m for m in MODES if any(r["mode"] == m for r in rows)]:
         by = {(r["provider"], r["x"]): r for r in rows if r["mode"] == mode}
         sizes = sorted({r["x"] for r in rows if r["mode"] == mode})
         head = [spec.x_label] + [f"{p} time" for p in providers] + [f"{p} peak" for p in providers]
         ratio_cols = [p for p in providers if p != "fused"]
         head += [f"{p}/fused" for p in ratio_cols]
-        floor = gflops and spec.flops and mode == "both"
+        floor = bool(spec.flops) and mode == "both" and (
+            gflops or any(r.get("floor_ratio") is not None for r in by.values()))
         if floor:
             head.append("fused/floor")
         print(f"\n{mode}:", file=out)
         table = [head]
         for x in sizes:
-            line = [str(x)] + [_fmt_ms(by.get((p, x))) for p in providers]
-            line += [_fmt_mb(by.get((p, x))) for p in providers]
+            cells = [by.get((p, x)) for p in providers]
+            for r in cells:
+                used.update(_marks(r) if r else "")
+            line = [str(x)] + [_fmt_ms(r) for r in cells]
+            line += [_fmt_mb(r) for r in cells]
             fused = by.get(("fused", x), {}).get("median_ms")
             for p in ratio_cols:
                 other = by.get((p, x), {}).get("median_ms")
                 line.append(f"{other / fused:.2f}x" if fused and other else "-")
             if floor:
-                fl = spec.flops(x) / (gflops * 1e9) * 1e3
-                line.append(f"{fused / fl:.2f}x" if fused else "-")
+                fr = by.get(("fused", x), {}).get("floor_ratio")
+                mark = "!" if fr is not None and fr < 1 else ""
+                used.update(mark)
+                line.append(f"{fr:.2f}x{mark}" if fr is not None else "-")
             table.append(line)
         widths = [max(len(r[i]) for r in table) for i in range(len(head))]
         for i, r in enumerate(table):
             print("| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |", file=out)
             if i == 0:
                 print("|" + "|".join("-" * (w + 2) for w in widths) + "|", file=out)
+    for m in "~!<":
+        if m in used:
+            print(f"  {m} {MARKS[m]}", file=out)
     notes = sorted({f"{r['provider']} at {spec.x_label}={r['x']}: {r.get('skipped') or r.get('error')}"
                     for r in rows if "skipped" in r or "error" in r})
     for n in notes:
         print(f"  note: {n}", file=out)
-    if gflops and spec.flops:
-        print(f"  floor = {spec.name} FLOPs at this machine's GEMM rate ({gflops:.0f} GFLOP/s, "
-              "fp32 2048x128x2048); fused/floor = fused time / floor time", file=out)
+    if spec.flops:
+        rates = sorted(r["floor_gflops"] for r in rows if r.get("floor_gflops"))
+        where = (f"the best fp32 2048x128x2048 GEMM rate probed beside each case "
+                 f"({rates[0]:.0f}-{rates[-1]:.0f} GFLOP/s)" if rates else
+                 f"this machine's GEMM rate ({gflops:.0f} GFLOP/s, fp32 2048x128x2048)"
+                 if gflops else None)
+        if where:
+            print(f"  floor = {spec.name} FLOPs at {where}; fused/floor = fused median / "
+                  "floor time", file=out)
 
 
 def plot(spec, rows: list[dict], path: str) -> None:
@@ -168,7 +247,8 @@ def run(args) -> int:
     gflops = matmul_gflops(device)
     machine = _machine(device)
     print(f"fastssl bench on {machine['device']} ({machine['threads']} threads, torch "
-          f"{machine['torch']}, {args.dtype}); fp32 GEMM {gflops:.0f} GFLOP/s", flush=True)
+          f"{machine['torch']}, {args.dtype}); fp32 GEMM {gflops:.0f} GFLOP/s at the start "
+          "(each case probes its own)", flush=True)
     all_rows = []
     for name in names:
         spec = specs[name]
@@ -201,6 +281,7 @@ def run(args) -> int:
         all_rows += rows
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "matmul_gflops": gflops, "rows": all_rows}, f, indent=1)
+            json.dump({"machine": machine, "matmul_gflops": gflops, "noisy_spread": NOISY_SPREAD,
+                       "marks": MARKS, "rows": all_rows}, f, indent=1)
         print(f"\njson: {args.json}")
     return 0

@@ -38,7 +38,8 @@ def main(argv=None) -> int:
         row = {"op": spec.name, "provider": provider, "mode": mode, "x": job["size"],
                "dtype": job["dtype"], "device": job["device"]}
         try:
-            row.update(measure(fn, make, mode, device, job["repeat"], job["max_seconds"]))
+            row.update(measure(fn, make, mode, device, job["repeat"], job["max_seconds"],
+                               gemm_probe=spec.flops is not None and device.type == "cpu"))
         except torch.OutOfMemoryError as exc:  # pragma: no cover - depends on the machine
             row["skipped"] = f"out of memory: {str(exc).splitlines()[0]}"
         except Exception as exc:

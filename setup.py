@@ -159,5 +159,5 @@ setup(
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    entry_points={"console_scripts": ["fastssl=fastssl.cli:main"]},
+    entry_points={"console_scripts": ["fastssl=fastssl.tools.cli:main"]},
 )

@@ -48,7 +48,7 @@ def make_provider(name: str):
         backend = "cpp" if name == "fused" else "reference"
         return SSLAugment(OUT_SIZE, "simclr", backend=backend,
                           generator=torch.Generator().manual_seed(1))
-    from fastssl.bench.op_augment import torchvision_v2_compose
+    from fastssl.tools.bench.op_augment import torchvision_v2_compose
 
     t = torchvision_v2_compose()
     if name == "torchvision_v2":

@@ -2,14 +2,14 @@
 
     python -m pytest benchmarks/bench_augment.py --benchmark-only --benchmark-columns=median,ops
 
-Providers come from ``fastssl/bench/op_augment.py`` (fused C++ / Triton, the pure-PyTorch
+Providers come from ``fastssl/tools/bench/op_augment.py`` (fused C++ / Triton, the pure-PyTorch
 reference, torch.compile of it, and torchvision v2 / kornia when installed). ``ops`` is calls
 per second: multiply by the batch size for images per second.
 """
 import pytest
 import torch
 
-from fastssl.bench.op_augment import BENCHES
+from fastssl.tools.bench.op_augment import BENCHES
 
 SPEC = BENCHES[0]
 BATCH = 8  # small by default: the reference takes ~0.1 s per image pair here

@@ -1,6 +1,6 @@
 """pytest-benchmark suite of the contrastive family (info_nce, clip_loss, supcon): fused vs
 reference vs torch.compile(reference), forward + backward, on the OpBench specs of
-fastssl/bench/op_{info_nce,clip,supcon}.py. Small default sizes; run with
+fastssl/tools/bench/op_{info_nce,clip,supcon}.py. Small default sizes; run with
 
     python -m pytest benchmarks/bench_family.py --benchmark-only
 
@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from fastssl.bench import op_clip, op_info_nce, op_supcon
+from fastssl.tools.bench import op_clip, op_info_nce, op_supcon
 
 SCALE = int(os.environ.get("FASTSSL_BENCH_SIZE_SCALE", "1"))
 CASES = [(op_info_nce.BENCHES[0], 4096), (op_clip.BENCHES[0], 1024),

@@ -4,14 +4,14 @@
 
 Providers of one group run on identical inputs (the OpBench specs of fastssl/bench); the
 torch.compile warm-up happens in untimed rounds. Every timed enqueue wraps around the end of
-the queue (fastssl/bench/op_queue.py resets the pointer before each call).
+the queue (fastssl/tools/bench/op_queue.py resets the pointer before each call).
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fastssl.bench import op_ema, op_queue
+from fastssl.tools.bench import op_ema, op_queue
 
 EMA = op_ema.BENCHES[0]
 QUEUE = op_queue.BENCHES[0]

@@ -5,7 +5,7 @@
 
 Each test times fwd+bwd on fresh inputs per round (made in the untimed setup); torch.compile
 compiles during the warm-up round, outside the timed rounds. Peak memory per case is recorded in
-``extra_info["peak_mb"]``, measured in a separate process by ``fastssl.bench.worker``.
+``extra_info["peak_mb"]``, measured in a separate process by ``fastssl.tools.bench.worker``.
 """
 import json
 import os
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import bench_sizes
-from fastssl.bench.op_ntxent import BENCHES
+from fastssl.tools.bench.op_ntxent import BENCHES
 
 SPEC = BENCHES[0]
 PROVIDERS = {"fused": SPEC.fused, "reference": SPEC.reference}
@@ -25,7 +25,7 @@ PROVIDERS = {"fused": SPEC.fused, "reference": SPEC.reference}
 def _peak_mb(provider, size, device):
     job = {"op": SPEC.name, "provider": provider, "size": size, "modes": ["both"],
            "dtype": "float32", "device": device.type, "repeat": 1, "max_seconds": 1}
-    out = subprocess.run([sys.executable, "-m", "fastssl.bench.worker", json.dumps(job)],
+    out = subprocess.run([sys.executable, "-m", "fastssl.tools.bench.worker", json.dumps(job)],
                          capture_output=True, text=True,
                          env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     rows = [json.loads(l[7:]) for l in out.stdout.splitlines() if l.startswith("RESULT ")]

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from fastssl.bench import op_ema
+from fastssl.tools.bench import op_ema
 
 
 def main() -> None:

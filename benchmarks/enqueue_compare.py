@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from fastssl.bench import op_queue
+from fastssl.tools.bench import op_queue
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fastssl.bench import op_clip, op_info_nce  # noqa: E402
+from fastssl.tools.bench import op_clip, op_info_nce  # noqa: E402
 
 CASES = {"info_nce": (op_info_nce.BENCHES[0], 65536), "clip_loss": (op_clip.BENCHES[0], 16384)}
 PROVIDERS = ("fused", "reference", "compiled")

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from fastssl.gpu_report import _cuobjdump, _ptxas_stats
+from fastssl.tools.gpu_report import _cuobjdump, _ptxas_stats
 from fastssl.ops import contrastive_core as cc
 
 SHARED_LIMIT = {80: 166_912, 90: 232_448}  # max dynamic shared memory per block (opt-in)

@@ -56,7 +56,7 @@ def test_bench_cli_end_to_end(tmp_path):
 def test_fused_peak_memory_is_o_nd():
     job = {"op": "nt_xent", "provider": "fused", "size": 16384, "modes": ["both"],
            "dtype": "float32", "device": "cpu", "repeat": 1, "max_seconds": 1}
-    out = subprocess.run([sys.executable, "-m", "fastssl.bench.worker", json.dumps(job)],
+    out = subprocess.run([sys.executable, "-m", "fastssl.tools.bench.worker", json.dumps(job)],
                          capture_output=True, text=True, timeout=300,
                          env={**__import__("os").environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     row = [json.loads(l[7:]) for l in out.stdout.splitlines() if l.startswith("RESULT ")][0]
@@ -70,7 +70,7 @@ def test_queue_benchmark_times_wrapping_enqueues(provider):
     """Every call of a queue-benchmark provider (warm-up and timed rounds alike) writes both
     ends of the ring, i.e. wraps."""
     import torch
-    from fastssl.bench import op_queue
+    from fastssl.tools.bench import op_queue
     size = 256
     inp = op_queue.make_inputs(size, torch.float32, torch.device("cpu"))
     fn = getattr(op_queue, provider)

@@ -4,7 +4,7 @@ sm_80); the entry list covers every loss op at D in {64, ..., 1024} x 3 dtypes x
 JSON carries op / dtype / D; the roofline rows match numbers computed by hand.
 
 What is compiled here: a cold full sweep takes longer than a test should (``fastssl gpu-report``
-on this 2-core machine: see the module docstring of ``fastssl.gpu_report`` and the branch
+on this 2-core machine: see the module docstring of ``fastssl.tools.gpu_report`` and the branch
 note), so the test compiles a representative subset, D in ``TEST_DS`` = {128, 1024} (the
 headline width and the widest; D = 512 / 768 share 1024's tiles and compile to the same
 configuration) for every dtype and arch; ``FASTSSL_GPU_REPORT_FULL=1`` compiles everything.
@@ -19,7 +19,7 @@ import os
 import pytest
 
 pytest.importorskip("triton")
-gpu_report = pytest.importorskip("fastssl.gpu_report")
+gpu_report = pytest.importorskip("fastssl.tools.gpu_report")
 
 try:
     from triton.backends.nvidia.compiler import get_ptxas
@@ -166,8 +166,8 @@ def test_estimates_hand_computed(report):
 
 
 def test_cli_json(report, capsys):
-    from fastssl.cli import COMMANDS
-    assert COMMANDS["gpu-report"][0] == "fastssl.gpu_report"
+    from fastssl.tools.cli import COMMANDS
+    assert COMMANDS["gpu-report"][0] == "fastssl.tools.gpu_report"
     parser = argparse.ArgumentParser()
     gpu_report.add_arguments(parser)
     argv = ["--json"] + (["--d", ",".join(map(str, TEST_DS))] if TEST_DS else [])

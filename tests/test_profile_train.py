@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastssl import cli, data
-from fastssl.training import PHASES, linear_probe
+from fastssl.tools.training import PHASES, linear_probe
 
 TINY_PROFILE = ["--batch", "16", "--steps", "3", "--warmup", "1", "--width", "4",
                 "--queue", "64", "--quiet"]

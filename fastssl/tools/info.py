@@ -7,14 +7,14 @@ import platform
 
 import torch
 
-from . import __version__, _dispatch, _ext
+from .. import __version__, _dispatch, _ext
 
 
 def op_kernels() -> dict:
     """``torch.ops.fastssl`` op -> {"cpu": "C++" | None, "cuda": "Triton" | "CUDA C++" | None}:
     the kernel each device runs (fastssl/ops/_library.py: schemas in Python, C++ CPU kernels
     from fastssl._C, Triton CUDA kernels from fastssl/ops, CUDA C++ ones from a CUDA build)."""
-    from .ops import _library
+    from ..ops import _library
     names = sorted(_library.TRITON_KERNELS) + ["ema_update_", "moco_enqueue_"]
     _ext.available()  # the C++ registrations, when the extension loads
     out = {}

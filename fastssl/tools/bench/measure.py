@@ -1,6 +1,6 @@
 """Measuring one benchmark case: time (median of repeats, warm) and peak extra memory.
 
-Runs inside a fresh worker process per (op, provider, size) (see :mod:`fastssl.bench.worker`),
+Runs inside a fresh worker process per (op, provider, size) (see :mod:`fastssl.tools.bench.worker`),
 so one case's allocations and caches never colour another's memory figure.
 
 * Time: ``time.perf_counter`` around the mode (forward / backward / both), after one untimed

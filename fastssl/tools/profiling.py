@@ -1,7 +1,7 @@
 """``fastssl profile``: where the time and memory of an SSL training step go.
 
 Builds the model of ``fastssl train`` (a small ResNet-style encoder + projector, plus the
-predictor / momentum encoder / queue the method needs: :class:`fastssl.training.SSLModel`),
+predictor / momentum encoder / queue the method needs: :class:`fastssl.tools.training.SSLModel`),
 runs ``--steps`` real training steps on synthetic uint8 images after ``--warmup`` untimed
 steps, and reports per phase -- augmentation, encoder forward, loss forward, backward,
 optimizer, EMA + queue -- the **median** milliseconds over the timed steps, their spread
@@ -301,7 +301,7 @@ class _Worker:
     def __init__(self, config: dict):
         self.backend = config["backend"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastssl.profiling", "serve", json.dumps(config)],
+            [sys.executable, "-m", "fastssl.tools.profiling", "serve", json.dumps(config)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
             cwd=os.getcwd(), env=os.environ.copy())
 
@@ -505,5 +505,5 @@ def run(args) -> int:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "serve":
         sys.exit(_serve(json.loads(sys.argv[2])))
-    sys.exit("usage: python -m fastssl.profiling serve '<json config>' (internal: the worker "
+    sys.exit("usage: python -m fastssl.tools.profiling serve '<json config>' (internal: the worker "
              "of `fastssl profile --backend both`)")

@@ -1,7 +1,7 @@
 """The benchmark harness shared by ``fastssl bench`` and ``benchmarks/`` (pytest-benchmark).
 
-Each op describes itself in ``fastssl/bench/op_<name>.py`` with a module-level
-``BENCHES: list[OpBench]`` (see :mod:`fastssl.bench.spec`); :func:`discover` finds them, so
+Each op describes itself in ``fastssl/tools/bench/op_<name>.py`` with a module-level
+``BENCHES: list[OpBench]`` (see :mod:`fastssl.tools.bench.spec`); :func:`discover` finds them, so
 adding an op's benchmark touches no shared file.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from .spec import OpBench
 
 
 def discover() -> dict[str, OpBench]:
-    """All benchmark specs, by name (``fastssl/bench/op_*.py``)."""
+    """All benchmark specs, by name (``fastssl/tools/bench/op_*.py``)."""
     found: dict[str, OpBench] = {}
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
         if info.name.startswith("op_"):

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from .. import functional, reference
+from ... import functional, reference
 from .spec import OpBench
 
 # Embedding width; FASTSSL_BENCH_CLIP_DIM overrides it (scripts/gpu_check.sh runs CLIP's

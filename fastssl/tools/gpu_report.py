@@ -429,7 +429,7 @@ def _collect_in_subprocess(use_cache: bool, only: str | None, cuda_dir: str | No
                            jobs: int = 2, ds=None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    cmd = [sys.executable, "-m", "fastssl.gpu_report", "--json"]
+    cmd = [sys.executable, "-m", "fastssl.tools.gpu_report", "--json"]
     cmd += ["--no-cache"] if not use_cache else []
     cmd += ["--only", only] if only is not None else []
     cmd += ["--cuda-dir", cuda_dir] if cuda_dir is not None else []
@@ -488,7 +488,7 @@ def run(args) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m fastssl.gpu_report [--json]
+if __name__ == "__main__":  # python -m fastssl.tools.gpu_report [--json]
     _parser = argparse.ArgumentParser(prog="fastssl gpu-report", description=__doc__.split("\n")[0])
     add_arguments(_parser)
     sys.exit(run(_parser.parse_args()))

@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import data as datasets
+from .. import data as datasets
 from ._progress import Progress
-from .augment import SSLAugment
-from .functional import info_nce, nt_xent
-from .moco import MoCoQueue, ema_update_, momentum_schedule
+from ..augment import SSLAugment
+from ..functional import info_nce, nt_xent
+from ..moco import MoCoQueue, ema_update_, momentum_schedule
 
 METHODS = ("simclr", "moco", "byol")
 BACKENDS = ("fused", "reference")

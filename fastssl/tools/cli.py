@@ -14,12 +14,12 @@ import sys
 
 # command -> (module, one-line help)
 COMMANDS = {
-    "info": ("fastssl.info", "what is available: C++ extension, Triton, CUDA (and why not)"),
-    "bench": ("fastssl.bench.cli", "fused vs reference vs torch.compile: time and peak memory"),
-    "profile": ("fastssl.profiling", "per-phase time and peak memory of an SSL training step"),
-    "train": ("fastssl.training", "SSL pre-training on embedded data + three linear probes"),
-    "gpu-report": ("fastssl.gpu_report", "compile Triton/CUDA kernels for sm_80/sm_90: regs, spills"),
-    "augment-demo": ("fastssl.augment_demo", "PNG grid of test images and their augmented views"),
+    "info": ("fastssl.tools.info", "what is available: C++ extension, Triton, CUDA (and why not)"),
+    "bench": ("fastssl.tools.bench.cli", "fused vs reference vs torch.compile: time and peak memory"),
+    "profile": ("fastssl.tools.profiling", "per-phase time and peak memory of an SSL training step"),
+    "train": ("fastssl.tools.training", "SSL pre-training on embedded data + three linear probes"),
+    "gpu-report": ("fastssl.tools.gpu_report", "compile Triton/CUDA kernels for sm_80/sm_90: regs, spills"),
+    "augment-demo": ("fastssl.tools.augment_demo", "PNG grid of test images and their augmented views"),
 }
 
 

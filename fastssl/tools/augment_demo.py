@@ -18,7 +18,7 @@ import zlib
 
 import torch
 
-from . import augment
+from .. import augment
 
 GAP = 6  # pixels between tiles
 

@@ -1,7 +1,7 @@
 """``fastssl bench``: every fused op against its eager reference and ``torch.compile`` of it,
 side by side in one run, for time and peak memory; table on stdout, ``--json``, ``--plot``.
 
-Each (op, provider, size) runs in its own worker process (:mod:`fastssl.bench.worker`), so
+Each (op, provider, size) runs in its own worker process (:mod:`fastssl.tools.bench.worker`), so
 peak memory is per case; progress goes to stderr, one line per case.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ def add_arguments(p) -> None:
 
 
 def _machine(device: torch.device) -> dict:
-    from .. import __version__, _ext
+    from ... import __version__, _ext
     return {"fastssl": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
@@ -53,7 +53,7 @@ def _machine(device: torch.device) -> dict:
 def _run_worker(job: dict) -> list[dict]:
     env = dict(os.environ)
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # freed blocks go back to the OS: honest RSS peaks
-    proc = subprocess.run([sys.executable, "-m", "fastssl.bench.worker", json.dumps(job)],
+    proc = subprocess.run([sys.executable, "-m", "fastssl.tools.bench.worker", json.dumps(job)],
                           capture_output=True, text=True, env=env)
     rows = [json.loads(line[7:]) for line in proc.stdout.splitlines()
             if line.startswith("RESULT ")]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import moco, reference
+from ... import moco, reference
 from .spec import OpBench
 
 QUEUE, DIM = 65536, 128

@@ -1,4 +1,4 @@
-"""One benchmark case group in its own process: ``python -m fastssl.bench.worker '<json>'``.
+"""One benchmark case group in its own process: ``python -m fastssl.tools.bench.worker '<json>'``.
 
 Input JSON: {"op", "provider", "size", "modes", "dtype", "device", "repeat", "max_seconds"}.
 Output: one JSON line per mode on stdout, prefixed with ``RESULT `` (anything else the op

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import functional, reference
+from ... import functional, reference
 from .spec import OpBench
 
 N, D, TEMPERATURE = 256, 128, 0.07

@@ -13,7 +13,7 @@ import importlib.util
 
 import torch
 
-from ..augment import IMAGENET_MEAN, IMAGENET_STD, OUT_DTYPES, SSLAugment
+from ...augment import IMAGENET_MEAN, IMAGENET_STD, OUT_DTYPES, SSLAugment
 from .spec import OpBench
 
 IN_SIZE, OUT_SIZE = 256, 224

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .. import moco, reference
+from ... import moco, reference
 from .spec import OpBench
 
 MOMENTUM = 0.996

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import functional, reference
+from ... import functional, reference
 from .spec import OpBench
 
 D, CLASSES, TEMPERATURE = 128, 100, 0.1

@@ -19,7 +19,7 @@ make a pass unnecessary return at once:
 3. ``augment_blur_h_kernel`` / 4. ``augment_blur_v_kernel`` (blurred samples): K taps each,
    reflect indices; the vertical pass fuses solarize, normalize and the cast into its store.
 
-Comparability (DESIGN.md): IEEE division via ``tl.div_rn``, launches with
+Comparability (docs/DESIGN.md, section 4.8): IEEE division via ``tl.div_rn``, launches with
 ``enable_fp_fusion=False`` (no FMA contraction), and the reference's operation order, so the
 result equals the reference and the C++ kernel to ~1 ulp.
 """

@@ -1,7 +1,7 @@
 """Fused NT-Xent (SimCLR) loss: the op (schemas, fake, autograd) and its Triton CUDA kernels.
 
 Same semantics as :func:`fastssl.reference.nt_xent` and ``csrc/cpu/ntxent.cpp``. Notation
-(DESIGN.md): M = 2N rows, Z = [z1; z2] (M x D), Zhat = normalize(Z) (L2, eps 1e-12 on the norm,
+(docs/DESIGN.md, section 4.2): M = 2N rows, Z = [z1; z2] (M x D), Zhat = normalize(Z) (L2, eps 1e-12 on the norm,
 in fp32), S = Zhat Zhat^T / tau, diagonal masked, row i's target t(i) = (i + N) mod M (with
 ``decoupled`` also masked out of the log-sum-exp), loss_i = LSE_j S_ij - S_i,t(i).
 One "matmul-equivalent" (eq) = 2 M^2 D FLOPs, the cost of S once.

@@ -197,13 +197,15 @@ def _grad_case(name, m, nc, gen):
     }[name]
 
 
-def _fill_lse(q, c, scale, kw):
-    """Puts the fp64-truth row / column lse (as fp32) into kw's row / col terms."""
+def _fill_lse(q, c, scale, kw, s64=None):
+    """Puts the fp64-truth row / column lse (as fp32) into kw's row / col terms (of ``s64``
+    if given, else of scale q c^T)."""
     m, nc = q.shape[0], c.shape[0]
     valid = _valid(m, nc, **{k: v for k, v in kw.items() if k not in ("row", "col")},
                    target=kw["row"][2] if "row" in kw else None,
                    col_target=kw["col"][2] if "col" in kw else None)
-    s64 = scale * (q.double() @ c.double().T)
+    if s64 is None:
+        s64 = scale * (q.double() @ c.double().T)
     if "row" in kw:
         kw["row"][1] = torch.logsumexp(s64.masked_fill(~valid, float("-inf")), 1).float()
         kw["row"] = tuple(kw["row"])
@@ -263,6 +265,147 @@ def test_softmax_grad_half(dtype, case, d):
     truth = _grad_formula(q, c, 12.0, torch.float64, **kw)
     plain = _grad_formula(q, c, 12.0, dtype, **kw)
     assert_close_to_truth(case, out, truth, plain, dtype)
+
+
+# --------------------------------------------------------------------------------------
+# rq / rc: raw rows with fp32 per-row multipliers, S_ij = scale rq_i rc_j q_i . c_j
+# --------------------------------------------------------------------------------------
+
+
+def _raw_rows(n, d, dtype, gen, x64=None):
+    """Raw rows exact in ``dtype`` and their fp32 inverse norms: rows scaled by a power of two
+    (max |x| in [1, 2), as the op files do), then rounded -- the rounded rows ARE the inputs."""
+    if x64 is None:
+        x64 = torch.randn(n, d, generator=gen, dtype=torch.float64)
+        x64 = x64 * 2.0 ** torch.randint(-3, 4, (n, 1), generator=gen)  # varied norms
+    e = torch.floor(torch.log2(x64.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)))
+    x = (x64 * 2.0 ** -e).to(dtype)
+    return x, (1.0 / x.double().norm(dim=1)).float()
+
+
+def _s64(q, c, rq, rc, scale):
+    """fp64 S from the raw rows and the given factors (rq / rc as fp64)."""
+    return scale * rq.double()[:, None] * rc.double()[None, :] * (q.double() @ c.double().T)
+
+
+@pytest.mark.parametrize("mask", LSE_MASKS, ids=lambda m: "-".join(m) or "plain")
+@pytest.mark.parametrize("m,nc,d", [(19, 45, 3), (9, 20, 520)], ids=lambda x: str(x))
+def test_row_lse_rq_rc_fp32(mask, m, nc, d):
+    gen = torch.Generator().manual_seed(m * 100 + d + len(mask))
+    (q, rq), (c, rc) = _raw_rows(m, d, torch.float32, gen), _raw_rows(nc, d, torch.float32, gen)
+    t, si = _indices(m, nc, gen, target=mask.get("target", False),
+                     self_idx=mask.get("self_idx", False))
+    mt, md = mask.get("mask_target", False), mask.get("mask_diag", False)
+    lse, pos = cc.row_lse(q, c, _scale(7.5), rq=rq, rc=rc, target=t, self_idx=si,
+                          mask_target=mt, mask_diag=md)
+    valid = _valid(m, nc, target=t, self_idx=si, mask_target=mt, mask_diag=md)
+    lse64, pos64 = _lse_pos(_s64(q, c, rq, rc, 7.5), valid, t)
+    assert_close_to_truth("lse", lse, lse64, None, torch.float32)
+    assert_close_to_truth("pos", pos, pos64, None, torch.float32)
+
+
+@pytest.mark.parametrize("case", GRAD_CASES)
+@pytest.mark.parametrize("m,nc,d", [(19, 45, 3), (9, 20, 520)], ids=lambda x: str(x))
+def test_softmax_grad_rq_rc_fp32(case, m, nc, d):
+    if case in ("supcon", "everything"):
+        nc = m
+    gen = torch.Generator().manual_seed(hash(case) % 1000 + d + 7)
+    (q, rq), (c, rc) = _raw_rows(m, d, torch.float32, gen), _raw_rows(nc, d, torch.float32, gen)
+    s64 = _s64(q, c, rq, rc, 9.0)
+    kw, valid = _fill_lse(q, c, 9.0, _grad_case(case, m, nc, gen), s64)
+    out = cc.softmax_grad(q, c, _scale(9.0), rq=rq, rc=rc, **kw)
+    p64 = _p_matrix(s64, valid, kw.get("row"), kw.get("col"))
+    assert_close_to_truth(case, out, (p64 * rc.double()[None, :]) @ c.double(), None,
+                          torch.float32)
+
+
+def _grad_plain(q, c, rq, rc, scale, dtype, valid, kw):
+    """sum_j P_ij rc_j c_j in ``dtype`` the plain way: rows normalised in ``dtype``."""
+    qn, cn = q.to(dtype) * rq.to(dtype)[:, None], c.to(dtype) * rc.to(dtype)[:, None]
+    p = _p_matrix(scale * (qn @ cn.T), valid, kw.get("row"), kw.get("col"))
+    return p @ cn
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_rq_rc_half_everything(dtype):
+    # every mask and both terms, 16-bit raw rows (resident D = 3, chunked D = 130)
+    for m, d in ((23, 3), (19, 130)):
+        gen = torch.Generator().manual_seed(d)
+        (q, rq), (c, rc) = _raw_rows(m, d, dtype, gen), _raw_rows(m, d, dtype, gen)
+        t, si = _indices(m, m, gen, target=True, self_idx=True)
+        lse, pos = cc.row_lse(q, c, _scale(12.0), rq=rq, rc=rc, target=t, self_idx=si,
+                              mask_target=True, mask_diag=True)
+        s64 = _s64(q, c, rq, rc, 12.0)
+        valid = _valid(m, m, target=t, self_idx=si, mask_target=True, mask_diag=True)
+        lse64, pos64 = _lse_pos(s64, valid, t)
+        # S is exact up to fp32 arithmetic now: held to fp32's bar, not the dtype's
+        assert_close_to_truth("lse", lse, lse64, None, torch.float32)
+        assert_close_to_truth("pos", pos, pos64, None, torch.float32)
+        kw, valid = _fill_lse(q, c, 12.0, _grad_case("everything", m, m, gen), s64)
+        out = cc.softmax_grad(q, c, _scale(12.0), rq=rq, rc=rc, **kw)
+        truth = (_p_matrix(s64, valid, kw["row"], kw["col"]) * rc.double()) @ c.double()
+        plain = _grad_plain(q, c, rq, rc, 12.0, dtype, valid, kw)
+        assert_close_to_truth("grad", out, truth, plain, dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_rq_rc_precision_clustered_tau_001(dtype):
+    # Raw rows exact in the dtype + fp32 inverse norms at scale 100, rows clustered around one
+    # direction (logits differ by O(1): informative gradients). The truth normalises the same
+    # raw rows in fp64. lse / pos: only fp32 arithmetic is left (no 16-bit rounding of
+    # normalised rows, which at |S| ~ 100 costs ~100 x 2^-9 absolute in S). Gradient: P's
+    # one rounding to the dtype is left; held to the error of exactly that rounding applied
+    # to the fp64 P (x 2 + fp32's ulp).
+    gen = torch.Generator().manual_seed(11)
+    m, nc, d, scale = 37, 45, 64, 100.0
+    base = torch.randn(1, d, generator=gen, dtype=torch.float64)
+    x = base + 0.1 * torch.randn(nc, d, generator=gen, dtype=torch.float64)
+    (c, rc) = _raw_rows(nc, d, dtype, gen, x)
+    (q, rq) = _raw_rows(m, d, dtype, gen, x[:m] + 0.03 * torch.randn(m, d, generator=gen,
+                                                                     dtype=torch.float64))
+    inv_q, inv_c = 1.0 / q.double().norm(dim=1), 1.0 / c.double().norm(dim=1)
+    s64 = scale * inv_q[:, None] * inv_c[None, :] * (q.double() @ c.double().T)
+    t = torch.arange(m)
+    ct = torch.where(torch.arange(nc) < m, torch.arange(nc), -1)
+    sc = _scale(scale)
+    lse, pos = cc.row_lse(q, c, sc, rq=rq, rc=rc, target=t)
+    clse, cpos = cc.row_lse(c, q, sc, rq=rc, rc=rq, target=ct)
+    all_valid = torch.ones(m, nc, dtype=torch.bool)
+    lse64, pos64 = _lse_pos(s64, all_valid, t)
+    clse64, cpos64 = _lse_pos(s64.T, all_valid.T, ct)
+    for name, out, truth in (("lse", lse, lse64), ("pos", pos, pos64),
+                             ("col lse", clse, clse64), ("col pos", cpos, cpos64),
+                             ("loss", lse - pos, lse64 - pos64)):
+        err = (out.double() - truth).abs().max().item()
+        # absolute: a few fp32 ulps of |S| <= 100 (the 16-bit normalised rows gave ~1e-1)
+        assert err <= 8 * scale * 2.0 ** -24, f"{name}: max abs error {err:.3g}"
+    g, h = torch.full((m,), 1.0 / m), torch.full((nc,), 1.0 / nc)
+    row, col = (g, lse, t), (h, clse, ct)
+    out = cc.softmax_grad(q, c, sc, rq=rq, rc=rc, row=row, col=col)
+    p64 = _p_matrix(s64, all_valid, (g, lse64, t), (h, clse64, ct)) * inv_c[None, :]
+    truth = p64 @ c.double()
+    assert scale * truth.abs().max() > 1e-1  # informative: the softmax is not saturated
+    p_rounded = (p64 * 2.0 ** 10).to(dtype).double() * 2.0 ** -10 if dtype == torch.float16 \
+        else p64.to(dtype).double()
+    bar = FACTOR * rel_err(p_rounded @ c.double(), truth) + ULP[torch.float32]
+    err = rel_err(out, truth)
+    # the old operands (normalised rows rounded to the dtype) for the record: far worse
+    qn, cn = (q.double() * inv_q[:, None]).to(dtype), (c.double() * inv_c[:, None]).to(dtype)
+    old = cc.softmax_grad(qn, cn, sc, row=row, col=col)
+    old_err = rel_err(old, truth)
+    assert err <= bar, f"grad: {err:.3g} > {bar:.3g} (old operands: {old_err:.3g})"
+    assert err < old_err / 4, f"grad: {err:.3g}, old operands {old_err:.3g}"
+
+
+def test_rq_rc_errors():
+    q = torch.randn(4, 8)
+    s = _scale(1.0)
+    with pytest.raises(TypeError, match="rq"):
+        cc.row_lse(q, q, s, rq=torch.ones(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="rc"):
+        cc.row_lse(q, q[:3], s, rc=torch.ones(4))
+    with pytest.raises(TypeError, match="rc"):
+        cc.softmax_grad(q, q, s, rc=[1.0] * 4, row=(torch.ones(4), torch.zeros(4), None))
 
 
 # --------------------------------------------------------------------------------------

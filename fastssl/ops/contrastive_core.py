@@ -153,7 +153,7 @@ def _index_range(idx):
 
 
 @triton.jit
-def _row_lse_kernel(Q, C, SCALE, TARGET, SELF_IDX, MPART, LPART, PPART, M, NC, D,
+def _row_lse_kernel(Q, C, SCALE, RQ, RC, TARGET, SELF_IDX, MPART, LPART, PPART, M, NC, D,
                     stride_q, stride_c, TILES_PER_SPLIT,
                     HAS_TARGET: tl.constexpr, HAS_SELF: tl.constexpr,
                     MASK_TARGET: tl.constexpr, MASK_DIAG: tl.constexpr,
@@ -168,6 +168,8 @@ def _row_lse_kernel(Q, C, SCALE, TARGET, SELF_IDX, MPART, LPART, PPART, M, NC, D
     rows = i0 + tl.arange(0, BLOCK_M)
     rmask = rows < M
     scale = tl.load(SCALE).to(tl.float32)
+    # per-row factors of S in fp32 (scale folded into the row side: one multiply per row)
+    row_fac = scale * tl.load(RQ + rows, mask=rmask, other=1.0)
     if HAS_TARGET:
         # int32 compares in the tiles (indices < M, NC < 2^31): half the registers of int64
         tgt = tl.load(TARGET + rows, mask=rmask, other=-1).to(tl.int32)
@@ -192,7 +194,8 @@ def _row_lse_kernel(Q, C, SCALE, TARGET, SELF_IDX, MPART, LPART, PPART, M, NC, D
         else:
             s = _similarity_chunked(Q, C, rows, cols, rmask, cmask, D, stride_q, stride_c,
                                     BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, INPUT_PRECISION)
-        s = s * scale
+        rc = tl.load(RC + cols, mask=cmask, other=1.0)
+        s = s * row_fac[:, None] * rc[None, :]
         # 2. [Target] the positive logit from this very tile (the loss is lse - pos: both
         #    must come from the same rounding of S), before any mask.
         if HAS_TARGET:
@@ -243,7 +246,7 @@ def _lse_combine_kernel(MPART, LPART, PPART, LSE, POS, M, SPLITS, BLOCK: tl.cons
 
 
 @triton.jit
-def _softmax_grad_kernel(Q, C, SCALE, PSCALE, G, LSE, TARGET, H, CLSE, CTARGET, SELF_IDX,
+def _softmax_grad_kernel(Q, C, SCALE, RQ, RC, PSCALE, G, LSE, TARGET, H, CLSE, CTARGET, SELF_IDX,
                          CSELF_IDX, OUT, M, NC, D, stride_q, stride_c, TILES_PER_SPLIT,
                          HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr,
                          HAS_TARGET: tl.constexpr, HAS_CTARGET: tl.constexpr,
@@ -262,6 +265,7 @@ def _softmax_grad_kernel(Q, C, SCALE, PSCALE, G, LSE, TARGET, H, CLSE, CTARGET, 
     rmask = rows < M
     out_base = OUT + pid_s.to(tl.int64) * M * D
     scale = tl.load(SCALE).to(tl.float32)
+    row_fac = scale * tl.load(RQ + rows, mask=rmask, other=1.0)
     if SCALE_P:
         p_scale = tl.load(PSCALE).to(tl.float32)
     else:
@@ -294,7 +298,8 @@ def _softmax_grad_kernel(Q, C, SCALE, PSCALE, G, LSE, TARGET, H, CLSE, CTARGET, 
         else:
             s = _similarity_chunked(Q, C, rows, cols, rmask, cmask, D, stride_q, stride_c,
                                     BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, INPUT_PRECISION)
-        s = s * scale
+        rc = tl.load(RC + cols, mask=cmask, other=1.0)
+        s = s * row_fac[:, None] * rc[None, :]
         # 2. [Masks] valid_ij, shared by both terms.
         valid = rmask[:, None] & cmask[None, :]
         if MASK_DIAG:
@@ -338,6 +343,9 @@ def _softmax_grad_kernel(Q, C, SCALE, PSCALE, G, LSE, TARGET, H, CLSE, CTARGET, 
         if HAS_CTARGET:
             if ct_hit:
                 p -= tl.where(ctgt[None, :] == rows[:, None], h[None, :], 0.0)
+        # the output is sum_j (P_ij rc_j) c_j with the raw c: rc folded in fp32 before the
+        # one rounding of P (rounding normalised rows instead would cost 16-bit error in S).
+        p = p * rc[None, :]
         # 4. [P @ C] P rounded once to the dot dtype (RNE, as the GPU does, also under the
         #    interpreter); bf16 operands go to the interpreter's dot as (exact) fp32.
         pd = round_cast(p, C.dtype.element_ty)
@@ -509,14 +517,18 @@ def _launch_args(q: torch.Tensor, d: int, kernel: str, m: int, nc: int) -> dict:
     return plan(m, nc, d, kernel, q.dtype, num_sms(q.device), arch)
 
 
-def row_lse(q: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, *, target=None,
-            self_idx=None, mask_target: bool = False, mask_diag: bool = False):
-    r"""Row log-sum-exp and target logit of ``S = scale q c^T`` (S never stored).
+def row_lse(q: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, *, rq=None, rc=None,
+            target=None, self_idx=None, mask_target: bool = False, mask_diag: bool = False):
+    r"""Row log-sum-exp and target logit of ``S_ij = scale rq_i rc_j (q_i . c_j)`` (S never
+    stored).
 
     Args:
-        q: (M, D) rows, L2-normalised by the caller, fp32 / bf16 / fp16.
-        c: (NC, D) columns, same dtype and device.
+        q: (M, D) rows, fp32 / bf16 / fp16: L2-normalised, or raw rows with ``rq`` their
+            fp32 inverse norms (then no 16-bit rounding of normalised rows enters S).
+        c: (NC, D) columns, same dtype and device (``rc``: as ``rq``).
         scale: 0-dim or 1-element fp32 tensor on the device (read by the kernel).
+        rq: (M,) fp32 row multipliers, applied in fp32 to the fp32 dot (None: all ones).
+        rc: (NC,) fp32 column multipliers (None: all ones).
         target: (M,) int64 column of row i's target, -1 for none (or None).
         self_idx: (M,) int64 column masked out of row i (its own copy), -1 for none.
         mask_target: also mask the target column out of the log-sum-exp (decoupled loss).
@@ -530,6 +542,7 @@ def row_lse(q: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, *, target=Non
     _check_operands(q, c, scale)
     m, d = q.shape
     nc = c.shape[0]
+    rq, rc = _row_factors(rq, rc, m, nc, q.device)
     target = _check_vector("target", target, m, torch.int64, q.device)
     self_idx = _check_vector("self_idx", self_idx, m, torch.int64, q.device)
     if mask_target and target is None:
@@ -546,7 +559,7 @@ def row_lse(q: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, *, target=Non
     part = torch.empty((3, splits, m), dtype=torch.float32, device=q.device)
     no_index = _no_index(q.device)
     _row_lse_kernel[(cfg["row_blocks"], splits)](
-        q, c, scale, target if target is not None else no_index,
+        q, c, scale, rq, rc, target if target is not None else no_index,
         self_idx if self_idx is not None else no_index, part[0], part[1], part[2],
         m, nc, d, q.stride(0), c.stride(0), cfg["tiles_per_split"],
         HAS_TARGET=target is not None, HAS_SELF=self_idx is not None,
@@ -560,19 +573,34 @@ def row_lse(q: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, *, target=Non
     return lse, pos
 
 
-def _fp16_p_scale(g, h) -> torch.Tensor:
-    """Power of two 2^floor(log2(2^14 / max(|g|, |h|))) as a 1-element device tensor."""
+def _row_factors(rq, rc, m: int, nc: int, device: torch.device):
+    """Checked (rq, rc); an absent one becomes ones (the kernels always read both: one
+    fp32 per row / column tile, no extra variants to compile)."""
+    rq = _check_vector("rq", rq, m, torch.float32, device)
+    rc = _check_vector("rc", rc, nc, torch.float32, device)
+    if rq is None:
+        rq = torch.ones(m, dtype=torch.float32, device=device)
+    if rc is None:
+        rc = torch.ones(nc, dtype=torch.float32, device=device)
+    return rq, rc
+
+
+def _fp16_p_scale(g, h, rc) -> torch.Tensor:
+    """Power of two 2^floor(log2(2^14 / (max(|g|, |h|) max|rc|))) as a 1-element device
+    tensor: the rounded entries are P_ij rc_j, |P_ij rc_j| <= 2 max(|g|, |h|) max|rc|."""
     amax = torch.stack([t.abs().amax().float() for t in (g, h) if t is not None]).amax()
+    amax = amax * rc.abs().amax().clamp_min(2.0 ** -60) if rc.numel() else amax
     return torch.exp2(torch.floor(torch.log2(FP16_P_TARGET / amax.clamp_min(2.0 ** -100))))
 
 
-def softmax_grad(q: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, *, row=None, col=None,
-                 self_idx=None, col_self_idx=None, mask_target: bool = False,
-                 mask_diag: bool = False) -> torch.Tensor:
-    r"""``sum_j P_ij c_j`` (M, D) fp32, NOT multiplied by the scale (callers do).
+def softmax_grad(q: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, *, rq=None, rc=None,
+                 row=None, col=None, self_idx=None, col_self_idx=None,
+                 mask_target: bool = False, mask_diag: bool = False) -> torch.Tensor:
+    r"""``sum_j (P_ij rc_j) c_j`` (M, D) fp32, NOT multiplied by the scale nor by rq_i
+    (callers do). rc_j is folded into P in fp32 before P's one rounding to the dot dtype.
 
     Args:
-        q, c, scale: as in :func:`row_lse`.
+        q, c, scale, rq, rc: as in :func:`row_lse` (S_ij = scale rq_i rc_j q_i . c_j).
         row: ``(g (M,), lse (M,), target (M,) or None)``, fp32 / fp32 / int64:
             ``P_ij += g_i (valid_ij exp(S_ij - lse_i) - [j = target_i])``.
         col: ``(h (NC,), clse (NC,), col_target (NC,) or None)`` (the transposed direction):
@@ -590,6 +618,7 @@ def softmax_grad(q: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, *, row=N
     m, d = q.shape
     nc = c.shape[0]
     dev = q.device
+    rq, rc = _row_factors(rq, rc, m, nc, dev)
     g = lse = target = h = clse = col_target = None
     for name, term in (("row", row), ("col", col)):
         if term is not None and (not isinstance(term, (tuple, list)) or len(term) != 3
@@ -617,11 +646,11 @@ def softmax_grad(q: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, *, row=N
     part = out if splits == 1 else torch.empty((splits, m, d), dtype=torch.float32,
                                                device=dev)
     scale_p = q.dtype == torch.float16
-    p_scale = _fp16_p_scale(g, h) if scale_p else scale
+    p_scale = _fp16_p_scale(g, h, rc) if scale_p else scale
     # stand-ins of the declared pointer types, never read (their HAS_* flag is False)
     no_value, no_index = out, _no_index(dev)
     _softmax_grad_kernel[(cfg["row_blocks"], splits)](
-        q, c, scale, p_scale, g if g is not None else no_value,
+        q, c, scale, rq, rc, p_scale, g if g is not None else no_value,
         lse if lse is not None else no_value, target if target is not None else no_index,
         h if h is not None else no_value, clse if clse is not None else no_value,
         col_target if col_target is not None else no_index,
@@ -680,13 +709,15 @@ def kernel_entry(op: str, kernel: str, dtype: torch.dtype, d: int, tile: tuple, 
                   INPUT_PRECISION="ieee" if dtype != torch.float32 else fp32_default())
     if kernel == "lse":
         fn, names = _row_lse_kernel, _LSE_FLAGS
-        pointers = dict(Q=dtype, C=dtype, SCALE=torch.float32, TARGET=torch.int64,
+        pointers = dict(Q=dtype, C=dtype, SCALE=torch.float32, RQ=torch.float32,
+                        RC=torch.float32, TARGET=torch.int64,
                         SELF_IDX=torch.int64, MPART=torch.float32, LPART=torch.float32,
                         PPART=torch.float32)
         constexprs = {f: bool(flags.get(f, False)) for f in names}
     else:
         fn, names = _softmax_grad_kernel, _GRAD_FLAGS
-        pointers = dict(Q=dtype, C=dtype, SCALE=torch.float32, PSCALE=torch.float32,
+        pointers = dict(Q=dtype, C=dtype, SCALE=torch.float32, RQ=torch.float32,
+                        RC=torch.float32, PSCALE=torch.float32,
                         G=torch.float32, LSE=torch.float32, TARGET=torch.int64,
                         H=torch.float32, CLSE=torch.float32, CTARGET=torch.int64,
                         SELF_IDX=torch.int64, CSELF_IDX=torch.int64, OUT=torch.float32)

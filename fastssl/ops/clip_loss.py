@@ -82,30 +82,32 @@ def _diagonal(b: int, device) -> torch.Tensor:
 
 @_library.triton_kernel("clip_fwd")
 def clip_fwd_triton(image, text, scale, normalize: bool):
-    ih, _ = _rows.normalize_rows(image, normalize)
-    th, _ = _rows.normalize_rows(text, normalize)
+    ist, ri, _ = _rows.scaled_rows(image, normalize)
+    tst, rt, _ = _rows.scaled_rows(text, normalize)
     s = scale.reshape(()).to(torch.float32)
     diag = _diagonal(image.shape[0], image.device)
     # Each direction's LSE and its diagonal logit from the same tiles.
-    row_lse, row_pos = core.row_lse(ih, th, s, target=diag)
-    col_lse, col_pos = core.row_lse(th, ih, s, target=diag)
+    row_lse, row_pos = core.row_lse(ist, tst, s, rq=ri, rc=rt, target=diag)
+    col_lse, col_pos = core.row_lse(tst, ist, s, rq=rt, rc=ri, target=diag)
     return row_lse - row_pos, col_lse - col_pos, row_lse, col_lse
 
 
 @_library.triton_kernel("clip_bwd")
 def clip_bwd_triton(grad_row, grad_col, image, text, scale, row_lse, col_lse,
                     normalize: bool):
-    ih, inorm = _rows.normalize_rows(image, normalize)
-    th, tnorm = _rows.normalize_rows(text, normalize)
+    ist, ri, inorm = _rows.scaled_rows(image, normalize)
+    tst, rt, tnorm = _rows.scaled_rows(text, normalize)
     s = scale.reshape(()).to(torch.float32)
     diag = _diagonal(image.shape[0], image.device)
     g = grad_row.to(torch.float32).contiguous()
     h = grad_col.to(torch.float32).contiguous()
     # dIhat = s P That and dThat = s P^T Ihat, both terms of P (and their diagonal -1s) in
     # each launch.
-    dih = s * core.softmax_grad(ih, th, s, row=(g, row_lse, diag), col=(h, col_lse, diag))
-    dth = s * core.softmax_grad(th, ih, s, row=(h, col_lse, diag), col=(g, row_lse, diag))
-    dscale = (ih.float() * dih).sum() / s
+    dih = s * core.softmax_grad(ist, tst, s, rq=ri, rc=rt, row=(g, row_lse, diag),
+                                col=(h, col_lse, diag))
+    dth = s * core.softmax_grad(tst, ist, s, rq=rt, rc=ri, row=(h, col_lse, diag),
+                                col=(g, row_lse, diag))
+    dscale = (ist.float() * ri[:, None] * dih).sum() / s
     di = _rows.normalize_backward(dih, image, inorm, normalize).to(image.dtype)
     dt = _rows.normalize_backward(dth, text, tnorm, normalize).to(text.dtype)
     return di, dt, dscale

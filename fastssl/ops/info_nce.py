@@ -77,45 +77,45 @@ _library.no_double_backward("info_nce_queue_bwd", "info_nce")
 # ---------------------------------------------------------------------------------------
 
 
-def _positive(qh: torch.Tensor, kh: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    # The dot of the operands the tiles use (input dtype), accumulated in fp32: the same
-    # products as the tensor-core path.
-    return s * (qh.float() * kh.float()).sum(dim=1)
+def _positive(qs, rq, ks, rk, s: torch.Tensor) -> torch.Tensor:
+    # The tiles' arithmetic: the dot of the exact operands in fp32, then the row factors.
+    return s * (qs.float() * ks.float()).sum(dim=1) * rq * rk
 
 
 @_library.triton_kernel("info_nce_queue_fwd")
 def info_nce_queue_fwd_triton(query, key, queue, scale, normalize: bool):
-    qh, _ = _rows.normalize_rows(query, normalize)
-    kh, _ = _rows.normalize_rows(key, normalize)
-    uh, _ = _rows.normalize_rows(queue, normalize)
+    qs, rq, _ = _rows.scaled_rows(query, normalize)
+    ks, rk, _ = _rows.scaled_rows(key, normalize)
+    us, ru, _ = _rows.scaled_rows(queue, normalize)
     s = scale.reshape(()).to(torch.float32)
     # 1. LSE over the queue (rows x column splits: the queue is split across the SMs).
-    lse_u, _ = core.row_lse(qh, uh, s)
+    lse_u, _ = core.row_lse(qs, us, s, rq=rq, rc=ru)
     # 2. The positive joins the LSE; loss = softplus(lse_u - p) exactly (no lse - p cancellation).
-    p = _positive(qh, kh, s)
+    p = _positive(qs, rq, ks, rk, s)
     lse = torch.logaddexp(lse_u, p)
     loss = torch.nn.functional.softplus(lse_u - p)
     # 3. pv = sum_j exp(S_ij - lse_i) uhat_j: the second pass, which spares the backward one.
     ones = torch.ones_like(lse)
-    pv = core.softmax_grad(qh, uh, s, row=(ones, lse, None))
+    pv = core.softmax_grad(qs, us, s, rq=rq, rc=ru, row=(ones, lse, None))
     return loss, lse, pv
 
 
 @_library.triton_kernel("info_nce_queue_bwd")
 def info_nce_queue_bwd_triton(grad, query, key, scale, lse, pv, normalize: bool,
                               need_dk: bool):
-    qh, qn = _rows.normalize_rows(query, normalize)
-    kh, kn = _rows.normalize_rows(key, normalize)
+    qs, rq, qn = _rows.scaled_rows(query, normalize)
+    ks, rk, kn = _rows.scaled_rows(key, normalize)
+    qhat, khat = qs.float() * rq[:, None], ks.float() * rk[:, None]
     s = scale.reshape(()).to(torch.float32)
     gs = s * grad.to(torch.float32)
-    p = _positive(qh, kh, s)
+    p = _positive(qs, rq, ks, rk, s)
     # The positive's coefficient, its -1 folded in fp32: g s (softmax_i(p_i) - 1).
     coef = gs * torch.expm1(p - lse)
-    dqh = gs[:, None] * pv + coef[:, None] * kh.float()
-    dscale = (qh.float() * dqh).sum() / s
+    dqh = gs[:, None] * pv + coef[:, None] * khat
+    dscale = (qhat * dqh).sum() / s
     dq = _rows.normalize_backward(dqh, query, qn, normalize).to(query.dtype)
     if need_dk:
-        dk = _rows.normalize_backward(coef[:, None] * qh.float(), key, kn,
+        dk = _rows.normalize_backward(coef[:, None] * qhat, key, kn,
                                       normalize).to(key.dtype)
     else:
         dk = key.new_empty((0,))

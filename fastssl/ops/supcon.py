@@ -85,13 +85,13 @@ def _class_sums(x: torch.Tensor, cls: torch.Tensor, num_classes: int) -> torch.T
 
 @_library.triton_kernel("supcon_fwd")
 def supcon_fwd_triton(features, labels, scale, normalize: bool):
-    zh, _ = _rows.normalize_rows(features, normalize)
+    zs, r, _ = _rows.scaled_rows(features, normalize)
     s = scale.reshape(()).to(torch.float32)
     cls, npos, nclass = _classes(labels)
     valid = npos > 0
-    lse, _ = core.row_lse(zh, zh, s, mask_diag=True)
+    lse, _ = core.row_lse(zs, zs, s, rq=r, rc=r, mask_diag=True)
     # Positive term in fp64: zhat_i . L_y - |zhat_i|^2 cancels to ~|P(i)| cos at tau = 0.01.
-    z64 = zh.double()
+    z64 = zs.double() * r.double()[:, None]
     pos = (z64 * (_class_sums(z64, cls, nclass)[cls] - z64)).sum(dim=1)
     pos = (s.double() * pos / npos.clamp(min=1).double()).float()
     lse = torch.where(valid, lse, torch.zeros_like(lse))
@@ -101,7 +101,7 @@ def supcon_fwd_triton(features, labels, scale, normalize: bool):
 
 @_library.triton_kernel("supcon_bwd")
 def supcon_bwd_triton(grad, features, labels, scale, lse, normalize: bool):
-    zh, norm = _rows.normalize_rows(features, normalize)
+    zs, r, norm = _rows.scaled_rows(features, normalize)
     s = scale.reshape(()).to(torch.float32)
     cls, npos, nclass = _classes(labels)
     valid = npos > 0
@@ -110,11 +110,11 @@ def supcon_bwd_triton(grad, features, labels, scale, lse, normalize: bool):
     # lse makes exp(S - lse) exactly 0 (the saved lse of 0 would overflow at tau = 0.01).
     lse_eff = torch.where(valid, lse, torch.full_like(lse, float("inf"))).contiguous()
     w = g / npos.clamp(min=1)
-    zf = zh.float()
+    zf = zs.float() * r[:, None]
     # Row and column softmax terms of the symmetric S in one launch:
     # sum_j (g_i softmax_ij + g_j softmax_ji) zhat_j.
-    soft = core.softmax_grad(zh, zh, s, row=(g, lse_eff, None), col=(g, lse_eff, None),
-                             mask_diag=True)
+    soft = core.softmax_grad(zs, zs, s, rq=r, rc=r, row=(g, lse_eff, None),
+                             col=(g, lse_eff, None), mask_diag=True)
     # Positive terms: row side w_i (L_y - zhat_i), column side W_y - w_i zhat_i.
     sums = _class_sums(zf, cls, nclass)[cls]
     wsums = _class_sums(w[:, None] * zf, cls, nclass)[cls]

@@ -81,11 +81,11 @@ _library.no_double_backward("xent_bwd", "info_nce / gather=True losses")
 
 @_library.triton_kernel("xent_fwd")
 def xent_fwd_triton(q, c, scale, target, self_idx, normalize: bool, mask_target: bool):
-    qh, _ = _rows.normalize_rows(q, normalize)
-    ch, _ = _rows.normalize_rows(c, normalize)
+    qs, rq, _ = _rows.scaled_rows(q, normalize)
+    cs, rc, _ = _rows.scaled_rows(c, normalize)
     s = scale.reshape(()).to(torch.float32)
     # 1. Row LSE over the unmasked columns and the target logit from the same tiles.
-    lse, pos = core.row_lse(qh, ch, s, target=target, self_idx=self_idx,
+    lse, pos = core.row_lse(qs, cs, s, rq=rq, rc=rc, target=target, self_idx=self_idx,
                             mask_target=mask_target)
     return lse - pos, lse
 
@@ -93,20 +93,20 @@ def xent_fwd_triton(q, c, scale, target, self_idx, normalize: bool, mask_target:
 @_library.triton_kernel("xent_bwd")
 def xent_bwd_triton(grad, q, c, scale, target, self_idx, lse, normalize: bool,
                     mask_target: bool, need_dc: bool):
-    qh, qn = _rows.normalize_rows(q, normalize)
-    ch, cn = _rows.normalize_rows(c, normalize)
+    qs, rq, qn = _rows.scaled_rows(q, normalize)
+    cs, rc, cn = _rows.scaled_rows(c, normalize)
     s = scale.reshape(()).to(torch.float32)
     g = grad.to(torch.float32).contiguous()
     # 2. dQhat = s sum_j g_i (softmax_ij - [j = t(i)]) chat_j: one recompute of the tiles.
-    dqh = s * core.softmax_grad(qh, ch, s, row=(g, lse, target), self_idx=self_idx,
-                                mask_target=mask_target)
+    dqh = s * core.softmax_grad(qs, cs, s, rq=rq, rc=rc, row=(g, lse, target),
+                                self_idx=self_idx, mask_target=mask_target)
     # dL/ds = sum_ij dS_ij S_ij / s = (1/s) sum_i qhat_i . dqhat_i
-    dscale = (qh.float() * dqh).sum() / s
+    dscale = (qs.float() * rq[:, None] * dqh).sum() / s
     dq = _rows.normalize_backward(dqh, q, qn, normalize).to(q.dtype)
     if need_dc:
         # 3. dChat = s P^T Qhat: the same kernel with the roles swapped (no atomics).
-        dch = s * core.softmax_grad(ch, qh, s, col=(g, lse, target), col_self_idx=self_idx,
-                                    mask_target=mask_target)
+        dch = s * core.softmax_grad(cs, qs, s, rq=rc, rc=rq, col=(g, lse, target),
+                                    col_self_idx=self_idx, mask_target=mask_target)
         dc = _rows.normalize_backward(dch, c, cn, normalize).to(c.dtype)
     else:
         dc = c.new_empty((0,))

@@ -71,3 +71,20 @@ def kernels(backend: str):
 
     from fastssl import _dispatch
     return _dispatch.triton_on_cpu() if backend == "triton" else contextlib.nullcontext()
+
+
+def spawn_or_fail(fn, args, nprocs: int, timeout: float = 300.0) -> None:
+    """torch.multiprocessing.spawn with a deadline: a rank that dies or blocks (a collective
+    its peer never joins) fails the test after ``timeout`` seconds instead of hanging CI."""
+    import time
+
+    import torch.multiprocessing as mp
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=2.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+            raise AssertionError(f"spawned ranks did not finish within {timeout:.0f} s "
+                                 f"(exit codes {[p.exitcode for p in ctx.processes]})")

@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastssl
+from helpers import spawn_or_fail
 
 B, D_IN, D = 6, 10, 7  # local batch per rank, input and embedding dims (odd on purpose)
 WORLD = 2
@@ -109,7 +110,7 @@ def _worker(rank: int, port: int) -> None:
 
 
 def test_ddp_gather_equals_single_process_step():
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    spawn_or_fail(_worker, (_free_port(),), WORLD)
 
 
 def test_gather_without_process_group_is_the_plain_loss():

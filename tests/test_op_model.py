@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 
 import fastssl
 from fastssl import _dispatch, _ext, reference
-from helpers import kernels
+from helpers import spawn_or_fail, kernels
 
 needs_cpp = pytest.mark.skipif(not _ext.available(), reason=f"no _C: {_ext.why_unavailable()}")
 BACKENDS = [pytest.param("cpp", marks=needs_cpp), "triton"]
@@ -273,7 +273,7 @@ def _ddp_worker(rank: int, port: int) -> None:
 
 
 def test_ddp_gather_triton_equals_single_process_step():
-    mp.spawn(_ddp_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    spawn_or_fail(_ddp_worker, (_free_port(),), WORLD)
 
 
 def test_docstrings_hold_no_control_bytes():

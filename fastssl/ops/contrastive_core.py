@@ -75,12 +75,12 @@ picked from ``scripts/sweep_contrastive_core.py`` (triton 3.9: ``triton.compile`
 GPUTarget("cuda", 80 / 90, 32), Triton's ptxas -v, ``cuobjdump -res-usage``) on the
 register-heaviest flag variant (every mask and both P terms). Every row below: 0 spill bytes,
 shared memory within the limit (sm_80: 166,912 B; sm_90: 232,448 B), tensor cores (sm_80:
-mma.sync; sm_90: wgmma.mma_async in every kernel). "ch" = chunked (D > BLOCK_D). Registers /
-shared bytes re-measured with the rq / rc factors (benchmarks/results/
-contrastive_core_tile_sweep_rqrc.jsonl, triton 3.9).
+mma.sync; sm_90: wgmma.mma_async in every kernel), with triton 3.9 AND 3.6 (registers /
+shared bytes below: 3.9). Re-measured with the rq / rc factors: benchmarks/results/
+contrastive_core_tile_sweep_rqrc.jsonl (3.9), ..._rqrc_triton36.jsonl (3.6).
 
     arch  dtype      D     row_lse (regs, smem B)           softmax_grad (regs, smem B)
-    sm_80 bf16/fp16  64    64x64x64   4/3 (224, 16384)      64x64x64   4/3 (255, 30208)
+    sm_80 bf16/fp16  64    64x64x64   4/3 (224, 16384)      64x32x64   8/3 (255, 19200)
                      128   64x64x128  4/3 (168, 20480)      64x32x64ch 8/3 (255, 24576)
                      256   64x64x256  8/2 (168, 49152)      64x32x64ch 8/3 (255, 24576)
                      >256  64x64x64ch 8/3 (248, 16384)      64x32x64ch 8/3 (255, 24576)
@@ -92,7 +92,7 @@ contrastive_core_tile_sweep_rqrc.jsonl, triton 3.9).
                      >256  128x64x64ch 8/3 (254, 24576)     64x64x64ch 8/3 (255, 32768)
     sm_90 fp32       64    64x32x64   4/2 (119, 32768)      64x32x64   8/2 (190, 42368)
                      128   64x32x128  8/2 (120, 65536)      64x16x128  8/2 (240, 53952)
-                     256   64x32x256  8/2 (182, 131072)     64x64x32ch 8/2 (247, 32768)
+                     256   64x16x256  8/2 (202, 98304)      64x64x32ch 8/2 (247, 32768)
                      >256  64x64x32ch 8/2 (205, 24576)      64x64x32ch 8/2 (247, 32768)
 
 What the sweep rejected (spill bytes): sm_80 fp32 resident D = 128 (LSE 64x32x128 8 warps
@@ -101,13 +101,16 @@ What the sweep rejected (spill bytes): sm_80 fp32 resident D = 128 (LSE 64x32x12
 16-bit resident gradient spilled too (D = 128: 64x32x128 8/2 36 B, 8/1 24-36, 4/2 12,
 64x16x128 8/2 48, 64x64x128 8/2 36; D = 256: 64x32x256 8/2 12 B): sm_80 16-bit gradients
 above D = 64 take the chunked tile (two / four 64-wide chunks: the output rows round-trip
-through L2 per column tile, see "Width"). 4 warps spilled in most chunked
+through L2 per column tile, see "Width"). triton 3.6 with rq / rc also spilled in sm_80 16-bit
+gradient 64x64x64 4/3 at D = 64 (156 B; 64x64x64 8/3: 12 B; 64x32x64 4/3: 72 B with 3.9)
+and sm_90 fp32 LSE 64x32x256 8/2 (8 B; 8/1 too): now 64x32x64 8/3 and 64x16x256 8/2, 0 spills
+with both versions. 4 warps spilled in most chunked
 configurations (e.g. 16-bit gradient 64x64x64: 1,248 B sm_80, 1,912 B sm_90). fp32 uses
 ``FASTSSL_FP32_DOT``'s precision (default bf16x3: its operand halves double the register
 footprint, hence the smaller tiles); the sweep compiled bf16x3. The table before rq / rc
 compiled again with triton 3.6.0 (the GPU machine's): 0 spills, shared memory within the
-limits, mma.sync / wgmma in all 48 (benchmarks/results/contrastive_core_tile_sweep*.jsonl);
-NOT re-checked with triton 3.6 after rq / rc (not installed here). Other sm_8x GPUs
+limits, mma.sync / wgmma in all 48 (benchmarks/results/contrastive_core_tile_sweep*.jsonl).
+Compiled only (no GPU here): the chunked-for-resident switches' speed is unmeasured. Other sm_8x GPUs
 (86 / 89: 99 KiB shared per block) take the sm_80 table: its largest allocation is 49,152 B.
 Under the interpreter: 16/32 x 32/16 x 64 tiles (BLOCK_M != BLOCK_N catches transposition
 slips), ``num_sms`` = 16 so small test shapes take the column-split path.
@@ -424,7 +427,7 @@ _CHUNKED = {
 }
 TILES = {
     "interpret": {"lse": (16, 32, 64, 4, 1), "grad": (32, 16, 64, 4, 1)},
-    (80, "half", 64): {"lse": (64, 64, 64, 4, 3), "grad": (64, 64, 64, 4, 3)},
+    (80, "half", 64): {"lse": (64, 64, 64, 4, 3), "grad": _CHUNKED[80, "half"]["grad"]},
     (80, "half", 128): {"lse": (64, 64, 128, 4, 3), "grad": _CHUNKED[80, "half"]["grad"]},
     (80, "half", 256): {"lse": (64, 64, 256, 8, 2), "grad": _CHUNKED[80, "half"]["grad"]},
     (90, "half", 64): {"lse": (64, 64, 64, 4, 3), "grad": (64, 32, 64, 4, 3)},
@@ -435,7 +438,7 @@ TILES = {
     (80, "fp32", 256): _CHUNKED[80, "fp32"],
     (90, "fp32", 64): {"lse": (64, 32, 64, 4, 2), "grad": (64, 32, 64, 8, 2)},
     (90, "fp32", 128): {"lse": (64, 32, 128, 8, 2), "grad": (64, 16, 128, 8, 2)},
-    (90, "fp32", 256): {"lse": (64, 32, 256, 8, 2), "grad": _CHUNKED[90, "fp32"]["grad"]},
+    (90, "fp32", 256): {"lse": (64, 16, 256, 8, 2), "grad": _CHUNKED[90, "fp32"]["grad"]},
     **{(arch, klass, "chunked"): cfg for (arch, klass), cfg in _CHUNKED.items()},
 }
 D_BUCKETS = (64, 128, 256)

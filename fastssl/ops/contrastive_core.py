@@ -110,8 +110,9 @@ configurations (e.g. 16-bit gradient 64x64x64: 1,248 B sm_80, 1,912 B sm_90). fp
 footprint, hence the smaller tiles); the sweep compiled bf16x3. The table before rq / rc
 compiled again with triton 3.6.0 (the GPU machine's): 0 spills, shared memory within the
 limits, mma.sync / wgmma in all 48 (benchmarks/results/contrastive_core_tile_sweep*.jsonl).
-Compiled only (no GPU here): the chunked-for-resident switches' speed is unmeasured. Other sm_8x GPUs
-(86 / 89: 99 KiB shared per block) take the sm_80 table: its largest allocation is 49,152 B.
+Compiled only (no GPU here): the chunked-for-resident switches' speed is unmeasured. Other
+sm_8x GPUs (86 / 89: 99 KiB shared per block) take the sm_80 table: its largest allocation is
+49,152 B.
 Under the interpreter: 16/32 x 32/16 x 64 tiles (BLOCK_M != BLOCK_N catches transposition
 slips), ``num_sms`` = 16 so small test shapes take the column-split path.
 """
@@ -607,7 +608,7 @@ def _fp16_p_scale(g, h, rc) -> torch.Tensor:
     """Power of two 2^floor(log2(2^14 / (max(|g|, |h|) max|rc|))) as a 1-element device
     tensor: the rounded entries are P_ij rc_j, |P_ij rc_j| <= 2 max(|g|, |h|) max|rc|."""
     amax = torch.stack([t.abs().amax().float() for t in (g, h) if t is not None]).amax()
-    amax = amax * rc.abs().amax().clamp_min(2.0 ** -60) if rc.numel() else amax
+    amax = amax * rc.abs().amax().clamp_min(2.0 ** -60)  # rc has NC >= 1 entries here
     return torch.exp2(torch.floor(torch.log2(FP16_P_TARGET / amax.clamp_min(2.0 ** -100))))
 
 

@@ -7,7 +7,7 @@ per compile: registers and spill bytes (ptxas -v, Triton's ptxas and flags, as
 cubin (REG / STACK / LOCAL), and the tensor-core instruction in the PTX (wgmma / mma).
 The table in the module header was picked from its output. Run without TRITON_INTERPRET:
 
-    nice python scripts/sweep_contrastive_core.py [--tiles current] > sweep.jsonl
+    nice python scripts/sweep_contrastive_core.py [--tiles current] [--d 128 1024] > sweep.jsonl
 """
 from __future__ import annotations
 
@@ -89,14 +89,14 @@ def compile_one(entry: dict, cap: int) -> dict:
     return row
 
 
-def jobs(which: str) -> list:
+def jobs(which: str, widths=(64, 128, 256, 1024)) -> list:
     out = []
     for dname, dtype in DTYPES.items():
         klass = "fp32" if dtype == torch.float32 else "half"
         for cap in (80, 90):
             if which == "current":
                 for kernel in ("lse", "grad"):
-                    for d in (64, 128, 256, 1024):
+                    for d in widths:
                         tile = cc.tiles(kernel, dtype, d, cap)
                         out.append((cc.kernel_entry("all", kernel, dtype, d, tile,
                                                     dict(cc.VARIANTS["all"])[kernel], cap),
@@ -105,7 +105,7 @@ def jobs(which: str) -> list:
             if dname == "fp16" and which == "candidates":
                 continue  # fp16 compiles like bf16 (plus the P scale); checked with "current"
             for (kernel, k_class, d), tiles in CANDIDATES.items():
-                if k_class != klass:
+                if k_class != klass or d not in widths:
                     continue
                 for tile in tiles:
                     out.append((cc.kernel_entry("all", kernel, dtype, d, tile,
@@ -117,8 +117,10 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiles", choices=("candidates", "current"), default="candidates")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--d", type=int, nargs="+", default=[64, 128, 256, 1024],
+                        help="widths to compile (a subset re-checks the worst buckets)")
     args = parser.parse_args()
-    todo = jobs(args.tiles)
+    todo = jobs(args.tiles, tuple(args.d))
     print(f"# {len(todo)} compiles", file=sys.stderr)
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
         for row in pool.map(lambda job: compile_one(*job), todo):

@@ -1,5 +1,6 @@
-r"""Triton "rows vs columns" contrastive engine: rows Qhat (M x D) against columns Chat (NC x D),
-``S = scale * Qhat Chat^T``, never stored. Shared by info_nce / clip_loss / supcon / the fused
+r"""Triton "rows vs columns" contrastive engine: rows Q (M x D) against columns C (NC x D),
+``S_ij = scale rq_i rc_j (q_i . c_j)``, never stored (rq, rc: optional fp32 per-row / column
+multipliers, e.g. inverse norms of raw rows; default ones). Shared by info_nce / clip_loss / supcon / the fused
 gather losses (the op files call :func:`row_lse` and :func:`softmax_grad`; they normalise, save
 tensors, multiply gradients by the scale and register the ops).
 
@@ -11,7 +12,7 @@ Kernels
   columns, diagonal, self index, target with ``mask_target``), then the online (max, sum)
   (flash-attention forward without an output). Per-split partials (3 x splits x M fp32) are
   merged by ``_lse_combine_kernel`` in split order.
-* :func:`softmax_grad` -- ``_softmax_grad_kernel``: ``sum_j P_ij c_j`` with, in fp32,
+* :func:`softmax_grad` -- ``_softmax_grad_kernel``: ``sum_j (P_ij rc_j) c_j`` with, in fp32,
       P_ij = g_i (valid_ij exp(S_ij - lse_i) - [j = t_i]) + h_j (valid_ij exp(S_ij - clse_j)
              - [i = ct_j])                                   (either term optional)
   The -g_i / -h_j of the targets are folded into P in fp32 *before* P is rounded to the dot
@@ -21,8 +22,9 @@ Kernels
   lse +inf, so every entry is exp(-inf) = 0 (never 0 * exp(+inf)), at no per-element cost. Per-split partials (splits x M x D fp32; with one
   split, the output itself) are added in split order by ``_sum_splits_kernel``. The column-side
   gradient is this kernel with rows and columns swapped (P^T has the same form): no atomics.
-* fp16: P is multiplied by a power of two ``2^14 / max(|g|, |h|)`` (computed on the device,
-  no host sync), undone exactly on the output: with mean reduction over 65,536 rows,
+* fp16: P rc is multiplied by a power of two ``2^14 / (max(|g|, |h|) max|rc|)`` (computed on
+  the device, no host sync; |P_ij rc_j| <= 2 max(|g|, |h|) max|rc| stays <= 2^15), undone
+  exactly on the output: with mean reduction over 65,536 rows,
   g = 1.5e-5 would put every P entry below fp16's smallest normal (6.1e-5).
 
 Masks cost only in the tiles they touch: the ragged-column mask in the last tile, the diagonal
@@ -54,7 +56,13 @@ for a given shape and GPU.
 Counts: ``row_lse`` 2 M NC D FLOPs (x3 products for fp32 bf16x3), M NC exp; ``softmax_grad``
 4 M NC D FLOPs, M NC exp per present term.
 
-Precision: fp32 accumulation everywhere; 16-bit inputs are tensor-core operands as given; P is
+Precision: fp32 accumulation everywhere; 16-bit inputs are tensor-core operands as given. With
+raw rows (exact in the dtype, e.g. power-of-two scaled) and their fp32 inverse norms as rq / rc,
+S carries only fp32 error: the factors multiply the fp32 dot result, and rc_j is folded into P
+in fp32 before P's one rounding, so the dot with the raw c tile is exact up to that rounding
+(normalised rows rounded to bf16 cost ~2^-9 |S| in S: at scale 100, 1.06 relative error in the
+gradient of tests/test_contrastive_core_triton.py::test_rq_rc_precision_clustered_tau_001 vs
+1.3e-2 with raw rows, fp16 4.6e-2 vs 1.6e-3: P's rounding alone). P is
 rounded to the input dtype with :func:`fastssl.ops._triton_utils.round_cast` (round to nearest
 even, also under the interpreter, which would truncate to bf16), and under the interpreter bf16
 operands reach ``tl.dot`` as exact fp32 (``dot_in_fp32``: its bf16 dot multiplies raw bit
@@ -67,33 +75,44 @@ picked from ``scripts/sweep_contrastive_core.py`` (triton 3.9: ``triton.compile`
 GPUTarget("cuda", 80 / 90, 32), Triton's ptxas -v, ``cuobjdump -res-usage``) on the
 register-heaviest flag variant (every mask and both P terms). Every row below: 0 spill bytes,
 shared memory within the limit (sm_80: 166,912 B; sm_90: 232,448 B), tensor cores (sm_80:
-mma.sync; sm_90: wgmma.mma_async in every kernel). "ch" = chunked (D > BLOCK_D).
+mma.sync; sm_90: wgmma.mma_async in every kernel), with triton 3.9 AND 3.6 (registers /
+shared bytes below: 3.9). Re-measured with the rq / rc factors: benchmarks/results/
+contrastive_core_tile_sweep_rqrc.jsonl (3.9), ..._rqrc_triton36.jsonl (3.6).
 
     arch  dtype      D     row_lse (regs, smem B)           softmax_grad (regs, smem B)
-    sm_80 bf16/fp16  64    64x64x64   4/3 (216, 16384)      64x64x64   4/3 (255, 29696)
-                     128   64x64x128  4/3 (164, 20480)      64x32x128  8/2 (255, 34048)
-                     256   64x64x256  8/2 (166, 49152)      64x32x256  8/2 (255, 66816)
-                     >256  64x64x64ch 8/3 (228, 16384)      64x32x64ch 8/3 (255, 24576)
-    sm_80 fp32       64    64x32x64   4/2 (183, 24576)      64x16x64   8/2 (226, 21120)
-                     >64   64x64x32ch 8/2 (253, 16384)      64x32x32ch 8/2 (234, 12288)
-    sm_90 bf16/fp16  64    64x64x64   4/3 (126, 16384)      64x32x64   4/3 (247, 16384)
-                     128   64x64x128  4/3 (140, 32768)      64x64x128  8/2 (255, 43520)
-                     256   64x64x256  8/2 (128, 65536)      64x64x64ch 8/3 (255, 32768)
+    sm_80 bf16/fp16  64    64x64x64   4/3 (224, 16384)      64x32x64   8/3 (255, 19200)
+                     128   64x64x128  4/3 (168, 20480)      64x32x64ch 8/3 (255, 24576)
+                     256   64x64x256  8/2 (168, 49152)      64x32x64ch 8/3 (255, 24576)
+                     >256  64x64x64ch 8/3 (248, 16384)      64x32x64ch 8/3 (255, 24576)
+    sm_80 fp32       64    64x32x64   4/2 (180, 24576)      64x16x64   8/2 (230, 21184)
+                     >64   64x64x32ch 8/2 (255, 16384)      64x32x32ch 8/2 (236, 12288)
+    sm_90 bf16/fp16  64    64x64x64   4/3 (128, 16384)      64x32x64   4/3 (254-5, 16384)
+                     128   64x64x128  4/3 (147, 32768)      64x64x128  8/2 (255, 43776)
+                     256   64x64x256  8/2 (142, 65536)      64x64x64ch 8/3 (255, 32768)
                      >256  128x64x64ch 8/3 (254, 24576)     64x64x64ch 8/3 (255, 32768)
-    sm_90 fp32       64    64x32x64   4/2 (118, 32768)      64x32x64   8/2 (186, 42240)
-                     128   64x32x128  8/2 (114, 65536)      64x16x128  8/2 (237, 53888)
-                     256   64x32x256  8/2 (178, 131072)     64x64x32ch 8/2 (251, 32768)
-                     >256  64x64x32ch 8/2 (204, 24576)      64x64x32ch 8/2 (251, 32768)
+    sm_90 fp32       64    64x32x64   4/2 (119, 32768)      64x32x64   8/2 (190, 42368)
+                     128   64x32x128  8/2 (120, 65536)      64x16x128  8/2 (240, 53952)
+                     256   64x16x256  8/2 (202, 98304)      64x64x32ch 8/2 (247, 32768)
+                     >256  64x64x32ch 8/2 (205, 24576)      64x64x32ch 8/2 (247, 32768)
 
 What the sweep rejected (spill bytes): sm_80 fp32 resident D = 128 (LSE 64x32x128 8 warps
 144, gradient 64x16x128 92) and sm_90 16-bit resident gradient at D = 256 (64x32x256 8 warps
-368, 64x64x256 708): those buckets use the chunked tiles. 4 warps spilled in most chunked
+368, 64x64x256 708): those buckets use the chunked tiles. With the rq / rc factors the sm_80
+16-bit resident gradient spilled too (D = 128: 64x32x128 8/2 36 B, 8/1 24-36, 4/2 12,
+64x16x128 8/2 48, 64x64x128 8/2 36; D = 256: 64x32x256 8/2 12 B): sm_80 16-bit gradients
+above D = 64 take the chunked tile (two / four 64-wide chunks: the output rows round-trip
+through L2 per column tile, see "Width"). triton 3.6 with rq / rc also spilled in sm_80 16-bit
+gradient 64x64x64 4/3 at D = 64 (156 B; 64x64x64 8/3: 12 B; 64x32x64 4/3: 72 B with 3.9)
+and sm_90 fp32 LSE 64x32x256 8/2 (8 B; 8/1 too): now 64x32x64 8/3 and 64x16x256 8/2, 0 spills
+with both versions. 4 warps spilled in most chunked
 configurations (e.g. 16-bit gradient 64x64x64: 1,248 B sm_80, 1,912 B sm_90). fp32 uses
 ``FASTSSL_FP32_DOT``'s precision (default bf16x3: its operand halves double the register
-footprint, hence the smaller tiles); the sweep compiled bf16x3. The whole table compiled again
-with triton 3.6.0 (the GPU machine's): 0 spills, shared memory within the limits, mma.sync /
-wgmma in all 48 (benchmarks/results/contrastive_core_tile_sweep*.jsonl). Other sm_8x GPUs
-(86 / 89: 99 KiB shared per block) take the sm_80 table: its largest allocation is 66,816 B.
+footprint, hence the smaller tiles); the sweep compiled bf16x3. The table before rq / rc
+compiled again with triton 3.6.0 (the GPU machine's): 0 spills, shared memory within the
+limits, mma.sync / wgmma in all 48 (benchmarks/results/contrastive_core_tile_sweep*.jsonl).
+Compiled only (no GPU here): the chunked-for-resident switches' speed is unmeasured. Other
+sm_8x GPUs (86 / 89: 99 KiB shared per block) take the sm_80 table: its largest allocation is
+49,152 B.
 Under the interpreter: 16/32 x 32/16 x 64 tiles (BLOCK_M != BLOCK_N catches transposition
 slips), ``num_sms`` = 16 so small test shapes take the column-split path.
 """
@@ -409,9 +428,9 @@ _CHUNKED = {
 }
 TILES = {
     "interpret": {"lse": (16, 32, 64, 4, 1), "grad": (32, 16, 64, 4, 1)},
-    (80, "half", 64): {"lse": (64, 64, 64, 4, 3), "grad": (64, 64, 64, 4, 3)},
-    (80, "half", 128): {"lse": (64, 64, 128, 4, 3), "grad": (64, 32, 128, 8, 2)},
-    (80, "half", 256): {"lse": (64, 64, 256, 8, 2), "grad": (64, 32, 256, 8, 2)},
+    (80, "half", 64): {"lse": (64, 64, 64, 4, 3), "grad": _CHUNKED[80, "half"]["grad"]},
+    (80, "half", 128): {"lse": (64, 64, 128, 4, 3), "grad": _CHUNKED[80, "half"]["grad"]},
+    (80, "half", 256): {"lse": (64, 64, 256, 8, 2), "grad": _CHUNKED[80, "half"]["grad"]},
     (90, "half", 64): {"lse": (64, 64, 64, 4, 3), "grad": (64, 32, 64, 4, 3)},
     (90, "half", 128): {"lse": (64, 64, 128, 4, 3), "grad": (64, 64, 128, 8, 2)},
     (90, "half", 256): {"lse": (64, 64, 256, 8, 2), "grad": _CHUNKED[90, "half"]["grad"]},
@@ -420,7 +439,7 @@ TILES = {
     (80, "fp32", 256): _CHUNKED[80, "fp32"],
     (90, "fp32", 64): {"lse": (64, 32, 64, 4, 2), "grad": (64, 32, 64, 8, 2)},
     (90, "fp32", 128): {"lse": (64, 32, 128, 8, 2), "grad": (64, 16, 128, 8, 2)},
-    (90, "fp32", 256): {"lse": (64, 32, 256, 8, 2), "grad": _CHUNKED[90, "fp32"]["grad"]},
+    (90, "fp32", 256): {"lse": (64, 16, 256, 8, 2), "grad": _CHUNKED[90, "fp32"]["grad"]},
     **{(arch, klass, "chunked"): cfg for (arch, klass), cfg in _CHUNKED.items()},
 }
 D_BUCKETS = (64, 128, 256)
@@ -589,7 +608,7 @@ def _fp16_p_scale(g, h, rc) -> torch.Tensor:
     """Power of two 2^floor(log2(2^14 / (max(|g|, |h|) max|rc|))) as a 1-element device
     tensor: the rounded entries are P_ij rc_j, |P_ij rc_j| <= 2 max(|g|, |h|) max|rc|."""
     amax = torch.stack([t.abs().amax().float() for t in (g, h) if t is not None]).amax()
-    amax = amax * rc.abs().amax().clamp_min(2.0 ** -60) if rc.numel() else amax
+    amax = amax * rc.abs().amax().clamp_min(2.0 ** -60)  # rc has NC >= 1 entries here
     return torch.exp2(torch.floor(torch.log2(FP16_P_TARGET / amax.clamp_min(2.0 ** -100))))
 
 

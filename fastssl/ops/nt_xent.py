@@ -164,49 +164,99 @@ def _load_pair_rows(z1_ptr, z2_ptr, rows, cols, N, D, s1r, s1c, s2r, s2c):
 
 
 @triton.jit
-def ntxent_prologue_kernel(z1_ptr, z2_ptr, zhat_ptr, norm_ptr, N, D, s1r, s1c, s2r, s2c,
+def _pow2(e):
+    """2^e in fp32 for an int32 tile e in [-126, 127], built from the exponent bits (exact)."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def ntxent_prologue_kernel(z1_ptr, z2_ptr, zs_ptr, norm_ptr, r_ptr, N, D, s1r, s1c, s2r, s2c,
                            NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr,
                            BLOCK_D: tl.constexpr):
-    # reads M D (input dtype) 3x (L1/L2-resident after the first); writes M D + M fp32.
+    # reads M D (input dtype) 3x (L1/L2-resident after the first); writes M D + 2 M fp32.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     inb = rows < 2 * N
     dcol = tl.arange(0, BLOCK_D)
+    out_ty = zs_ptr.dtype.element_ty
     # 1. [Max-abs] per row, and a poison term: 0 for a finite row, NaN if any element is
-    #    inf/NaN (inf - inf = NaN), added to the norm and to every zhat of the row.
+    #    inf/NaN (inf - inf = NaN), added to the norm and to every zs of the row.
     amax = tl.zeros([BLOCK_R], tl.float32)
     poison = tl.zeros([BLOCK_R], tl.float32)
     for d0 in range(0, D, BLOCK_D):
         x = _load_pair_rows(z1_ptr, z2_ptr, rows, d0 + dcol, N, D, s1r, s1c, s2r, s2c)
         amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
         poison += tl.sum(x - x, axis=1)
-    # 2. [Overflow-safe norm] |x| = amax sqrt(sum (x / amax)^2): the squared sum of raw fp32
-    #    values overflows at |x| ~ 1.8e19, the scaled one never (each term <= 1).
-    safe_amax = tl.where(amax > 0, amax, 1.0)
+    # 2. [Power-of-two scale] e from amax's exponent field so that max |zs| is in [0.5, 1)
+    #    (zero / subnormal rows: e = -125, max |zs| < 0.5; amax >= 2^126: e = 126, max |zs|
+    #    < 4, so that 2^-e stays a normal fp32). zs = z 2^-e is exact in the input dtype (a
+    #    power of two) except for elements that fall below the dtype's normal range (fp16:
+    #    |z_k| < 2^-14 max|z|, rounded to a subnormal, abs error <= 2^-25 on max|zs| < 1).
+    #    Without normalize zs = z (the scale still serves the norm).
+    bexp = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    e = tl.minimum(tl.maximum(bexp, 1) - 126, 126)
+    scale = _pow2(-e)
+    # 3. [Overflow-safe norm] |z| = 2^e |zs| (exact scalings; the squared sum of raw fp32
+    #    values overflows at |x| ~ 1.8e19, that of zs never). The sum is taken over the zs
+    #    values as stored (rounded to the input dtype), in the same chunking as
+    #    ntxent_rscale_kernel, so that the backward recomputes |zs| bit-identically.
     ss = tl.zeros([BLOCK_R], tl.float32)
     for d0 in range(0, D, BLOCK_D):
         x = _load_pair_rows(z1_ptr, z2_ptr, rows, d0 + dcol, N, D, s1r, s1c, s2r, s2c)
-        xs = tl.div_rn(x, safe_amax[:, None])
+        xs = round_cast(x * scale[:, None], out_ty).to(tl.float32)
         ss += tl.sum(xs * xs, axis=1)
     root = tl.sqrt_rn(ss)
-    norm = amax * root + poison
+    norm = root * _pow2(e) + poison
     tl.store(norm_ptr + rows, norm, mask=inb)
-    # 3. [Zhat] x / max(|x|, eps) = (x / amax) / root, never forming 1/|x| (subnormal for
-    #    |x| > ~1e38); a clamped row is x * (1 / eps) as in F.normalize and the C++ kernel.
-    clamped = norm < NORM_EPS
-    inv_root = tl.div_rn(tl.full([BLOCK_R], 1.0, tl.float32), tl.where(root > 0, root, 1.0))
-    inv_eps = tl.div_rn(1.0, NORM_EPS)
+    # 4. [r] zhat = z / max(|z|, eps) = zs r with r = 1 / max(|zs|, eps 2^-e) in fp32 (a
+    #    clamped row: r = 2^e / eps, as F.normalize and the C++ kernel). r stays in fp32: the
+    #    kernels apply it to the fp32 dot products, never to a 16-bit operand.
+    if NORMALIZE:
+        r = tl.div_rn(tl.full([BLOCK_R], 1.0, tl.float32),
+                      tl.maximum(root, NORM_EPS * scale))
+    else:
+        r = tl.full([BLOCK_R], 1.0, tl.float32)
+    tl.store(r_ptr + rows, r, mask=inb)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + dcol
         x = _load_pair_rows(z1_ptr, z2_ptr, rows, cols, N, D, s1r, s1c, s2r, s2c)
         if NORMALIZE:
-            zh = tl.where(clamped[:, None], x * inv_eps,
-                          tl.div_rn(x, safe_amax[:, None]) * inv_root[:, None])
+            zs = x * scale[:, None] + poison[:, None]
         else:
-            zh = x
-        zh = zh + poison[:, None]
-        tl.store(zhat_ptr + rows[:, None] * D + cols[None, :],
-                 round_cast(zh, zhat_ptr.dtype.element_ty),
+            zs = x + poison[:, None]
+        tl.store(zs_ptr + rows[:, None] * D + cols[None, :], round_cast(zs, out_ty),
                  mask=inb[:, None] & (cols < D)[None, :])
+
+
+@triton.jit
+def ntxent_rscale_kernel(zs_ptr, norm_ptr, r_ptr, M, D, BLOCK_R: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    """The backward's r from the saved (zs, norms), equal to the prologue's: |zs| is re-summed
+    in the prologue's order (bit-identical), and 2^e = norm / |zs| is exact (both normal fp32,
+    a power-of-two ratio) -- rounded to the nearest power of two all the same; rows with
+    max |zs| < 0.5 are the zero / subnormal-max rows, e = -125 by construction (their norm
+    may be subnormal, its ratio inexact). norm = inf (finite rows past fp32's range): 2^e =
+    inf, r = 1 / |zs|, as in the prologue (eps 2^-e underflows to 0 there)."""
+    # reads M D (input dtype) + M fp32; writes M fp32.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    inb = rows < M
+    dcol = tl.arange(0, BLOCK_D)
+    ss = tl.zeros([BLOCK_R], tl.float32)
+    zmax = tl.zeros([BLOCK_R], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + dcol
+        zs = tl.load(zs_ptr + rows[:, None] * D + cols[None, :],
+                     mask=inb[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
+        ss += tl.sum(zs * zs, axis=1)
+        zmax = tl.maximum(zmax, tl.max(tl.abs(zs), axis=1))
+    root = tl.sqrt_rn(ss)
+    norm = tl.load(norm_ptr + rows, mask=inb, other=1.0)
+    ratio = tl.div_rn(norm, tl.where(root > 0, root, 1.0))
+    bits = (ratio.to(tl.int32, bitcast=True) + 0x400000) & 0x7F800000
+    pow2e = tl.where(zmax < 0.5, _pow2(tl.full([BLOCK_R], -125, tl.int32)),
+                     bits.to(tl.float32, bitcast=True))
+    r = tl.div_rn(tl.full([BLOCK_R], 1.0, tl.float32),
+                  tl.maximum(root, tl.div_rn(tl.full([BLOCK_R], NORM_EPS, tl.float32), pow2e)))
+    tl.store(r_ptr + rows, r, mask=inb)
 
 
 @triton.jit
@@ -223,6 +273,25 @@ def _target_range(i0, N, BLOCK_M: tl.constexpr):
 @triton.jit
 def _overlaps(j0, lo, hi, BLOCK_N: tl.constexpr):
     return (lo < hi) & (j0 < hi) & (lo < j0 + BLOCK_N)
+
+
+@triton.jit
+def _row_factor(r_ptr, rows, M, inv_tau, NORMALIZE: tl.constexpr):
+    """Row factor of the logits: r_i / tau (normalize) or 1 / tau."""
+    if NORMALIZE:
+        return tl.load(r_ptr + rows, mask=rows < M, other=0.0) * inv_tau
+    else:
+        return tl.zeros_like(rows).to(tl.float32) + inv_tau
+
+
+@triton.jit
+def _logits(dot, a_i, r_ptr, cols, M, NORMALIZE: tl.constexpr):
+    """S_IJ = (zs_i . zs_j) (r_i / tau) r_j in fp32, on the fp32 dot of the exact operands:
+    one expression for the forward and the backward's recompute (bit-identical logits)."""
+    s = dot * a_i[:, None]
+    if NORMALIZE:
+        s = s * tl.load(r_ptr + cols, mask=cols < M, other=0.0)[None, :]
+    return s
 
 
 @triton.jit
@@ -253,8 +322,9 @@ def _similarity_k_loop(zhat_ptr, rows, cols, M, D, DOT_FP32: tl.constexpr,
 
 
 @triton.jit
-def ntxent_fwd_kernel(zhat_ptr, temp_ptr, mpart_ptr, lpart_ptr, ppart_ptr, N, D,
-                      TILES_PER_SPLIT, DECOUPLED: tl.constexpr, DOT_FP32: tl.constexpr,
+def ntxent_fwd_kernel(zhat_ptr, r_ptr, temp_ptr, mpart_ptr, lpart_ptr, ppart_ptr, N, D,
+                      TILES_PER_SPLIT, NORMALIZE: tl.constexpr, DECOUPLED: tl.constexpr,
+                      DOT_FP32: tl.constexpr,
                       INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_CHUNK: tl.constexpr,
                       EVEN_K: tl.constexpr):
@@ -276,6 +346,7 @@ def ntxent_fwd_kernel(zhat_ptr, temp_ptr, mpart_ptr, lpart_ptr, ppart_ptr, N, D,
     #    conversion (a log2-unit LSE converted to natural and back would add ~ulp(lse) to every
     #    probability: 5x plain fp32 PyTorch's dL/dtau error where that sum cancels, D = 1).
     inv_tau = tl.div_rn(1.0, tl.load(temp_ptr).to(tl.float32))
+    a_i = _row_factor(r_ptr, rows, M, inv_tau, NORMALIZE)
     tgt = tl.where(rows < N, rows + N, rows - N)
     lo1, hi1, lo2, hi2 = _target_range(i0, N, BLOCK_M)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -295,7 +366,7 @@ def ntxent_fwd_kernel(zhat_ptr, temp_ptr, mpart_ptr, lpart_ptr, ppart_ptr, N, D,
         else:
             s = _similarity_k_loop(zhat_ptr, rows, cols, M, D, DOT_FP32, INPUT_PRECISION,
                                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
-        s = s * inv_tau
+        s = _logits(s, a_i, r_ptr, cols, M, NORMALIZE)
         # 3. [Masks] only the tiles they touch pay for them.
         if j0 + BLOCK_N > M:  # ragged last tile
             s = tl.where((cols < M)[None, :], s, float("-inf"))
@@ -346,8 +417,9 @@ def ntxent_fwd_combine_kernel(mpart_ptr, lpart_ptr, ppart_ptr, lse_ptr, loss_ptr
 
 
 @triton.jit
-def ntxent_bwd_kernel(zhat_ptr, temp_ptr, lse_ptr, g_ptr, dpart_ptr, N, D, TILES_PER_SPLIT,
-                      PANELS, DECOUPLED: tl.constexpr, DOT_FP32: tl.constexpr,
+def ntxent_bwd_kernel(zhat_ptr, r_ptr, temp_ptr, lse_ptr, g_ptr, dpart_ptr, N, D,
+                      TILES_PER_SPLIT, PANELS, NORMALIZE: tl.constexpr,
+                      DECOUPLED: tl.constexpr, DOT_FP32: tl.constexpr,
                       INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DP: tl.constexpr,
                       ONE_CHUNK: tl.constexpr, EVEN_K: tl.constexpr):
@@ -374,6 +446,7 @@ def ntxent_bwd_kernel(zhat_ptr, temp_ptr, lse_ptr, g_ptr, dpart_ptr, N, D, TILES
     # log2 units would add a rounding of ~ulp(lse) to every probability (a 3-8x larger
     # dL/dtau error than plain fp32 PyTorch where that sum cancels, e.g. D = 1).
     inv_tau = tl.div_rn(1.0, tl.load(temp_ptr).to(tl.float32))
+    a_i = _row_factor(r_ptr, rows, M, inv_tau, NORMALIZE)
     lse_i = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
     g_i = tl.load(g_ptr + rows, mask=rmask, other=0.0)
     tgt = tl.where(rows < N, rows + N, rows - N)
@@ -396,7 +469,7 @@ def ntxent_bwd_kernel(zhat_ptr, temp_ptr, lse_ptr, g_ptr, dpart_ptr, N, D, TILES
         else:
             s = _similarity_k_loop(zhat_ptr, rows, cols, M, D, DOT_FP32, INPUT_PRECISION,
                                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
-        s = s * inv_tau
+        s = _logits(s, a_i, r_ptr, cols, M, NORMALIZE)
         lse_j = tl.load(lse_ptr + cols, mask=cmask, other=0.0)
         g_j = tl.load(g_ptr + cols, mask=cmask, other=0.0)
         # 2. [G + G^T] both softmaxes of the symmetric S: row i's and row j's (2 exp2).
@@ -412,7 +485,10 @@ def ntxent_bwd_kernel(zhat_ptr, temp_ptr, lse_ptr, g_ptr, dpart_ptr, N, D, TILES
             if DECOUPLED:
                 p = tl.where(is_t, 0.0, p)
             p = tl.where(is_t, p - (g_i[:, None] + g_j[None, :]), p)
-        # 4. [dZhat_I += K Zhat_J] 2 BLOCK_M BLOCK_N BLOCK_DP FLOPs on the tensor cores.
+        # 4. [dZhat_I += (K r_J) zs_J] 2 BLOCK_M BLOCK_N BLOCK_DP FLOPs on the tensor cores;
+        #    r_j is folded into K in fp32, so the only rounding is K r_J's to the input dtype.
+        if NORMALIZE:
+            p = p * tl.load(r_ptr + cols, mask=cmask, other=0.0)[None, :]
         pk = round_cast(p, v.dtype)
         if DOT_FP32:
             pk = pk.to(tl.float32)
@@ -422,7 +498,8 @@ def ntxent_bwd_kernel(zhat_ptr, temp_ptr, lse_ptr, g_ptr, dpart_ptr, N, D, TILES
 
 
 @triton.jit
-def ntxent_bwd_epilogue_kernel(dpart_ptr, zhat_ptr, norm_ptr, temp_ptr, gscale_ptr, dz1_ptr,
+def ntxent_bwd_epilogue_kernel(dpart_ptr, zhat_ptr, norm_ptr, rs_ptr, temp_ptr, gscale_ptr,
+                               dz1_ptr,
                                dz2_ptr, dots_ptr, N, D, SPLITS, NORMALIZE: tl.constexpr,
                                UNSCALE: tl.constexpr, BLOCK_R: tl.constexpr,
                                BLOCK_D: tl.constexpr):
@@ -437,6 +514,10 @@ def ntxent_bwd_epilogue_kernel(dpart_ptr, zhat_ptr, norm_ptr, temp_ptr, gscale_p
         inv_tau = inv_tau / tl.load(gscale_ptr)  # power of two: exact
     norm = tl.load(norm_ptr + rows, mask=rmask, other=1.0)
     r = tl.div_rn(tl.full([BLOCK_R], 1.0, tl.float32), tl.maximum(norm, NORM_EPS))
+    if NORMALIZE:  # zhat = zs r_s in fp32 (r_s: the prologue's r, for the scaled rows zs)
+        rs = tl.load(rs_ptr + rows, mask=rmask, other=0.0)
+    else:
+        rs = tl.full([BLOCK_R], 1.0, tl.float32)
     # 1. [zhat . dZhat] per row, summing the splits' partials in split order.
     dot = tl.zeros([BLOCK_R], tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -446,7 +527,7 @@ def ntxent_bwd_epilogue_kernel(dpart_ptr, zhat_ptr, norm_ptr, temp_ptr, gscale_p
         acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
         for s in range(SPLITS):  # fixed order: deterministic
             acc += tl.load(dpart_ptr + s * M * D + off, mask=mask, other=0.0)
-        zh = tl.load(zhat_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        zh = tl.load(zhat_ptr + off, mask=mask, other=0.0).to(tl.float32) * rs[:, None]
         dot += tl.sum(zh * (acc * inv_tau), axis=1)
     tl.store(dots_ptr + rows, dot, mask=rmask)
     # 2. [Normalisation gradient] d/dz of z / max(|z|, eps): r (dZhat - zhat (zhat . dZhat));
@@ -464,7 +545,7 @@ def ntxent_bwd_epilogue_kernel(dpart_ptr, zhat_ptr, norm_ptr, temp_ptr, gscale_p
             acc += tl.load(dpart_ptr + s * M * D + off, mask=mask, other=0.0)
         dzh = acc * inv_tau
         if NORMALIZE:
-            zh = tl.load(zhat_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            zh = tl.load(zhat_ptr + off, mask=mask, other=0.0).to(tl.float32) * rs[:, None]
             dz = tl.where(clamped[:, None], dzh, dzh - zh * dot[:, None]) * r[:, None]
         else:
             dz = dzh
@@ -650,16 +731,17 @@ def ntxent_fwd_cuda(z1: torch.Tensor, z2: torch.Tensor, temperature: torch.Tenso
     cfg = pick_config(m, d, num_sms(dev), dtype, _device_cap(dev))
     zhat = torch.empty((m, d), device=dev, dtype=dtype)
     norms = torch.empty((m,), device=dev, dtype=torch.float32)
+    r = torch.empty((m,), device=dev, dtype=torch.float32)
     ntxent_prologue_kernel[(triton.cdiv(m, ROW_BLOCK),)](
-        z1, z2, zhat, norms, n, d, z1.stride(0), z1.stride(1), z2.stride(0), z2.stride(1),
+        z1, z2, zhat, norms, r, n, d, z1.stride(0), z1.stride(1), z2.stride(0), z2.stride(1),
         NORMALIZE=normalize, BLOCK_R=ROW_BLOCK, BLOCK_D=row_block_d(d),
         num_warps=row_warps(row_block_d(d)))
     fc = cfg[FWD]
     splits = fc["splits"]
     part = torch.empty((3, splits, m), device=dev, dtype=torch.float32)
     ntxent_fwd_kernel[(fc["row_blocks"], splits)](
-        zhat, temperature, part[0], part[1], part[2], n, d, fc["tiles_per_split"],
-        DECOUPLED=decoupled, DOT_FP32=dot_in_fp32(dtype), INPUT_PRECISION=dot_precision(dtype),
+        zhat, r, temperature, part[0], part[1], part[2], n, d, fc["tiles_per_split"],
+        NORMALIZE=normalize, DECOUPLED=decoupled, DOT_FP32=dot_in_fp32(dtype), INPUT_PRECISION=dot_precision(dtype),
         BLOCK_M=fc["BLOCK_M"], BLOCK_N=fc["BLOCK_N"], BLOCK_K=fc["BLOCK_K"],
         ONE_CHUNK=fc["ONE_CHUNK"], EVEN_K=fc["EVEN_K"], num_warps=fc["num_warps"],
         num_stages=fc["num_stages"])
@@ -696,10 +778,17 @@ def ntxent_bwd_cuda(grad_loss: torch.Tensor, zhat: torch.Tensor, norms: torch.Te
         g = g * gscale
     bc = cfg[BWD]
     splits, panels = bc["splits"], bc["panels"]
+    if normalize:  # the prologue's r, recovered exactly from (zs, norms)
+        r = torch.empty((m,), device=dev, dtype=torch.float32)
+        ntxent_rscale_kernel[(triton.cdiv(m, ROW_BLOCK),)](
+            zhat, norms, r, m, d, BLOCK_R=ROW_BLOCK, BLOCK_D=row_block_d(d),
+            num_warps=row_warps(row_block_d(d)))
+    else:
+        r = norms  # not read (NORMALIZE=False)
     dpart = torch.empty((splits, m, d), device=dev, dtype=torch.float32)
     ntxent_bwd_kernel[(bc["row_blocks"], splits * panels)](
-        zhat, temperature, lse, g, dpart, n, d, bc["tiles_per_split"], panels,
-        DECOUPLED=decoupled, DOT_FP32=dot_in_fp32(zhat.dtype),
+        zhat, r, temperature, lse, g, dpart, n, d, bc["tiles_per_split"], panels,
+        NORMALIZE=normalize, DECOUPLED=decoupled, DOT_FP32=dot_in_fp32(zhat.dtype),
         INPUT_PRECISION=dot_precision(zhat.dtype), BLOCK_M=bc["BLOCK_M"],
         BLOCK_N=bc["BLOCK_N"], BLOCK_K=bc["BLOCK_K"], BLOCK_DP=bc["BLOCK_DP"],
         ONE_CHUNK=bc["ONE_CHUNK"], EVEN_K=bc["EVEN_K"], num_warps=bc["num_warps"],
@@ -708,7 +797,7 @@ def ntxent_bwd_cuda(grad_loss: torch.Tensor, zhat: torch.Tensor, norms: torch.Te
     dz2 = torch.empty((n, d), device=dev, dtype=dtype)
     dots = torch.empty((m,), device=dev, dtype=torch.float32)
     ntxent_bwd_epilogue_kernel[(triton.cdiv(m, ROW_BLOCK),)](
-        dpart, zhat, norms, temperature, gscale if unscale else temperature, dz1, dz2, dots,
+        dpart, zhat, norms, r, temperature, gscale if unscale else temperature, dz1, dz2, dots,
         n, d, splits, NORMALIZE=normalize, UNSCALE=unscale, BLOCK_R=ROW_BLOCK,
         BLOCK_D=row_block_d(d), num_warps=row_warps(row_block_d(d)))
     # dL/dtau = -(1 / (2 tau)) sum_a zhat_a . dZhat_a (a fixed-order device reduction).
@@ -827,11 +916,12 @@ def _aot_entries() -> list:
                     plans["small"] = small
                 for tag, cfg in plans.items():
                     fc, bc = cfg[FWD], cfg[BWD]
-                    common = dict(DECOUPLED=False, DOT_FP32=False,
+                    common = dict(NORMALIZE=True, DECOUPLED=False, DOT_FP32=False,
                                   INPUT_PRECISION="bf16x3" if dtype == torch.float32 else "ieee")
                     entries.append(aot_entry(
                         ntxent_fwd_kernel, op="nt_xent", dtype=dtype, D=d, arch=arch, tag=tag,
-                        pointers=dict(zhat_ptr=dtype, temp_ptr=ptr_f32, mpart_ptr=ptr_f32,
+                        pointers=dict(zhat_ptr=dtype, r_ptr=ptr_f32, temp_ptr=ptr_f32,
+                                      mpart_ptr=ptr_f32,
                                       lpart_ptr=ptr_f32, ppart_ptr=ptr_f32),
                         constexprs=dict(common, **{k: fc[k] for k in (
                             "BLOCK_M", "BLOCK_N", "BLOCK_K", "ONE_CHUNK", "EVEN_K")}),
@@ -839,7 +929,8 @@ def _aot_entries() -> list:
                         num_stages=fc["num_stages"]))
                     entries.append(aot_entry(
                         ntxent_bwd_kernel, op="nt_xent", dtype=dtype, D=d, arch=arch, tag=tag,
-                        pointers=dict(zhat_ptr=dtype, temp_ptr=ptr_f32, lse_ptr=ptr_f32,
+                        pointers=dict(zhat_ptr=dtype, r_ptr=ptr_f32, temp_ptr=ptr_f32,
+                                      lse_ptr=ptr_f32,
                                       g_ptr=ptr_f32, dpart_ptr=ptr_f32),
                         constexprs=dict(common, **{k: bc[k] for k in (
                             "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_DP", "ONE_CHUNK",
@@ -849,13 +940,19 @@ def _aot_entries() -> list:
             block_d = row_block_d(d)
             entries.append(aot_entry(
                 ntxent_prologue_kernel, op="nt_xent", dtype=dtype, D=d,
-                pointers=dict(z1_ptr=dtype, z2_ptr=dtype, zhat_ptr=dtype, norm_ptr=ptr_f32),
+                pointers=dict(z1_ptr=dtype, z2_ptr=dtype, zs_ptr=dtype, norm_ptr=ptr_f32,
+                              r_ptr=ptr_f32),
                 constexprs=dict(NORMALIZE=True, BLOCK_R=ROW_BLOCK, BLOCK_D=block_d),
+                tensor_cores=False, num_warps=row_warps(block_d), num_stages=1))
+            entries.append(aot_entry(
+                ntxent_rscale_kernel, op="nt_xent", dtype=dtype, D=d,
+                pointers=dict(zs_ptr=dtype, norm_ptr=ptr_f32, r_ptr=ptr_f32),
+                constexprs=dict(BLOCK_R=ROW_BLOCK, BLOCK_D=block_d),
                 tensor_cores=False, num_warps=row_warps(block_d), num_stages=1))
             entries.append(aot_entry(
                 ntxent_bwd_epilogue_kernel, op="nt_xent", dtype=dtype, D=d,
                 pointers=dict(dpart_ptr=ptr_f32, zhat_ptr=dtype, norm_ptr=ptr_f32,
-                              temp_ptr=ptr_f32, gscale_ptr=ptr_f32, dz1_ptr=dtype,
+                              rs_ptr=ptr_f32, temp_ptr=ptr_f32, gscale_ptr=ptr_f32, dz1_ptr=dtype,
                               dz2_ptr=dtype, dots_ptr=ptr_f32),
                 constexprs=dict(NORMALIZE=True, UNSCALE=dtype == torch.float16,
                                 BLOCK_R=ROW_BLOCK, BLOCK_D=block_d),

@@ -11,18 +11,25 @@ kernels return the same tensors):
     ntxent_fwd_cuda(z1, z2, temperature, normalize, decoupled) -> (loss, lse, zhat, norms)
     ntxent_bwd_cuda(grad_loss, zhat, norms, lse, temperature, normalize, decoupled, dtype)
         -> (dz1, dz2, dtemperature)
-loss (M,) input dtype; lse (M,) fp32 natural-log; zhat (M, D) input dtype; norms (M,) fp32 raw
-L2 row norms; temperature a one-element fp32 device tensor read through its pointer (no host
+loss (M,) input dtype; lse (M,) fp32 natural-log; "zhat" (M, D) input dtype, here the
+power-of-two scaled raw rows zs (below); norms (M,) fp32 raw L2 row norms; temperature a one-element fp32 device tensor read through its pointer (no host
 sync anywhere, the fp16 gradient scale included).
 
 Design: full row blocks, flash-attention style, backward recomputes S
 ------------------------------------------------------------------------
-* Prologue (O(M D)): per row, in D-chunks: max-abs, then the norm as amax * sqrt(sum
-  (x / amax)^2) (overflow-safe: the raw squared sum overflows fp32 at |x| ~ 1.8e19; inputs up
-  to bf16/fp32's max normalise correctly), then Zhat = (x / amax) / sqrt(...) in the input
-  dtype (the tensor-core operand), never forming 1/|x| (subnormal above ~1e38). A row holding
-  inf/NaN gets a NaN norm and NaN Zhat, which poisons every row's LSE (every row reads every
-  column): non-finite input -> NaN loss and gradients, as in the C++ kernel.
+* Exact operands: the tensor cores multiply zs = z 2^-e (per row, e from the row's max-abs
+  exponent so that max |zs| is in [0.5, 1)), exact in the input dtype, and the fp32 factor
+  r = 1 / max(|zs|, eps 2^-e) (so zs r = z / max(|z|, eps) = zhat) is applied to the fp32 dot
+  products: S_ij = (zs_i . zs_j) (r_i / tau) r_j. Rounding zhat itself to 16 bits was the
+  dominant error at small tau (tau = 0.01, N = 33, D = 40, z2 = z1 + 1.5 noise: dz error
+  2.4e-3 fp16 / 1.8e-2 bf16 vs the C++ kernel's fp32 rows 3.3e-4 / 3.1e-3).
+* Prologue (O(M D)): per row, in D-chunks: max-abs -> e, then |zs| = sqrt(sum zs^2) over the
+  stored (input-dtype) zs values, norm = 2^e |zs| (overflow-safe: the raw squared sum
+  overflows fp32 at |x| ~ 1.8e19, that of zs never; inputs up to bf16/fp32's max normalise
+  correctly), r in fp32; writes zs, norms, r. A row holding inf/NaN gets a NaN norm and NaN
+  zs, which poisons every row's LSE (every row reads every column): non-finite input -> NaN
+  loss and gradients, as in the C++ kernel. The backward recovers r bit-identically from
+  (zs, norms) in ntxent_rscale_kernel (O(M D)): the op's saved tensors keep their schema.
 * Forward: program (row block I, column split s) streams the column tiles of split s:
   S_IJ = Zhat_I Zhat_J^T / tau, a GEMM K-loop over BLOCK_K-wide chunks of D (one chunk, the
   row block held in registers, when D <= BLOCK_K), and keeps the running row (max, sum) in
@@ -34,16 +41,18 @@ Design: full row blocks, flash-attention style, backward recomputes S
   The M x M matrix is never written. Cost: 1 eq, M^2 exp2. A combine kernel merges the
   splits' (max, sum) in split order (deterministic) and writes lse and the loss rows; the
   positive logit is read from the same S tile as the LSE (no negative rows).
-* Backward: dZhat = (G + G^T) Zhat / tau with G_ij = g_i softmax_i(j) - g_i [j = t(i)].
+* Backward: dZhat = (G + G^T) Zhat / tau with G_ij = g_i softmax_i(j) - g_i [j = t(i)],
+  as (G + G^T) diag(r) Zs / tau.
   Program (I, s, D-panel p) recomputes S_IJ (the K-loop over all of D) and forms, in fp32,
       K_IJ = g_i exp2((S_ij - lse_i) log2 e) + g_j exp2((S_ij - lse_j) log2 e)   (2 exp2)
-  then the -(g_i + g_t(i)) of the target is folded in fp32 *before* K is cast to the input
-  dtype for ``dZhat_I[:, p] += tl.dot(K, Zhat_J[:, p])`` -- the positive's p ~ 1 - eps would
-  otherwise cancel after rounding. The accumulator is BLOCK_M x BLOCK_DP fp32 registers.
+  then the -(g_i + g_t(i)) of the target and the column factor r_j are folded in fp32
+  *before* K r_J is cast to the input dtype for ``dZhat_I[:, p] += tl.dot(K r_J, Zs_J[:, p])``
+  -- the positive's p ~ 1 - eps would otherwise cancel after rounding. The accumulator is BLOCK_M x BLOCK_DP fp32 registers.
   Cost: (1 + P) eq and 2 P M^2 exp2 for P = cdiv(D, BLOCK_DP) panels (P = 1 up to D = 256).
   An epilogue kernel (O(M D), two passes over D-chunks) sums the splits' partials in split
   order, scales by 1/tau, applies the normalisation gradient dZ = r (dZhat - zhat (zhat .
-  dZhat)) with r = 1 / max(norm, 1e-12) (r dZhat where the norm was clamped), writes dz1/dz2
+  dZhat)) with r = 1 / max(norm, 1e-12) (r dZhat where the norm was clamped) and zhat =
+  zs r_s in fp32 (r_s the prologue's factor), writes dz1/dz2
   and zhat_a . dZhat_a per row, from which dL/dtau = -(1/(2 tau)) sum_a zhat_a . dZhat_a.
 * Masks cost only where they apply: the self-mask runs only in tiles that cross the diagonal,
   the target fold / positive extraction / decoupled mask only in tiles that hold a target
@@ -115,8 +124,8 @@ BLOCK_N = 128 (284-528); bf16 wide bwd 128-row / 4-warp tiles (120-936); fp32 bw
 chosen tiles sit at 254-255 registers on sm_80 with 0 spills: a Triton upgrade may tip them
 (``tests/test_gpu_report.py`` would fail).
 
-Precision: fp32 accumulation everywhere; the dot operands are Zhat in the input dtype (bf16 /
-fp16 / fp32). fp32 inputs use ``tl.dot(input_precision=...)`` from ``FASTSSL_FP32_DOT``
+Precision: fp32 accumulation everywhere; the dot operands are zs (exact) in the input dtype
+(bf16 / fp16 / fp32) and, backward, K r_J rounded to it; every normalisation factor is fp32. fp32 inputs use ``tl.dot(input_precision=...)`` from ``FASTSSL_FP32_DOT``
 (default ``"bf16x3"``, present in triton 3.6 and 3.9: tensor cores, ~1e-5 relative, 3x the
 products; ``"tf32"`` faster and ~1e-3; ``"ieee"`` no tensor cores), see
 :mod:`fastssl.ops._triton_utils`; fp32's FLOP counts are 3x. fp16 backward: g is pre-scaled
@@ -719,9 +728,10 @@ def ntxent_fwd_cuda(z1: torch.Tensor, z2: torch.Tensor, temperature: torch.Tenso
         normalize, decoupled: as in :func:`fastssl.nt_xent`.
     Returns:
         loss (2N,) in the input dtype; lse (2N,) fp32, natural-log LSE of each row's masked
-        logits; zhat (2N, D) in the input dtype, the tensor-core operand (normalised rows, or
-        the raw rows when ``normalize`` is False); norms (2N,) fp32, the raw L2 row norms,
-        overflow-safe (max-abs scaled). A row holding inf/NaN has a NaN norm and NaN zhat,
+        logits; "zhat" (2N, D) in the input dtype, the tensor-core operand zs: the raw rows
+        scaled by a power of two 2^-e per row (max |zs| in [0.5, 1)), or the raw rows when
+        ``normalize`` is False; norms (2N,) fp32, the raw L2 row norms 2^e |zs|,
+        overflow-safe. A row holding inf/NaN has a NaN norm and NaN zhat,
         and makes every loss and lse NaN (as the C++ kernel does).
     """
     _check(z1, z2, temperature)
@@ -762,7 +772,8 @@ def ntxent_bwd_cuda(grad_loss: torch.Tensor, zhat: torch.Tensor, norms: torch.Te
         temperature: the forward's one-element fp32 tensor; dtype: the input dtype.
     Returns:
         dz1, dz2 (N, D) in ``dtype``; dtemperature, fp32, shaped like ``temperature``. The
-        normalisation gradient uses zhat and r = 1 / max(norm, 1e-12), not z1 / z2.
+        normalisation gradient uses zhat = zs r_s (r_s recovered from zs and norms, equal to
+        the forward's) and r = 1 / max(norm, 1e-12), not z1 / z2.
     """
     m, d = zhat.shape
     n = m // 2
@@ -809,11 +820,16 @@ def ntxent_bwd_cuda(grad_loss: torch.Tensor, zhat: torch.Tensor, norms: torch.Te
 # The op: schemas, fake, autograd (one for both devices), the Triton CUDA kernels
 # ---------------------------------------------------------------------------------------
 #
-# Saved-tensor contract (both devices): ntxent_fwd returns (loss (2N,) in the input dtype,
-# lse (2N,) fp32 natural-log LSE, zhat (2N, D), norms (2N,) fp32 raw L2 row norms) and
-# ntxent_bwd consumes (zhat, norms, lse). zhat is the operand the device's kernel multiplies:
-# fp32 on CPU (the C++ kernel computes in fp32), the input dtype on CUDA (tensor cores) --
-# :func:`zhat_dtype`, which the fake uses too.
+# Saved-tensor contract: ntxent_fwd returns (loss (2N,) in the input dtype, lse (2N,) fp32
+# natural-log LSE, zhat (2N, D), norms (2N,) fp32 raw L2 row norms |z| on both devices) and
+# ntxent_bwd consumes (zhat, norms, lse) from the same device's forward. "zhat" is the
+# operand the device's kernel multiplies, in :func:`zhat_dtype` (the fake uses it too):
+# - CPU (C++ kernel): fp32 normalised rows z / max(|z|, 1e-12).
+# - CUDA (Triton; CPU inside triton_on_cpu): the input dtype, holding zs = z 2^-e, the raw
+#   rows scaled exactly by a per-row power of two (max |zs| in [0.5, 1); zero / subnormal-max
+#   rows e = -125), or z itself when normalize is False. The normalised row is zs r with
+#   r = 1 / max(|zs|, 1e-12 2^-e) in fp32; the backward recomputes |zs| and 2^e = norms / |zs|
+#   (an exact power of two) from the saved pair, so no extra saved tensor is needed.
 
 _library.define("ntxent_fwd", "(Tensor z1, Tensor z2, Tensor temperature, bool normalize, "
                 "bool decoupled) -> (Tensor loss, Tensor lse, Tensor zhat, Tensor norms)")

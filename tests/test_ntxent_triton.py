@@ -375,3 +375,38 @@ def test_gpu_tiles_cover_any_width(d, dtype, cap):
     assert b["panels"] * b["BLOCK_DP"] >= d > (b["panels"] - 1) * b["BLOCK_DP"]
     if b["ONE_CHUNK"]:
         assert b["panels"] == 1 and b["BLOCK_K"] == b["BLOCK_DP"] >= d
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_recovers_the_forward_r_exactly(dtype):
+    """The backward's r (ntxent_rscale_kernel, from the saved zs and norms) equals the
+    prologue's bit for bit, on ordinary, clamped (norm < 1e-12), zero, subnormal-max (fp32 /
+    bf16) and huge rows -- the saved-tensor contract has no r of its own."""
+    n, d = 6, 40
+    z = torch.randn(2 * n, d)
+    z[1] *= 1e-14                       # clamped: r = 2^e / eps (fp16: underflows to 0)
+    z[2] = 0.0                          # zero row
+    z[3] *= 2.0 ** (8 if dtype == torch.float16 else 60)  # scaled down, finite in dtype
+    z[4] = torch.randn(d) * 2.0 ** -20  # scaled up
+    if dtype != torch.float16:
+        z[5] = torch.randn(d) * 1e-40   # subnormal fp32 max: e = -125, max |zs| < 0.5
+        z[7] *= 1e30
+    z = z.to(dtype).to(DEV)
+    m = 2 * n
+    zs = torch.empty((m, d), device=DEV, dtype=dtype)
+    norms = torch.empty(m, device=DEV)
+    r_fwd, r_bwd = torch.empty(m, device=DEV), torch.empty(m, device=DEV)
+    bd = tntx.row_block_d(d)
+    tntx.ntxent_prologue_kernel[(triton.cdiv(m, tntx.ROW_BLOCK),)](
+        z[:n], z[n:], zs, norms, r_fwd, n, d, d, 1, d, 1, NORMALIZE=True,
+        BLOCK_R=tntx.ROW_BLOCK, BLOCK_D=bd, num_warps=tntx.row_warps(bd))
+    tntx.ntxent_rscale_kernel[(triton.cdiv(m, tntx.ROW_BLOCK),)](
+        zs, norms, r_bwd, m, d, BLOCK_R=tntx.ROW_BLOCK, BLOCK_D=bd,
+        num_warps=tntx.row_warps(bd))
+    assert torch.equal(r_fwd, r_bwd)
+    zd = z.double().cpu()
+    true_norms = zd.norm(dim=1)
+    zhat = (zs.double() * r_fwd.double()[:, None]).cpu()
+    want = zd / true_norms.clamp_min(1e-12)[:, None]
+    assert rel_err(zhat, want) < 1e-6
+    assert rel_err(norms.double().cpu()[true_norms > 0], true_norms[true_norms > 0]) < 1e-6

@@ -294,12 +294,21 @@ def _row_factor(r_ptr, rows, M, inv_tau, NORMALIZE: tl.constexpr):
 
 
 @triton.jit
-def _logits(dot, a_i, r_ptr, cols, M, NORMALIZE: tl.constexpr):
+def _col_factor(r_ptr, cols, M, NORMALIZE: tl.constexpr):
+    """Column factor r_j (normalize; 1 otherwise: not read)."""
+    if NORMALIZE:
+        return tl.load(r_ptr + cols, mask=cols < M, other=0.0)
+    else:
+        return tl.full(cols.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _logits(dot, a_i, r_j, NORMALIZE: tl.constexpr):
     """S_IJ = (zs_i . zs_j) (r_i / tau) r_j in fp32, on the fp32 dot of the exact operands:
     one expression for the forward and the backward's recompute (bit-identical logits)."""
     s = dot * a_i[:, None]
     if NORMALIZE:
-        s = s * tl.load(r_ptr + cols, mask=cols < M, other=0.0)[None, :]
+        s = s * r_j[None, :]
     return s
 
 
@@ -375,7 +384,7 @@ def ntxent_fwd_kernel(zhat_ptr, r_ptr, temp_ptr, mpart_ptr, lpart_ptr, ppart_ptr
         else:
             s = _similarity_k_loop(zhat_ptr, rows, cols, M, D, DOT_FP32, INPUT_PRECISION,
                                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
-        s = _logits(s, a_i, r_ptr, cols, M, NORMALIZE)
+        s = _logits(s, a_i, _col_factor(r_ptr, cols, M, NORMALIZE), NORMALIZE)
         # 3. [Masks] only the tiles they touch pay for them.
         if j0 + BLOCK_N > M:  # ragged last tile
             s = tl.where((cols < M)[None, :], s, float("-inf"))
@@ -478,7 +487,8 @@ def ntxent_bwd_kernel(zhat_ptr, r_ptr, temp_ptr, lse_ptr, g_ptr, dpart_ptr, N, D
         else:
             s = _similarity_k_loop(zhat_ptr, rows, cols, M, D, DOT_FP32, INPUT_PRECISION,
                                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
-        s = _logits(s, a_i, r_ptr, cols, M, NORMALIZE)
+        r_j = _col_factor(r_ptr, cols, M, NORMALIZE)
+        s = _logits(s, a_i, r_j, NORMALIZE)
         lse_j = tl.load(lse_ptr + cols, mask=cmask, other=0.0)
         g_j = tl.load(g_ptr + cols, mask=cmask, other=0.0)
         # 2. [G + G^T] both softmaxes of the symmetric S: row i's and row j's (2 exp2).
@@ -497,7 +507,7 @@ def ntxent_bwd_kernel(zhat_ptr, r_ptr, temp_ptr, lse_ptr, g_ptr, dpart_ptr, N, D
         # 4. [dZhat_I += (K r_J) zs_J] 2 BLOCK_M BLOCK_N BLOCK_DP FLOPs on the tensor cores;
         #    r_j is folded into K in fp32, so the only rounding is K r_J's to the input dtype.
         if NORMALIZE:
-            p = p * tl.load(r_ptr + cols, mask=cmask, other=0.0)[None, :]
+            p = p * r_j[None, :]
         pk = round_cast(p, v.dtype)
         if DOT_FP32:
             pk = pk.to(tl.float32)
@@ -609,7 +619,7 @@ COMBINE_BLOCK = 256
 # bf16 and fp16 share tiles. "small" variants for short batches (fewer tiles than SMs).
 _HALF = {
     80: {"d64": ((128, 64, 64, 8, 3), (128, 32, 64, 64, 8, 3)),
-         "d128": ((128, 64, 128, 8, 3), (128, 32, 128, 128, 8, 3)),
+         "d128": ((128, 64, 128, 8, 3), (64, 32, 128, 128, 4, 3)),
          "d256": ((64, 64, 256, 8, 2), (64, 32, 256, 256, 8, 2)),
          "wide": ((128, 64, 64, 8, 3), (64, 32, 64, 256, 8, 2))},
     90: {"d64": ((128, 64, 64, 8, 3), (128, 64, 64, 64, 8, 3)),

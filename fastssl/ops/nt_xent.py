@@ -100,22 +100,27 @@ and run on wgmma (sm_90) / mma.sync (sm_80). The launcher picks the table by the
 compute capability (>= 9.0 -> sm_90, else sm_80). Tile = (BLOCK_M, BLOCK_N, BLOCK_K[,
 BLOCK_DP], warps, stages); regs / shared bytes per arch as compiled:
   arch   dtype      D          forward tile        regs/shared backward tile          regs/shared
-  sm_90  bf16/fp16  <= 64      (128, 64, 64, 8, 3)   121 / 24K   (128, 64, 64, 64, 8, 3)   207 / 32K
-  sm_90  bf16/fp16  <= 128     (128, 64, 128, 8, 3)  121 / 48K   (128, 64, 128, 128, 8, 3) 216 / 64K
-  sm_90  bf16/fp16  <= 256     (128, 64, 256, 8, 2)  170 / 96K   (64, 64, 256, 256, 8, 2)  199 / 72K
+  sm_90  bf16/fp16  <= 64      (128, 64, 64, 8, 3)   125 / 24K   (128, 64, 64, 64, 8, 3)   237 / 32K
+  sm_90  bf16/fp16  <= 128     (128, 64, 128, 8, 3)  122 / 48K   (128, 64, 128, 128, 8, 3) 234 / 64K
+  sm_90  bf16/fp16  <= 256     (128, 64, 256, 8, 2)  170 / 96K*  (64, 64, 256, 256, 8, 2)  199 / 72K*
   sm_90  bf16/fp16  > 256      (128, 64, 64, 8, 3)   254 / 24K   (64, 32, 64, 256, 8, 2)   240 / 64K
-  sm_90  fp32       <= 64      (64, 64, 64, 4, 2)    128 / 48K   (64, 32, 64, 64, 4, 2)    240 / 32K
-  sm_90  fp32       <= 128     (64, 32, 128, 4, 2)   128 / 64K   (64, 16, 128, 128, 4, 2)  228 / 48K
-  sm_90  fp32       > 128      (128, 32, 32, 8, 3)   220 / 44K   (64, 16, 32, 128, 4, 2)   240 / 32K
-  sm_80  bf16/fp16  <= 64      (128, 64, 64, 8, 3)   199 / 24K   (128, 32, 64, 64, 8, 3)   254 / 32K
-  sm_80  bf16/fp16  <= 128     (128, 64, 128, 8, 3)  203 / 48K   (128, 32, 128, 128, 8, 3) 255 / 48K
-  sm_80  bf16/fp16  <= 256     (64, 64, 256, 8, 2)   255 / 48K   (64, 32, 256, 256, 8, 2)  240 / 56K
+  sm_90  fp32       <= 64      (64, 64, 64, 4, 2)    128 / 48K   (64, 32, 64, 64, 4, 2)    238 / 32K
+  sm_90  fp32       <= 128     (64, 32, 128, 4, 2)   128 / 64K   (64, 16, 128, 128, 4, 2)  232 / 48K
+  sm_90  fp32       > 128      (128, 32, 32, 8, 3)   219 / 44K   (64, 16, 32, 128, 4, 2)   241 / 32K
+  sm_80  bf16/fp16  <= 64      (128, 64, 64, 8, 3)   212 / 24K   (128, 32, 64, 64, 8, 3)   254 / 32K
+  sm_80  bf16/fp16  <= 128     (128, 64, 128, 8, 3)  224 / 48K   (64, 32, 128, 128, 4, 3)  255 / 32K
+  sm_80  bf16/fp16  <= 256     (64, 64, 256, 8, 2)   255 / 48K*  (64, 32, 256, 256, 8, 2)  240 / 56K*
   sm_80  bf16/fp16  > 256      (128, 64, 64, 8, 3)   255 / 24K   (64, 32, 64, 256, 8, 2)   255 / 32K
-  sm_80  fp32       <= 64      (64, 32, 64, 4, 2)    179 / 24K   (64, 16, 64, 64, 4, 2)    175 / 20K
-  sm_80  fp32       <= 128     (64, 32, 128, 4, 2)   255 / 48K   (32, 16, 128, 128, 4, 2)  248 / 26K
+  sm_80  fp32       <= 64      (64, 32, 64, 4, 2)    179 / 24K   (64, 16, 64, 64, 4, 2)    201 / 20K
+  sm_80  fp32       <= 128     (64, 32, 128, 4, 2)   255 / 48K   (32, 16, 128, 128, 4, 2)  226 / 26K
   sm_80  fp32       > 128      (128, 32, 32, 8, 3)   248 / 40K   (64, 16, 32, 128, 8, 2)   221 / 16K
     short batches (bf16/fp16, D <= 128, fewer tiles than SMs): (64, 32, ., 4, 3) both passes,
-    72-165 / 12-24K forward, 151-254 / 16-32K backward.
+    64-168 / 12-24K forward, 179-255 / 16-32K backward.
+    Figures from the exact-operand kernels (zs and fp32 r, see Precision), re-swept at D in
+    {64, 128, 1024}: 0 spills in all 112 nt_xent rows (fp32 > 128 and "wide" measured at
+    D = 1024). * = the D = 256 rows are the previous (zhat-operand) kernels' figures, not
+    re-compiled since. The exact-operand backward spilled 48 B in the previous sm_80 bf16/fp16
+    d128 tile (128, 32, 128, 128, 8, 3); (64, 32, 128, 128, 4, 3) has 0.
 Every compiled: 0 spills, wgmma on sm_90, mma on sm_80 (`fastssl gpu-report --only nt_xent:`).
 Rejected in the sweep (spill bytes): bf16 bwd 64 x 512 D-panels (32-544, both archs); bf16
 bwd (128, 64, 128, 128) on sm_80 (12); bf16 wide fwd with BLOCK_K = 128 (1120-1860) or

@@ -20,7 +20,7 @@ Design: full row blocks, flash-attention style, backward recomputes S
 * Exact operands: the tensor cores multiply zs = z 2^-e (per row, e from the row's max-abs
   exponent so that max |zs| is in [0.5, 1)), exact in the input dtype, and the fp32 factor
   r = 1 / max(|zs|, eps 2^-e) (so zs r = z / max(|z|, eps) = zhat) is applied to the fp32 dot
-  products: S_ij = (zs_i . zs_j) (r_i / tau) r_j. Rounding zhat itself to 16 bits was the
+  products: S_ij = ((zs_i . zs_j) (r_i r_j)) / tau (symmetric). Rounding zhat itself to 16 bits was the
   dominant error at small tau (tau = 0.01, N = 33, D = 40, z2 = z1 + 1.5 noise: dz error
   2.4e-3 fp16 / 1.8e-2 bf16 vs the C++ kernel's fp32 rows 3.3e-4 / 3.1e-3).
 * Prologue (O(M D)): per row, in D-chunks: max-abs -> e, then |zs| = sqrt(sum zs^2) over the
@@ -290,12 +290,12 @@ def _overlaps(j0, lo, hi, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _row_factor(r_ptr, rows, M, inv_tau, NORMALIZE: tl.constexpr):
-    """Row factor of the logits: r_i / tau (normalize) or 1 / tau."""
+def _row_factor(r_ptr, rows, M, NORMALIZE: tl.constexpr):
+    """Row factor r_i of the logits (normalize; 1 otherwise: not read)."""
     if NORMALIZE:
-        return tl.load(r_ptr + rows, mask=rows < M, other=0.0) * inv_tau
+        return tl.load(r_ptr + rows, mask=rows < M, other=0.0)
     else:
-        return tl.zeros_like(rows).to(tl.float32) + inv_tau
+        return tl.full(rows.shape, 1.0, tl.float32)
 
 
 @triton.jit
@@ -308,13 +308,16 @@ def _col_factor(r_ptr, cols, M, NORMALIZE: tl.constexpr):
 
 
 @triton.jit
-def _logits(dot, a_i, r_j, NORMALIZE: tl.constexpr):
-    """S_IJ = (zs_i . zs_j) (r_i / tau) r_j in fp32, on the fp32 dot of the exact operands:
-    one expression for the forward and the backward's recompute (bit-identical logits)."""
-    s = dot * a_i[:, None]
+def _logits(dot, r_i, r_j, inv_tau, NORMALIZE: tl.constexpr):
+    """S_IJ = ((zs_i . zs_j) (r_i r_j)) / tau in fp32, on the fp32 dot of the exact operands:
+    one expression for the forward and the backward's recompute (bit-identical logits), and
+    symmetric (r_i r_j commutes exactly): S_ij == S_ji bit for bit, so a saturated positive
+    cancels exactly in both softmax terms of K (with (r_i / tau) r_j it did not: a 1e-5
+    gradient where the truth is 1e-27, tau = 0.01)."""
     if NORMALIZE:
-        s = s * r_j[None, :]
-    return s
+        return (dot * (r_i[:, None] * r_j[None, :])) * inv_tau
+    else:
+        return dot * inv_tau
 
 
 @triton.jit
@@ -369,7 +372,7 @@ def ntxent_fwd_kernel(zhat_ptr, r_ptr, temp_ptr, mpart_ptr, lpart_ptr, ppart_ptr
     #    conversion (a log2-unit LSE converted to natural and back would add ~ulp(lse) to every
     #    probability: 5x plain fp32 PyTorch's dL/dtau error where that sum cancels, D = 1).
     inv_tau = tl.div_rn(1.0, tl.load(temp_ptr).to(tl.float32))
-    a_i = _row_factor(r_ptr, rows, M, inv_tau, NORMALIZE)
+    r_i = _row_factor(r_ptr, rows, M, NORMALIZE)
     tgt = tl.where(rows < N, rows + N, rows - N)
     lo1, hi1, lo2, hi2 = _target_range(i0, N, BLOCK_M)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -389,7 +392,7 @@ def ntxent_fwd_kernel(zhat_ptr, r_ptr, temp_ptr, mpart_ptr, lpart_ptr, ppart_ptr
         else:
             s = _similarity_k_loop(zhat_ptr, rows, cols, M, D, DOT_FP32, INPUT_PRECISION,
                                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
-        s = _logits(s, a_i, _col_factor(r_ptr, cols, M, NORMALIZE), NORMALIZE)
+        s = _logits(s, r_i, _col_factor(r_ptr, cols, M, NORMALIZE), inv_tau, NORMALIZE)
         # 3. [Masks] only the tiles they touch pay for them.
         if j0 + BLOCK_N > M:  # ragged last tile
             s = tl.where((cols < M)[None, :], s, float("-inf"))
@@ -469,7 +472,7 @@ def ntxent_bwd_kernel(zhat_ptr, r_ptr, temp_ptr, lse_ptr, g_ptr, dpart_ptr, N, D
     # log2 units would add a rounding of ~ulp(lse) to every probability (a 3-8x larger
     # dL/dtau error than plain fp32 PyTorch where that sum cancels, e.g. D = 1).
     inv_tau = tl.div_rn(1.0, tl.load(temp_ptr).to(tl.float32))
-    a_i = _row_factor(r_ptr, rows, M, inv_tau, NORMALIZE)
+    r_i = _row_factor(r_ptr, rows, M, NORMALIZE)
     lse_i = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
     g_i = tl.load(g_ptr + rows, mask=rmask, other=0.0)
     tgt = tl.where(rows < N, rows + N, rows - N)
@@ -493,7 +496,7 @@ def ntxent_bwd_kernel(zhat_ptr, r_ptr, temp_ptr, lse_ptr, g_ptr, dpart_ptr, N, D
             s = _similarity_k_loop(zhat_ptr, rows, cols, M, D, DOT_FP32, INPUT_PRECISION,
                                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
         r_j = _col_factor(r_ptr, cols, M, NORMALIZE)
-        s = _logits(s, a_i, r_j, NORMALIZE)
+        s = _logits(s, r_i, r_j, inv_tau, NORMALIZE)
         lse_j = tl.load(lse_ptr + cols, mask=cmask, other=0.0)
         g_j = tl.load(g_ptr + cols, mask=cmask, other=0.0)
         # 2. [G + G^T] both softmaxes of the symmetric S: row i's and row j's (2 exp2).

@@ -1,4 +1,4 @@
-"""Fused Triton NT-Xent (``fastssl/ops/ntxent.py``) under ``TRITON_INTERPRET=1`` on CPU tensors,
+"""Fused Triton NT-Xent (``fastssl/ops/nt_xent.py``) under ``TRITON_INTERPRET=1`` on CPU tensors,
 via ``fastssl.nt_xent(..., backend="triton")``: loss and gradients (z1, z2, temperature) against
 an fp64 truth, at odd shapes with ragged tiles and column splits, plus bad inputs and the grid.
 
@@ -20,7 +20,7 @@ import triton.language as tl
 import fastssl
 from fastssl import reference
 from fastssl.ops import _triton_utils
-from fastssl.ops import ntxent as tntx
+from fastssl.ops import nt_xent as tntx
 from fastssl.ops._triton_utils import round_cast
 from helpers import assert_close_to_truth, rel_err
 
@@ -30,6 +30,19 @@ pytestmark = pytest.mark.skipif(
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def _triton_kernels_on_cpu():
+    """On CPU, backend="triton" runs the op's Triton kernels only inside
+    ``fastssl._dispatch.triton_on_cpu()`` (the interpreter); input validation, which
+    test_bad_inputs_same_errors_as_cpu_path compares, runs before any kernel either way."""
+    if DEV == "cuda":
+        yield
+        return
+    from fastssl import _dispatch
+    with _dispatch.triton_on_cpu():
+        yield
 
 
 def _run(fn, z1, z2, temp, grad, **kw):
@@ -159,7 +172,8 @@ def test_huge_inputs(dtype, rows):
 
 def test_launcher_contract():
     """ntxent_fwd_cuda / ntxent_bwd_cuda: shapes, dtypes, natural-log lse, raw (overflow-safe)
-    norms, zhat in the input dtype, dtemperature shaped like temperature."""
+    norms, "zhat" = the power-of-two scaled raw rows zs (exact, input dtype, max |zs| in
+    [0.5, 1)), dtemperature shaped like temperature."""
     n, d = 5, 72
     z1, z2 = _views(n, d, torch.bfloat16)
     z1[2] *= 2.0 ** 100
@@ -171,9 +185,13 @@ def test_launcher_contract():
     z = torch.cat([z1, z2]).double()
     true_norms = z.norm(dim=1)
     assert rel_err(norms.double().cpu() / true_norms, torch.ones(2 * n)) < 1e-6
-    zn = z / true_norms[:, None]
-    assert (zhat.double().cpu() - zn).abs().max() <= 2.0 ** -8  # bf16 rounding of |x| <= 1
-    zh = zhat.double().cpu()  # the LSE of the logits the tensor cores see
+    zs = zhat.double().cpu()
+    scale = zs.abs().amax(dim=1) / z.abs().amax(dim=1)
+    assert torch.equal(torch.exp2(torch.round(torch.log2(scale))), scale)  # powers of two
+    assert torch.equal(zs, z * scale[:, None])  # exact: no rounding of the operand
+    amax = zs.abs().amax(dim=1)
+    assert (amax >= 0.5).all() and (amax < 1).all()
+    zh = zs / zs.norm(dim=1, keepdim=True)  # the exact zhat the fp32 factors r_i r_j give
     s = zh @ zh.T / 0.3
     s.fill_diagonal_(float("-inf"))
     assert rel_err(lse.cpu(), torch.logsumexp(s, dim=1)) < 1e-5
@@ -357,3 +375,38 @@ def test_gpu_tiles_cover_any_width(d, dtype, cap):
     assert b["panels"] * b["BLOCK_DP"] >= d > (b["panels"] - 1) * b["BLOCK_DP"]
     if b["ONE_CHUNK"]:
         assert b["panels"] == 1 and b["BLOCK_K"] == b["BLOCK_DP"] >= d
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_recovers_the_forward_r_exactly(dtype):
+    """The backward's r (ntxent_rscale_kernel, from the saved zs and norms) equals the
+    prologue's bit for bit, on ordinary, clamped (norm < 1e-12), zero, subnormal-max (fp32 /
+    bf16) and huge rows -- the saved-tensor contract has no r of its own."""
+    n, d = 6, 40
+    z = torch.randn(2 * n, d)
+    z[1] *= 1e-14                       # clamped: r = 2^e / eps (fp16: underflows to 0)
+    z[2] = 0.0                          # zero row
+    z[3] *= 2.0 ** (8 if dtype == torch.float16 else 60)  # scaled down, finite in dtype
+    z[4] = torch.randn(d) * 2.0 ** -20  # scaled up
+    if dtype != torch.float16:
+        z[5] = torch.randn(d) * 1e-40   # subnormal fp32 max: e = -125, max |zs| < 0.5
+        z[7] *= 1e30
+    z = z.to(dtype).to(DEV)
+    m = 2 * n
+    zs = torch.empty((m, d), device=DEV, dtype=dtype)
+    norms = torch.empty(m, device=DEV)
+    r_fwd, r_bwd = torch.empty(m, device=DEV), torch.empty(m, device=DEV)
+    bd = tntx.row_block_d(d)
+    tntx.ntxent_prologue_kernel[(triton.cdiv(m, tntx.ROW_BLOCK),)](
+        z[:n], z[n:], zs, norms, r_fwd, n, d, d, 1, d, 1, NORMALIZE=True,
+        BLOCK_R=tntx.ROW_BLOCK, BLOCK_D=bd, num_warps=tntx.row_warps(bd))
+    tntx.ntxent_rscale_kernel[(triton.cdiv(m, tntx.ROW_BLOCK),)](
+        zs, norms, r_bwd, m, d, BLOCK_R=tntx.ROW_BLOCK, BLOCK_D=bd,
+        num_warps=tntx.row_warps(bd))
+    assert torch.equal(r_fwd, r_bwd)
+    zd = z.double().cpu()
+    true_norms = zd.norm(dim=1)
+    zhat = (zs.double() * r_fwd.double()[:, None]).cpu()
+    want = zd / true_norms.clamp_min(1e-12)[:, None]
+    assert rel_err(zhat, want) < 1e-6
+    assert rel_err(norms.double().cpu()[true_norms > 0], true_norms[true_norms > 0]) < 1e-6

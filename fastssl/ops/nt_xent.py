@@ -11,18 +11,25 @@ kernels return the same tensors):
     ntxent_fwd_cuda(z1, z2, temperature, normalize, decoupled) -> (loss, lse, zhat, norms)
     ntxent_bwd_cuda(grad_loss, zhat, norms, lse, temperature, normalize, decoupled, dtype)
         -> (dz1, dz2, dtemperature)
-loss (M,) input dtype; lse (M,) fp32 natural-log; zhat (M, D) input dtype; norms (M,) fp32 raw
-L2 row norms; temperature a one-element fp32 device tensor read through its pointer (no host
+loss (M,) input dtype; lse (M,) fp32 natural-log; "zhat" (M, D) input dtype, here the
+power-of-two scaled raw rows zs (below); norms (M,) fp32 raw L2 row norms; temperature a one-element fp32 device tensor read through its pointer (no host
 sync anywhere, the fp16 gradient scale included).
 
 Design: full row blocks, flash-attention style, backward recomputes S
 ------------------------------------------------------------------------
-* Prologue (O(M D)): per row, in D-chunks: max-abs, then the norm as amax * sqrt(sum
-  (x / amax)^2) (overflow-safe: the raw squared sum overflows fp32 at |x| ~ 1.8e19; inputs up
-  to bf16/fp32's max normalise correctly), then Zhat = (x / amax) / sqrt(...) in the input
-  dtype (the tensor-core operand), never forming 1/|x| (subnormal above ~1e38). A row holding
-  inf/NaN gets a NaN norm and NaN Zhat, which poisons every row's LSE (every row reads every
-  column): non-finite input -> NaN loss and gradients, as in the C++ kernel.
+* Exact operands: the tensor cores multiply zs = z 2^-e (per row, e from the row's max-abs
+  exponent so that max |zs| is in [0.5, 1)), exact in the input dtype, and the fp32 factor
+  r = 1 / max(|zs|, eps 2^-e) (so zs r = z / max(|z|, eps) = zhat) is applied to the fp32 dot
+  products: S_ij = ((zs_i . zs_j) (r_i r_j)) / tau (symmetric). Rounding zhat itself to 16 bits was the
+  dominant error at small tau (tau = 0.01, N = 33, D = 40, z2 = z1 + 1.5 noise: dz error
+  2.4e-3 fp16 / 1.8e-2 bf16 vs the C++ kernel's fp32 rows 3.3e-4 / 3.1e-3).
+* Prologue (O(M D)): per row, in D-chunks: max-abs -> e, then |zs| = sqrt(sum zs^2) over the
+  stored (input-dtype) zs values, norm = 2^e |zs| (overflow-safe: the raw squared sum
+  overflows fp32 at |x| ~ 1.8e19, that of zs never; inputs up to bf16/fp32's max normalise
+  correctly), r in fp32; writes zs, norms, r. A row holding inf/NaN gets a NaN norm and NaN
+  zs, which poisons every row's LSE (every row reads every column): non-finite input -> NaN
+  loss and gradients, as in the C++ kernel. The backward recovers r bit-identically from
+  (zs, norms) in ntxent_rscale_kernel (O(M D)): the op's saved tensors keep their schema.
 * Forward: program (row block I, column split s) streams the column tiles of split s:
   S_IJ = Zhat_I Zhat_J^T / tau, a GEMM K-loop over BLOCK_K-wide chunks of D (one chunk, the
   row block held in registers, when D <= BLOCK_K), and keeps the running row (max, sum) in
@@ -34,16 +41,18 @@ Design: full row blocks, flash-attention style, backward recomputes S
   The M x M matrix is never written. Cost: 1 eq, M^2 exp2. A combine kernel merges the
   splits' (max, sum) in split order (deterministic) and writes lse and the loss rows; the
   positive logit is read from the same S tile as the LSE (no negative rows).
-* Backward: dZhat = (G + G^T) Zhat / tau with G_ij = g_i softmax_i(j) - g_i [j = t(i)].
+* Backward: dZhat = (G + G^T) Zhat / tau with G_ij = g_i softmax_i(j) - g_i [j = t(i)],
+  as (G + G^T) diag(r) Zs / tau.
   Program (I, s, D-panel p) recomputes S_IJ (the K-loop over all of D) and forms, in fp32,
       K_IJ = g_i exp2((S_ij - lse_i) log2 e) + g_j exp2((S_ij - lse_j) log2 e)   (2 exp2)
-  then the -(g_i + g_t(i)) of the target is folded in fp32 *before* K is cast to the input
-  dtype for ``dZhat_I[:, p] += tl.dot(K, Zhat_J[:, p])`` -- the positive's p ~ 1 - eps would
-  otherwise cancel after rounding. The accumulator is BLOCK_M x BLOCK_DP fp32 registers.
+  then the -(g_i + g_t(i)) of the target and the column factor r_j are folded in fp32
+  *before* K r_J is cast to the input dtype for ``dZhat_I[:, p] += tl.dot(K r_J, Zs_J[:, p])``
+  -- the positive's p ~ 1 - eps would otherwise cancel after rounding. The accumulator is BLOCK_M x BLOCK_DP fp32 registers.
   Cost: (1 + P) eq and 2 P M^2 exp2 for P = cdiv(D, BLOCK_DP) panels (P = 1 up to D = 256).
   An epilogue kernel (O(M D), two passes over D-chunks) sums the splits' partials in split
   order, scales by 1/tau, applies the normalisation gradient dZ = r (dZhat - zhat (zhat .
-  dZhat)) with r = 1 / max(norm, 1e-12) (r dZhat where the norm was clamped), writes dz1/dz2
+  dZhat)) with r = 1 / max(norm, 1e-12) (r dZhat where the norm was clamped) and zhat =
+  zs r_s in fp32 (r_s the prologue's factor), writes dz1/dz2
   and zhat_a . dZhat_a per row, from which dL/dtau = -(1/(2 tau)) sum_a zhat_a . dZhat_a.
 * Masks cost only where they apply: the self-mask runs only in tiles that cross the diagonal,
   the target fold / positive extraction / decoupled mask only in tiles that hold a target
@@ -91,22 +100,27 @@ and run on wgmma (sm_90) / mma.sync (sm_80). The launcher picks the table by the
 compute capability (>= 9.0 -> sm_90, else sm_80). Tile = (BLOCK_M, BLOCK_N, BLOCK_K[,
 BLOCK_DP], warps, stages); regs / shared bytes per arch as compiled:
   arch   dtype      D          forward tile        regs/shared backward tile          regs/shared
-  sm_90  bf16/fp16  <= 64      (128, 64, 64, 8, 3)   121 / 24K   (128, 64, 64, 64, 8, 3)   207 / 32K
-  sm_90  bf16/fp16  <= 128     (128, 64, 128, 8, 3)  121 / 48K   (128, 64, 128, 128, 8, 3) 216 / 64K
-  sm_90  bf16/fp16  <= 256     (128, 64, 256, 8, 2)  170 / 96K   (64, 64, 256, 256, 8, 2)  199 / 72K
-  sm_90  bf16/fp16  > 256      (128, 64, 64, 8, 3)   254 / 24K   (64, 32, 64, 256, 8, 2)   240 / 64K
-  sm_90  fp32       <= 64      (64, 64, 64, 4, 2)    128 / 48K   (64, 32, 64, 64, 4, 2)    240 / 32K
-  sm_90  fp32       <= 128     (64, 32, 128, 4, 2)   128 / 64K   (64, 16, 128, 128, 4, 2)  228 / 48K
-  sm_90  fp32       > 128      (128, 32, 32, 8, 3)   220 / 44K   (64, 16, 32, 128, 4, 2)   240 / 32K
-  sm_80  bf16/fp16  <= 64      (128, 64, 64, 8, 3)   199 / 24K   (128, 32, 64, 64, 8, 3)   254 / 32K
-  sm_80  bf16/fp16  <= 128     (128, 64, 128, 8, 3)  203 / 48K   (128, 32, 128, 128, 8, 3) 255 / 48K
-  sm_80  bf16/fp16  <= 256     (64, 64, 256, 8, 2)   255 / 48K   (64, 32, 256, 256, 8, 2)  240 / 56K
+  sm_90  bf16/fp16  <= 64      (128, 64, 64, 8, 3)   128 / 24K   (128, 64, 64, 64, 8, 3)   221 / 32K
+  sm_90  bf16/fp16  <= 128     (128, 64, 128, 8, 3)  128 / 48K   (128, 64, 128, 128, 8, 3) 250 / 64K
+  sm_90  bf16/fp16  <= 256     (128, 64, 256, 8, 2)  170 / 96K*  (64, 64, 256, 256, 8, 2)  199 / 72K*
+  sm_90  bf16/fp16  > 256      (128, 64, 64, 8, 3)   255 / 24K   (64, 32, 64, 256, 8, 2)   238 / 64K
+  sm_90  fp32       <= 64      (64, 64, 64, 4, 2)    128 / 48K   (64, 32, 64, 64, 4, 2)    239 / 32K
+  sm_90  fp32       <= 128     (64, 32, 128, 4, 2)   128 / 64K   (64, 16, 128, 128, 4, 2)  229 / 48K
+  sm_90  fp32       > 128      (128, 32, 32, 8, 3)   222 / 44K   (64, 16, 32, 128, 4, 2)   240 / 32K
+  sm_80  bf16/fp16  <= 64      (128, 64, 64, 8, 3)   216 / 24K   (128, 32, 64, 64, 8, 3)   254 / 32K
+  sm_80  bf16/fp16  <= 128     (128, 64, 128, 8, 3)  216 / 48K   (64, 32, 128, 128, 4, 3)  255 / 32K
+  sm_80  bf16/fp16  <= 256     (64, 64, 256, 8, 2)   255 / 48K*  (64, 32, 256, 256, 8, 2)  240 / 56K*
   sm_80  bf16/fp16  > 256      (128, 64, 64, 8, 3)   255 / 24K   (64, 32, 64, 256, 8, 2)   255 / 32K
-  sm_80  fp32       <= 64      (64, 32, 64, 4, 2)    179 / 24K   (64, 16, 64, 64, 4, 2)    175 / 20K
-  sm_80  fp32       <= 128     (64, 32, 128, 4, 2)   255 / 48K   (32, 16, 128, 128, 4, 2)  248 / 26K
-  sm_80  fp32       > 128      (128, 32, 32, 8, 3)   248 / 40K   (64, 16, 32, 128, 8, 2)   221 / 16K
+  sm_80  fp32       <= 64      (64, 32, 64, 4, 2)    178 / 24K   (64, 16, 64, 64, 4, 2)    202 / 20K
+  sm_80  fp32       <= 128     (64, 32, 128, 4, 2)   255 / 48K   (32, 16, 128, 128, 4, 2)  224 / 26K
+  sm_80  fp32       > 128      (128, 32, 32, 8, 3)   247 / 40K   (64, 16, 32, 128, 8, 2)   222 / 16K
     short batches (bf16/fp16, D <= 128, fewer tiles than SMs): (64, 32, ., 4, 3) both passes,
-    72-165 / 12-24K forward, 151-254 / 16-32K backward.
+    64-166 / 12-24K forward, 179-255 / 16-32K backward.
+    Figures from the exact-operand kernels (zs and fp32 r, see Precision), re-swept at D in
+    {64, 128, 1024}: 0 spills in all 112 nt_xent rows (fp32 > 128 and "wide" measured at
+    D = 1024). * = the D = 256 rows are the previous (zhat-operand) kernels' figures, not
+    re-compiled since. The exact-operand backward spilled 48 B in the previous sm_80 bf16/fp16
+    d128 tile (128, 32, 128, 128, 8, 3); (64, 32, 128, 128, 4, 3) has 0.
 Every compiled: 0 spills, wgmma on sm_90, mma on sm_80 (`fastssl gpu-report --only nt_xent:`).
 Rejected in the sweep (spill bytes): bf16 bwd 64 x 512 D-panels (32-544, both archs); bf16
 bwd (128, 64, 128, 128) on sm_80 (12); bf16 wide fwd with BLOCK_K = 128 (1120-1860) or
@@ -115,8 +129,8 @@ BLOCK_N = 128 (284-528); bf16 wide bwd 128-row / 4-warp tiles (120-936); fp32 bw
 chosen tiles sit at 254-255 registers on sm_80 with 0 spills: a Triton upgrade may tip them
 (``tests/test_gpu_report.py`` would fail).
 
-Precision: fp32 accumulation everywhere; the dot operands are Zhat in the input dtype (bf16 /
-fp16 / fp32). fp32 inputs use ``tl.dot(input_precision=...)`` from ``FASTSSL_FP32_DOT``
+Precision: fp32 accumulation everywhere; the dot operands are zs (exact) in the input dtype
+(bf16 / fp16 / fp32) and, backward, K r_J rounded to it; every normalisation factor is fp32. fp32 inputs use ``tl.dot(input_precision=...)`` from ``FASTSSL_FP32_DOT``
 (default ``"bf16x3"``, present in triton 3.6 and 3.9: tensor cores, ~1e-5 relative, 3x the
 products; ``"tf32"`` faster and ~1e-3; ``"ieee"`` no tensor cores), see
 :mod:`fastssl.ops._triton_utils`; fp32's FLOP counts are 3x. fp16 backward: g is pre-scaled
@@ -164,49 +178,99 @@ def _load_pair_rows(z1_ptr, z2_ptr, rows, cols, N, D, s1r, s1c, s2r, s2c):
 
 
 @triton.jit
-def ntxent_prologue_kernel(z1_ptr, z2_ptr, zhat_ptr, norm_ptr, N, D, s1r, s1c, s2r, s2c,
+def _pow2(e):
+    """2^e in fp32 for an int32 tile e in [-126, 127], built from the exponent bits (exact)."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def ntxent_prologue_kernel(z1_ptr, z2_ptr, zs_ptr, norm_ptr, r_ptr, N, D, s1r, s1c, s2r, s2c,
                            NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr,
                            BLOCK_D: tl.constexpr):
-    # reads M D (input dtype) 3x (L1/L2-resident after the first); writes M D + M fp32.
+    # reads M D (input dtype) 3x (L1/L2-resident after the first); writes M D + 2 M fp32.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     inb = rows < 2 * N
     dcol = tl.arange(0, BLOCK_D)
+    out_ty = zs_ptr.dtype.element_ty
     # 1. [Max-abs] per row, and a poison term: 0 for a finite row, NaN if any element is
-    #    inf/NaN (inf - inf = NaN), added to the norm and to every zhat of the row.
+    #    inf/NaN (inf - inf = NaN), added to the norm and to every zs of the row.
     amax = tl.zeros([BLOCK_R], tl.float32)
     poison = tl.zeros([BLOCK_R], tl.float32)
     for d0 in range(0, D, BLOCK_D):
         x = _load_pair_rows(z1_ptr, z2_ptr, rows, d0 + dcol, N, D, s1r, s1c, s2r, s2c)
         amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
         poison += tl.sum(x - x, axis=1)
-    # 2. [Overflow-safe norm] |x| = amax sqrt(sum (x / amax)^2): the squared sum of raw fp32
-    #    values overflows at |x| ~ 1.8e19, the scaled one never (each term <= 1).
-    safe_amax = tl.where(amax > 0, amax, 1.0)
+    # 2. [Power-of-two scale] e from amax's exponent field so that max |zs| is in [0.5, 1)
+    #    (zero / subnormal rows: e = -125, max |zs| < 0.5; amax >= 2^126: e = 126, max |zs|
+    #    < 4, so that 2^-e stays a normal fp32). zs = z 2^-e is exact in the input dtype (a
+    #    power of two) except for elements that fall below the dtype's normal range (fp16:
+    #    |z_k| < 2^-14 max|z|, rounded to a subnormal, abs error <= 2^-25 on max|zs| < 1).
+    #    Without normalize zs = z (the scale still serves the norm).
+    bexp = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    e = tl.minimum(tl.maximum(bexp, 1) - 126, 126)
+    scale = _pow2(-e)
+    # 3. [Overflow-safe norm] |z| = 2^e |zs| (exact scalings; the squared sum of raw fp32
+    #    values overflows at |x| ~ 1.8e19, that of zs never). The sum is taken over the zs
+    #    values as stored (rounded to the input dtype), in the same chunking as
+    #    ntxent_rscale_kernel, so that the backward recomputes |zs| bit-identically.
     ss = tl.zeros([BLOCK_R], tl.float32)
     for d0 in range(0, D, BLOCK_D):
         x = _load_pair_rows(z1_ptr, z2_ptr, rows, d0 + dcol, N, D, s1r, s1c, s2r, s2c)
-        xs = tl.div_rn(x, safe_amax[:, None])
+        xs = round_cast(x * scale[:, None], out_ty).to(tl.float32)
         ss += tl.sum(xs * xs, axis=1)
     root = tl.sqrt_rn(ss)
-    norm = amax * root + poison
+    norm = root * _pow2(e) + poison
     tl.store(norm_ptr + rows, norm, mask=inb)
-    # 3. [Zhat] x / max(|x|, eps) = (x / amax) / root, never forming 1/|x| (subnormal for
-    #    |x| > ~1e38); a clamped row is x * (1 / eps) as in F.normalize and the C++ kernel.
-    clamped = norm < NORM_EPS
-    inv_root = tl.div_rn(tl.full([BLOCK_R], 1.0, tl.float32), tl.where(root > 0, root, 1.0))
-    inv_eps = tl.div_rn(1.0, NORM_EPS)
+    # 4. [r] zhat = z / max(|z|, eps) = zs r with r = 1 / max(|zs|, eps 2^-e) in fp32 (a
+    #    clamped row: r = 2^e / eps, as F.normalize and the C++ kernel). r stays in fp32: the
+    #    kernels apply it to the fp32 dot products, never to a 16-bit operand.
+    if NORMALIZE:
+        r = tl.div_rn(tl.full([BLOCK_R], 1.0, tl.float32),
+                      tl.maximum(root, NORM_EPS * scale))
+    else:
+        r = tl.full([BLOCK_R], 1.0, tl.float32)
+    tl.store(r_ptr + rows, r, mask=inb)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + dcol
         x = _load_pair_rows(z1_ptr, z2_ptr, rows, cols, N, D, s1r, s1c, s2r, s2c)
         if NORMALIZE:
-            zh = tl.where(clamped[:, None], x * inv_eps,
-                          tl.div_rn(x, safe_amax[:, None]) * inv_root[:, None])
+            zs = x * scale[:, None] + poison[:, None]
         else:
-            zh = x
-        zh = zh + poison[:, None]
-        tl.store(zhat_ptr + rows[:, None] * D + cols[None, :],
-                 round_cast(zh, zhat_ptr.dtype.element_ty),
+            zs = x + poison[:, None]
+        tl.store(zs_ptr + rows[:, None] * D + cols[None, :], round_cast(zs, out_ty),
                  mask=inb[:, None] & (cols < D)[None, :])
+
+
+@triton.jit
+def ntxent_rscale_kernel(zs_ptr, norm_ptr, r_ptr, M, D, BLOCK_R: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    """The backward's r from the saved (zs, norms), equal to the prologue's: |zs| is re-summed
+    in the prologue's order (bit-identical), and 2^e = norm / |zs| is exact (both normal fp32,
+    a power-of-two ratio) -- rounded to the nearest power of two all the same; rows with
+    max |zs| < 0.5 are the zero / subnormal-max rows, e = -125 by construction (their norm
+    may be subnormal, its ratio inexact). norm = inf (finite rows past fp32's range): 2^e =
+    inf, r = 1 / |zs|, as in the prologue (eps 2^-e underflows to 0 there)."""
+    # reads M D (input dtype) + M fp32; writes M fp32.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    inb = rows < M
+    dcol = tl.arange(0, BLOCK_D)
+    ss = tl.zeros([BLOCK_R], tl.float32)
+    zmax = tl.zeros([BLOCK_R], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + dcol
+        zs = tl.load(zs_ptr + rows[:, None] * D + cols[None, :],
+                     mask=inb[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
+        ss += tl.sum(zs * zs, axis=1)
+        zmax = tl.maximum(zmax, tl.max(tl.abs(zs), axis=1))
+    root = tl.sqrt_rn(ss)
+    norm = tl.load(norm_ptr + rows, mask=inb, other=1.0)
+    ratio = tl.div_rn(norm, tl.where(root > 0, root, 1.0))
+    bits = (ratio.to(tl.int32, bitcast=True) + 0x400000) & 0x7F800000
+    pow2e = tl.where(zmax < 0.5, _pow2(tl.full([BLOCK_R], -125, tl.int32)),
+                     bits.to(tl.float32, bitcast=True))
+    r = tl.div_rn(tl.full([BLOCK_R], 1.0, tl.float32),
+                  tl.maximum(root, tl.div_rn(tl.full([BLOCK_R], NORM_EPS, tl.float32), pow2e)))
+    tl.store(r_ptr + rows, r, mask=inb)
 
 
 @triton.jit
@@ -223,6 +287,37 @@ def _target_range(i0, N, BLOCK_M: tl.constexpr):
 @triton.jit
 def _overlaps(j0, lo, hi, BLOCK_N: tl.constexpr):
     return (lo < hi) & (j0 < hi) & (lo < j0 + BLOCK_N)
+
+
+@triton.jit
+def _row_factor(r_ptr, rows, M, NORMALIZE: tl.constexpr):
+    """Row factor r_i of the logits (normalize; 1 otherwise: not read)."""
+    if NORMALIZE:
+        return tl.load(r_ptr + rows, mask=rows < M, other=0.0)
+    else:
+        return tl.full(rows.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _col_factor(r_ptr, cols, M, NORMALIZE: tl.constexpr):
+    """Column factor r_j (normalize; 1 otherwise: not read)."""
+    if NORMALIZE:
+        return tl.load(r_ptr + cols, mask=cols < M, other=0.0)
+    else:
+        return tl.full(cols.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _logits(dot, r_i, r_j, inv_tau, NORMALIZE: tl.constexpr):
+    """S_IJ = ((zs_i . zs_j) (r_i r_j)) / tau in fp32, on the fp32 dot of the exact operands:
+    one expression for the forward and the backward's recompute (bit-identical logits), and
+    symmetric (r_i r_j commutes exactly): S_ij == S_ji bit for bit, so a saturated positive
+    cancels exactly in both softmax terms of K (with (r_i / tau) r_j it did not: a 1e-5
+    gradient where the truth is 1e-27, tau = 0.01)."""
+    if NORMALIZE:
+        return (dot * (r_i[:, None] * r_j[None, :])) * inv_tau
+    else:
+        return dot * inv_tau
 
 
 @triton.jit
@@ -253,8 +348,9 @@ def _similarity_k_loop(zhat_ptr, rows, cols, M, D, DOT_FP32: tl.constexpr,
 
 
 @triton.jit
-def ntxent_fwd_kernel(zhat_ptr, temp_ptr, mpart_ptr, lpart_ptr, ppart_ptr, N, D,
-                      TILES_PER_SPLIT, DECOUPLED: tl.constexpr, DOT_FP32: tl.constexpr,
+def ntxent_fwd_kernel(zhat_ptr, r_ptr, temp_ptr, mpart_ptr, lpart_ptr, ppart_ptr, N, D,
+                      TILES_PER_SPLIT, NORMALIZE: tl.constexpr, DECOUPLED: tl.constexpr,
+                      DOT_FP32: tl.constexpr,
                       INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_CHUNK: tl.constexpr,
                       EVEN_K: tl.constexpr):
@@ -276,6 +372,7 @@ def ntxent_fwd_kernel(zhat_ptr, temp_ptr, mpart_ptr, lpart_ptr, ppart_ptr, N, D,
     #    conversion (a log2-unit LSE converted to natural and back would add ~ulp(lse) to every
     #    probability: 5x plain fp32 PyTorch's dL/dtau error where that sum cancels, D = 1).
     inv_tau = tl.div_rn(1.0, tl.load(temp_ptr).to(tl.float32))
+    r_i = _row_factor(r_ptr, rows, M, NORMALIZE)
     tgt = tl.where(rows < N, rows + N, rows - N)
     lo1, hi1, lo2, hi2 = _target_range(i0, N, BLOCK_M)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -295,7 +392,7 @@ def ntxent_fwd_kernel(zhat_ptr, temp_ptr, mpart_ptr, lpart_ptr, ppart_ptr, N, D,
         else:
             s = _similarity_k_loop(zhat_ptr, rows, cols, M, D, DOT_FP32, INPUT_PRECISION,
                                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
-        s = s * inv_tau
+        s = _logits(s, r_i, _col_factor(r_ptr, cols, M, NORMALIZE), inv_tau, NORMALIZE)
         # 3. [Masks] only the tiles they touch pay for them.
         if j0 + BLOCK_N > M:  # ragged last tile
             s = tl.where((cols < M)[None, :], s, float("-inf"))
@@ -346,8 +443,9 @@ def ntxent_fwd_combine_kernel(mpart_ptr, lpart_ptr, ppart_ptr, lse_ptr, loss_ptr
 
 
 @triton.jit
-def ntxent_bwd_kernel(zhat_ptr, temp_ptr, lse_ptr, g_ptr, dpart_ptr, N, D, TILES_PER_SPLIT,
-                      PANELS, DECOUPLED: tl.constexpr, DOT_FP32: tl.constexpr,
+def ntxent_bwd_kernel(zhat_ptr, r_ptr, temp_ptr, lse_ptr, g_ptr, dpart_ptr, N, D,
+                      TILES_PER_SPLIT, PANELS, NORMALIZE: tl.constexpr,
+                      DECOUPLED: tl.constexpr, DOT_FP32: tl.constexpr,
                       INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DP: tl.constexpr,
                       ONE_CHUNK: tl.constexpr, EVEN_K: tl.constexpr):
@@ -374,6 +472,7 @@ def ntxent_bwd_kernel(zhat_ptr, temp_ptr, lse_ptr, g_ptr, dpart_ptr, N, D, TILES
     # log2 units would add a rounding of ~ulp(lse) to every probability (a 3-8x larger
     # dL/dtau error than plain fp32 PyTorch where that sum cancels, e.g. D = 1).
     inv_tau = tl.div_rn(1.0, tl.load(temp_ptr).to(tl.float32))
+    r_i = _row_factor(r_ptr, rows, M, NORMALIZE)
     lse_i = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
     g_i = tl.load(g_ptr + rows, mask=rmask, other=0.0)
     tgt = tl.where(rows < N, rows + N, rows - N)
@@ -396,7 +495,8 @@ def ntxent_bwd_kernel(zhat_ptr, temp_ptr, lse_ptr, g_ptr, dpart_ptr, N, D, TILES
         else:
             s = _similarity_k_loop(zhat_ptr, rows, cols, M, D, DOT_FP32, INPUT_PRECISION,
                                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
-        s = s * inv_tau
+        r_j = _col_factor(r_ptr, cols, M, NORMALIZE)
+        s = _logits(s, r_i, r_j, inv_tau, NORMALIZE)
         lse_j = tl.load(lse_ptr + cols, mask=cmask, other=0.0)
         g_j = tl.load(g_ptr + cols, mask=cmask, other=0.0)
         # 2. [G + G^T] both softmaxes of the symmetric S: row i's and row j's (2 exp2).
@@ -412,7 +512,10 @@ def ntxent_bwd_kernel(zhat_ptr, temp_ptr, lse_ptr, g_ptr, dpart_ptr, N, D, TILES
             if DECOUPLED:
                 p = tl.where(is_t, 0.0, p)
             p = tl.where(is_t, p - (g_i[:, None] + g_j[None, :]), p)
-        # 4. [dZhat_I += K Zhat_J] 2 BLOCK_M BLOCK_N BLOCK_DP FLOPs on the tensor cores.
+        # 4. [dZhat_I += (K r_J) zs_J] 2 BLOCK_M BLOCK_N BLOCK_DP FLOPs on the tensor cores;
+        #    r_j is folded into K in fp32, so the only rounding is K r_J's to the input dtype.
+        if NORMALIZE:
+            p = p * r_j[None, :]
         pk = round_cast(p, v.dtype)
         if DOT_FP32:
             pk = pk.to(tl.float32)
@@ -422,7 +525,8 @@ def ntxent_bwd_kernel(zhat_ptr, temp_ptr, lse_ptr, g_ptr, dpart_ptr, N, D, TILES
 
 
 @triton.jit
-def ntxent_bwd_epilogue_kernel(dpart_ptr, zhat_ptr, norm_ptr, temp_ptr, gscale_ptr, dz1_ptr,
+def ntxent_bwd_epilogue_kernel(dpart_ptr, zhat_ptr, norm_ptr, rs_ptr, temp_ptr, gscale_ptr,
+                               dz1_ptr,
                                dz2_ptr, dots_ptr, N, D, SPLITS, NORMALIZE: tl.constexpr,
                                UNSCALE: tl.constexpr, BLOCK_R: tl.constexpr,
                                BLOCK_D: tl.constexpr):
@@ -437,6 +541,10 @@ def ntxent_bwd_epilogue_kernel(dpart_ptr, zhat_ptr, norm_ptr, temp_ptr, gscale_p
         inv_tau = inv_tau / tl.load(gscale_ptr)  # power of two: exact
     norm = tl.load(norm_ptr + rows, mask=rmask, other=1.0)
     r = tl.div_rn(tl.full([BLOCK_R], 1.0, tl.float32), tl.maximum(norm, NORM_EPS))
+    if NORMALIZE:  # zhat = zs r_s in fp32 (r_s: the prologue's r, for the scaled rows zs)
+        rs = tl.load(rs_ptr + rows, mask=rmask, other=0.0)
+    else:
+        rs = tl.full([BLOCK_R], 1.0, tl.float32)
     # 1. [zhat . dZhat] per row, summing the splits' partials in split order.
     dot = tl.zeros([BLOCK_R], tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -446,7 +554,7 @@ def ntxent_bwd_epilogue_kernel(dpart_ptr, zhat_ptr, norm_ptr, temp_ptr, gscale_p
         acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
         for s in range(SPLITS):  # fixed order: deterministic
             acc += tl.load(dpart_ptr + s * M * D + off, mask=mask, other=0.0)
-        zh = tl.load(zhat_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        zh = tl.load(zhat_ptr + off, mask=mask, other=0.0).to(tl.float32) * rs[:, None]
         dot += tl.sum(zh * (acc * inv_tau), axis=1)
     tl.store(dots_ptr + rows, dot, mask=rmask)
     # 2. [Normalisation gradient] d/dz of z / max(|z|, eps): r (dZhat - zhat (zhat . dZhat));
@@ -464,7 +572,7 @@ def ntxent_bwd_epilogue_kernel(dpart_ptr, zhat_ptr, norm_ptr, temp_ptr, gscale_p
             acc += tl.load(dpart_ptr + s * M * D + off, mask=mask, other=0.0)
         dzh = acc * inv_tau
         if NORMALIZE:
-            zh = tl.load(zhat_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            zh = tl.load(zhat_ptr + off, mask=mask, other=0.0).to(tl.float32) * rs[:, None]
             dz = tl.where(clamped[:, None], dzh, dzh - zh * dot[:, None]) * r[:, None]
         else:
             dz = dzh
@@ -519,7 +627,7 @@ COMBINE_BLOCK = 256
 # bf16 and fp16 share tiles. "small" variants for short batches (fewer tiles than SMs).
 _HALF = {
     80: {"d64": ((128, 64, 64, 8, 3), (128, 32, 64, 64, 8, 3)),
-         "d128": ((128, 64, 128, 8, 3), (128, 32, 128, 128, 8, 3)),
+         "d128": ((128, 64, 128, 8, 3), (64, 32, 128, 128, 4, 3)),
          "d256": ((64, 64, 256, 8, 2), (64, 32, 256, 256, 8, 2)),
          "wide": ((128, 64, 64, 8, 3), (64, 32, 64, 256, 8, 2))},
     90: {"d64": ((128, 64, 64, 8, 3), (128, 64, 64, 64, 8, 3)),
@@ -638,9 +746,10 @@ def ntxent_fwd_cuda(z1: torch.Tensor, z2: torch.Tensor, temperature: torch.Tenso
         normalize, decoupled: as in :func:`fastssl.nt_xent`.
     Returns:
         loss (2N,) in the input dtype; lse (2N,) fp32, natural-log LSE of each row's masked
-        logits; zhat (2N, D) in the input dtype, the tensor-core operand (normalised rows, or
-        the raw rows when ``normalize`` is False); norms (2N,) fp32, the raw L2 row norms,
-        overflow-safe (max-abs scaled). A row holding inf/NaN has a NaN norm and NaN zhat,
+        logits; "zhat" (2N, D) in the input dtype, the tensor-core operand zs: the raw rows
+        scaled by a power of two 2^-e per row (max |zs| in [0.5, 1)), or the raw rows when
+        ``normalize`` is False; norms (2N,) fp32, the raw L2 row norms 2^e |zs|,
+        overflow-safe. A row holding inf/NaN has a NaN norm and NaN zhat,
         and makes every loss and lse NaN (as the C++ kernel does).
     """
     _check(z1, z2, temperature)
@@ -650,16 +759,17 @@ def ntxent_fwd_cuda(z1: torch.Tensor, z2: torch.Tensor, temperature: torch.Tenso
     cfg = pick_config(m, d, num_sms(dev), dtype, _device_cap(dev))
     zhat = torch.empty((m, d), device=dev, dtype=dtype)
     norms = torch.empty((m,), device=dev, dtype=torch.float32)
+    r = torch.empty((m,), device=dev, dtype=torch.float32)
     ntxent_prologue_kernel[(triton.cdiv(m, ROW_BLOCK),)](
-        z1, z2, zhat, norms, n, d, z1.stride(0), z1.stride(1), z2.stride(0), z2.stride(1),
+        z1, z2, zhat, norms, r, n, d, z1.stride(0), z1.stride(1), z2.stride(0), z2.stride(1),
         NORMALIZE=normalize, BLOCK_R=ROW_BLOCK, BLOCK_D=row_block_d(d),
         num_warps=row_warps(row_block_d(d)))
     fc = cfg[FWD]
     splits = fc["splits"]
     part = torch.empty((3, splits, m), device=dev, dtype=torch.float32)
     ntxent_fwd_kernel[(fc["row_blocks"], splits)](
-        zhat, temperature, part[0], part[1], part[2], n, d, fc["tiles_per_split"],
-        DECOUPLED=decoupled, DOT_FP32=dot_in_fp32(dtype), INPUT_PRECISION=dot_precision(dtype),
+        zhat, r, temperature, part[0], part[1], part[2], n, d, fc["tiles_per_split"],
+        NORMALIZE=normalize, DECOUPLED=decoupled, DOT_FP32=dot_in_fp32(dtype), INPUT_PRECISION=dot_precision(dtype),
         BLOCK_M=fc["BLOCK_M"], BLOCK_N=fc["BLOCK_N"], BLOCK_K=fc["BLOCK_K"],
         ONE_CHUNK=fc["ONE_CHUNK"], EVEN_K=fc["EVEN_K"], num_warps=fc["num_warps"],
         num_stages=fc["num_stages"])
@@ -680,7 +790,8 @@ def ntxent_bwd_cuda(grad_loss: torch.Tensor, zhat: torch.Tensor, norms: torch.Te
         temperature: the forward's one-element fp32 tensor; dtype: the input dtype.
     Returns:
         dz1, dz2 (N, D) in ``dtype``; dtemperature, fp32, shaped like ``temperature``. The
-        normalisation gradient uses zhat and r = 1 / max(norm, 1e-12), not z1 / z2.
+        normalisation gradient uses zhat = zs r_s (r_s recovered from zs and norms, equal to
+        the forward's) and r = 1 / max(norm, 1e-12), not z1 / z2.
     """
     m, d = zhat.shape
     n = m // 2
@@ -696,10 +807,17 @@ def ntxent_bwd_cuda(grad_loss: torch.Tensor, zhat: torch.Tensor, norms: torch.Te
         g = g * gscale
     bc = cfg[BWD]
     splits, panels = bc["splits"], bc["panels"]
+    if normalize:  # the prologue's r, recovered exactly from (zs, norms)
+        r = torch.empty((m,), device=dev, dtype=torch.float32)
+        ntxent_rscale_kernel[(triton.cdiv(m, ROW_BLOCK),)](
+            zhat, norms, r, m, d, BLOCK_R=ROW_BLOCK, BLOCK_D=row_block_d(d),
+            num_warps=row_warps(row_block_d(d)))
+    else:
+        r = norms  # not read (NORMALIZE=False)
     dpart = torch.empty((splits, m, d), device=dev, dtype=torch.float32)
     ntxent_bwd_kernel[(bc["row_blocks"], splits * panels)](
-        zhat, temperature, lse, g, dpart, n, d, bc["tiles_per_split"], panels,
-        DECOUPLED=decoupled, DOT_FP32=dot_in_fp32(zhat.dtype),
+        zhat, r, temperature, lse, g, dpart, n, d, bc["tiles_per_split"], panels,
+        NORMALIZE=normalize, DECOUPLED=decoupled, DOT_FP32=dot_in_fp32(zhat.dtype),
         INPUT_PRECISION=dot_precision(zhat.dtype), BLOCK_M=bc["BLOCK_M"],
         BLOCK_N=bc["BLOCK_N"], BLOCK_K=bc["BLOCK_K"], BLOCK_DP=bc["BLOCK_DP"],
         ONE_CHUNK=bc["ONE_CHUNK"], EVEN_K=bc["EVEN_K"], num_warps=bc["num_warps"],
@@ -708,7 +826,7 @@ def ntxent_bwd_cuda(grad_loss: torch.Tensor, zhat: torch.Tensor, norms: torch.Te
     dz2 = torch.empty((n, d), device=dev, dtype=dtype)
     dots = torch.empty((m,), device=dev, dtype=torch.float32)
     ntxent_bwd_epilogue_kernel[(triton.cdiv(m, ROW_BLOCK),)](
-        dpart, zhat, norms, temperature, gscale if unscale else temperature, dz1, dz2, dots,
+        dpart, zhat, norms, r, temperature, gscale if unscale else temperature, dz1, dz2, dots,
         n, d, splits, NORMALIZE=normalize, UNSCALE=unscale, BLOCK_R=ROW_BLOCK,
         BLOCK_D=row_block_d(d), num_warps=row_warps(row_block_d(d)))
     # dL/dtau = -(1 / (2 tau)) sum_a zhat_a . dZhat_a (a fixed-order device reduction).
@@ -720,11 +838,16 @@ def ntxent_bwd_cuda(grad_loss: torch.Tensor, zhat: torch.Tensor, norms: torch.Te
 # The op: schemas, fake, autograd (one for both devices), the Triton CUDA kernels
 # ---------------------------------------------------------------------------------------
 #
-# Saved-tensor contract (both devices): ntxent_fwd returns (loss (2N,) in the input dtype,
-# lse (2N,) fp32 natural-log LSE, zhat (2N, D), norms (2N,) fp32 raw L2 row norms) and
-# ntxent_bwd consumes (zhat, norms, lse). zhat is the operand the device's kernel multiplies:
-# fp32 on CPU (the C++ kernel computes in fp32), the input dtype on CUDA (tensor cores) --
-# :func:`zhat_dtype`, which the fake uses too.
+# Saved-tensor contract: ntxent_fwd returns (loss (2N,) in the input dtype, lse (2N,) fp32
+# natural-log LSE, zhat (2N, D), norms (2N,) fp32 raw L2 row norms |z| on both devices) and
+# ntxent_bwd consumes (zhat, norms, lse) from the same device's forward. "zhat" is the
+# operand the device's kernel multiplies, in :func:`zhat_dtype` (the fake uses it too):
+# - CPU (C++ kernel): fp32 normalised rows z / max(|z|, 1e-12).
+# - CUDA (Triton; CPU inside triton_on_cpu): the input dtype, holding zs = z 2^-e, the raw
+#   rows scaled exactly by a per-row power of two (max |zs| in [0.5, 1); zero / subnormal-max
+#   rows e = -125), or z itself when normalize is False. The normalised row is zs r with
+#   r = 1 / max(|zs|, 1e-12 2^-e) in fp32; the backward recomputes |zs| and 2^e = norms / |zs|
+#   (an exact power of two) from the saved pair, so no extra saved tensor is needed.
 
 _library.define("ntxent_fwd", "(Tensor z1, Tensor z2, Tensor temperature, bool normalize, "
                 "bool decoupled) -> (Tensor loss, Tensor lse, Tensor zhat, Tensor norms)")
@@ -827,11 +950,12 @@ def _aot_entries() -> list:
                     plans["small"] = small
                 for tag, cfg in plans.items():
                     fc, bc = cfg[FWD], cfg[BWD]
-                    common = dict(DECOUPLED=False, DOT_FP32=False,
+                    common = dict(NORMALIZE=True, DECOUPLED=False, DOT_FP32=False,
                                   INPUT_PRECISION="bf16x3" if dtype == torch.float32 else "ieee")
                     entries.append(aot_entry(
                         ntxent_fwd_kernel, op="nt_xent", dtype=dtype, D=d, arch=arch, tag=tag,
-                        pointers=dict(zhat_ptr=dtype, temp_ptr=ptr_f32, mpart_ptr=ptr_f32,
+                        pointers=dict(zhat_ptr=dtype, r_ptr=ptr_f32, temp_ptr=ptr_f32,
+                                      mpart_ptr=ptr_f32,
                                       lpart_ptr=ptr_f32, ppart_ptr=ptr_f32),
                         constexprs=dict(common, **{k: fc[k] for k in (
                             "BLOCK_M", "BLOCK_N", "BLOCK_K", "ONE_CHUNK", "EVEN_K")}),
@@ -839,7 +963,8 @@ def _aot_entries() -> list:
                         num_stages=fc["num_stages"]))
                     entries.append(aot_entry(
                         ntxent_bwd_kernel, op="nt_xent", dtype=dtype, D=d, arch=arch, tag=tag,
-                        pointers=dict(zhat_ptr=dtype, temp_ptr=ptr_f32, lse_ptr=ptr_f32,
+                        pointers=dict(zhat_ptr=dtype, r_ptr=ptr_f32, temp_ptr=ptr_f32,
+                                      lse_ptr=ptr_f32,
                                       g_ptr=ptr_f32, dpart_ptr=ptr_f32),
                         constexprs=dict(common, **{k: bc[k] for k in (
                             "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_DP", "ONE_CHUNK",
@@ -849,13 +974,19 @@ def _aot_entries() -> list:
             block_d = row_block_d(d)
             entries.append(aot_entry(
                 ntxent_prologue_kernel, op="nt_xent", dtype=dtype, D=d,
-                pointers=dict(z1_ptr=dtype, z2_ptr=dtype, zhat_ptr=dtype, norm_ptr=ptr_f32),
+                pointers=dict(z1_ptr=dtype, z2_ptr=dtype, zs_ptr=dtype, norm_ptr=ptr_f32,
+                              r_ptr=ptr_f32),
                 constexprs=dict(NORMALIZE=True, BLOCK_R=ROW_BLOCK, BLOCK_D=block_d),
+                tensor_cores=False, num_warps=row_warps(block_d), num_stages=1))
+            entries.append(aot_entry(
+                ntxent_rscale_kernel, op="nt_xent", dtype=dtype, D=d,
+                pointers=dict(zs_ptr=dtype, norm_ptr=ptr_f32, r_ptr=ptr_f32),
+                constexprs=dict(BLOCK_R=ROW_BLOCK, BLOCK_D=block_d),
                 tensor_cores=False, num_warps=row_warps(block_d), num_stages=1))
             entries.append(aot_entry(
                 ntxent_bwd_epilogue_kernel, op="nt_xent", dtype=dtype, D=d,
                 pointers=dict(dpart_ptr=ptr_f32, zhat_ptr=dtype, norm_ptr=ptr_f32,
-                              temp_ptr=ptr_f32, gscale_ptr=ptr_f32, dz1_ptr=dtype,
+                              rs_ptr=ptr_f32, temp_ptr=ptr_f32, gscale_ptr=ptr_f32, dz1_ptr=dtype,
                               dz2_ptr=dtype, dots_ptr=ptr_f32),
                 constexprs=dict(NORMALIZE=True, UNSCALE=dtype == torch.float16,
                                 BLOCK_R=ROW_BLOCK, BLOCK_D=block_d),

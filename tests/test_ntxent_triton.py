@@ -71,9 +71,10 @@ def _check_all(n, d, dtype, *, temperature=0.2, reduction="none", scale=1.0, cor
     # plain PyTorch in the test dtype, for the tolerance; on huge inputs (where it overflows)
     # it runs on the unscaled rows: the same math, since the loss is scale-invariant and the
     # gradient scales exactly by 1 / 2^k
-    low, lgrads = (None, (None,) * 3)
-    if dtype != torch.float32 or huge:
-        low, lgrads = _run(reference.nt_xent, z1, z2, temp, grad, reduction=reduction, **kw)
+    # (fp32 too: at tau = 0.01 plain fp32 PyTorch's own dL/dtau error is ~1.1e-5, the C++
+    # kernel's 1.4e-5, so the rule "2x PyTorch's error + 1 ulp" applies in fp32 as well; the
+    # issue's 1e-4 bar is asserted below regardless.)
+    low, lgrads = _run(reference.nt_xent, z1, z2, temp, grad, reduction=reduction, **kw)
     if huge:
         rows, factor = huge
         z1, z2 = z1.clone(), z2.clone()

@@ -1,6 +1,6 @@
 // The generic contrastive core: rows Q (m x d) against columns C (nc x d), O((m + nc) d) memory.
 //
-// Notation (DESIGN.md): Qhat, Chat are the rows L2-normalised (or the raw rows), and
+// Notation (docs/DESIGN.md, section 4.1): Qhat, Chat are the rows L2-normalised (or the raw rows), and
 // S = alpha * Qhat Chat^T, with some entries masked (-inf) per row. The core computes, tile by
 // tile and never storing S:
 //  * forward_lse:       the row log-sum-exp of S (and, optionally, the column log-sum-exp: CLIP's

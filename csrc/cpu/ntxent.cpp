@@ -1,6 +1,6 @@
 // Fused NT-Xent (SimCLR) loss on the CPU, forward and backward, in O(N·D) memory.
 //
-// Notation (DESIGN.md): Z = normalize([z1; z2]) is M x D with M = 2N, S = Z Z^T / tau,
+// Notation (docs/DESIGN.md, section 4.2): Z = normalize([z1; z2]) is M x D with M = 2N, S = Z Z^T / tau,
 // row i's target is t(i) = (i + N) mod M, the diagonal is masked (and, for the decoupled
 // variant, the target too). loss_i = LSE_j S_ij - S_i,t(i).
 //
@@ -11,7 +11,7 @@
 //  * Backward recomputes each upper tile once (0.5 eq) and turns it in place into the
 //    symmetric K = G + G^T, G_ij = g_i softmax_ij, from which both dZ_I += K Z_J and
 //    dZ_J += K^T Z_I follow (2 x 0.5 eq). Total fwd+bwd = 2 matmul-equivalents, the floor
-//    named in DESIGN.md. The "-1 at the target" of G is rank-one-per-row and is applied in
+//    named in docs/DESIGN.md (section 4.2). The "-1 at the target" of G is rank-one-per-row and is applied in
 //    the O(M D) epilogue, exactly, in fp32.
 //  * Tile GEMMs go to the BLAS that torch ships (single-threaded per tile inside
 //    at::parallel_for); exp/max/sum run in FASTSSL_SIMD_CLONES loops (AVX-512 / AVX2).

@@ -83,7 +83,7 @@ def run_here(providers, batch: int, reps: int, ref_reps: int, tv_reps: int) -> d
 
 def _clone() -> str:
     try:
-        from fastssl import info
+        from fastssl.tools import info
         return info.collect()["cpu_simd_clone"] or "no C++ extension"
     except Exception as exc:  # the report line only; the measurement itself raises
         return f"unknown ({exc})"

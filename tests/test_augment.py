@@ -529,7 +529,7 @@ def test_augment_demo_png(tmp_path):
     import struct
     import zlib
 
-    from fastssl import augment_demo
+    from fastssl.tools import augment_demo
     grid = augment_demo.make_grid("byol", out_size=24, pairs=1, backend="reference")
     assert grid.dtype == torch.uint8 and grid.shape[0] == 3
     path = tmp_path / "views.png"
@@ -610,5 +610,5 @@ def test_simd_clone_matches_cpu_flags():
         assert "v3" not in clone and "v4" not in clone
     if not {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"} <= flags:
         assert "v4" not in clone
-    from fastssl import info
+    from fastssl.tools import info
     assert info.collect()["cpu_simd_clone"] == clone

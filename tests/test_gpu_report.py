@@ -121,7 +121,7 @@ def test_json_shape(report):
 
 def test_estimates_hand_computed(report):
     """NT-Xent fwd + bwd, 2N = M = 65,536, D = 128, bf16 (b = 2 bytes), against numbers worked
-    out by hand from the kernel design (ops/ntxent.py header), not from the code's formula.
+    out by hand from the kernel design (ops/nt_xent.py header), not from the code's formula.
 
     eq = 2 M^2 D = 2 * 4,294,967,296 * 128 = 1,099,511,627,776 FLOPs (one S = Zhat Zhat^T).
     Fused: fwd 1 eq + bwd 2 eq (recompute S, K Zhat; one D-panel at D = 128)

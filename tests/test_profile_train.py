@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from fastssl import cli, data
+from fastssl import data
+from fastssl.tools import cli
 from fastssl.tools.training import PHASES, linear_probe
 
 TINY_PROFILE = ["--batch", "16", "--steps", "3", "--warmup", "1", "--width", "4",

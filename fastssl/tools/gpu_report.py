@@ -313,7 +313,7 @@ def expected_ms(passes: dict) -> float:
 def estimates() -> list:
     """H100 rows for NT-Xent fwd + bwd (bf16) at each of ``ntxent.ESTIMATE_SHAPES``: fused vs
     eager reference, a lower bound and an expected time (module docstring)."""
-    from fastssl.ops import ntxent
+    from fastssl.ops import nt_xent as ntxent
 
     rows = []
     for m, d in ntxent.ESTIMATE_SHAPES:

@@ -75,6 +75,18 @@ def _value_check_async(name: str, value: torch.Tensor) -> None:
                         f"{name} must be > 0 and finite")
 
 
+def _one_float_element(name: str, value) -> None:
+    """``value`` is a number or a one-element floating tensor (TypeError/ValueError otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must have exactly one element, got shape "
+                             f"{tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+
+
 def positive_scalar(name: str, value, device: torch.device) -> torch.Tensor:
     """A float or a one-element floating tensor, > 0 and finite; returned as a 0-dim tensor
     (the caller's tensor itself when it is one, so its gradient flows).
@@ -92,14 +104,8 @@ def positive_scalar(name: str, value, device: torch.device) -> torch.Tensor:
       ``RuntimeError`` naming the argument.
     * meta tensor: nothing to read (shape propagation only), so no value check.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
-        raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
+    _one_float_element(name, value)
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must have exactly one element, got shape "
-                             f"{tuple(value.shape)}")
-        if not value.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
         if value.device != device and value.device.type != "cpu":
             raise ValueError(f"{name} is on {value.device} but the embeddings are on {device}")
         if _is_compiling():
@@ -120,21 +126,17 @@ def positive_scalar(name: str, value, device: torch.device) -> torch.Tensor:
     v = float(value)
     if not (math.isfinite(v) and v > 0):
         raise ValueError(f"{name} must be > 0 and finite, got {v}")
-    return torch.tensor(v, dtype=torch.float64)
+    # Made on the embeddings' device by a fill: a CPU tensor copied to CUDA every step would
+    # be a synchronous host-to-device copy (a host sync per step).
+    return torch.full((), v, dtype=torch.float64, device=device)
 
 
 def positive_number(name: str, value, *, allow_inf: bool = False) -> None:
     """Construction-time check of a temperature-like argument (a module's ``__init__``):
     a number or a one-element floating tensor, > 0 and finite (``allow_inf``: or +inf).
     A tensor is read once on the host (not a hot path); meta tensors have no value."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
-        raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
+    _one_float_element(name, value)
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must have exactly one element, got shape "
-                             f"{tuple(value.shape)}")
-        if not value.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
         if value.device.type == "meta":
             return
         value = value.detach().item()

@@ -273,7 +273,22 @@ def _ddp_worker(rank: int, port: int) -> None:
 
 
 def test_ddp_gather_triton_equals_single_process_step():
+    """Run from a fresh interpreter: spawned ranks started from a pytest process that already
+    ran torch.compile tests were seen to hang (one rank exited, its peer never returned), so
+    the two ranks are launched by a clean parent, under a deadline."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "ddp"], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0 and "DDP OK" in out.stdout, (out.stdout[-2000:],
+                                                            out.stderr[-4000:])
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["ddp"]:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     spawn_or_fail(_ddp_worker, (_free_port(),), WORLD)
+    print("DDP OK")
 
 
 def test_docstrings_hold_no_control_bytes():

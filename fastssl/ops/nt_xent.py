@@ -226,7 +226,7 @@ def ntxent_prologue_kernel(z1_ptr, z2_ptr, zs_ptr, norm_ptr, r_ptr, N, D, s1r, s
     #    kernels apply it to the fp32 dot products, never to a 16-bit operand.
     if NORMALIZE:
         r = tl.div_rn(tl.full([BLOCK_R], 1.0, tl.float32),
-                      tl.maximum(root, NORM_EPS * scale))
+                      tl.maximum(root, scale * NORM_EPS))
     else:
         r = tl.full([BLOCK_R], 1.0, tl.float32)
     tl.store(r_ptr + rows, r, mask=inb)

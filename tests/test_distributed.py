@@ -107,6 +107,12 @@ def _worker(rank: int, port: int) -> None:
             fastssl.nt_xent(z, z.clone(), gather=True)
     finally:
         dist.destroy_process_group()
+    # Success: leave without the interpreter's teardown, where a rank was seen to hang after
+    # its peer had exited (gloo threads at exit), leaving the parent waiting. Failures above
+    # propagate normally (torch.multiprocessing reports them to the parent).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def test_ddp_gather_equals_single_process_step():

@@ -103,3 +103,27 @@ def round_cast(x, dtype: tl.constexpr):
             rounded = bits.to(tl.float32, bitcast=True)
             x = tl.where(x != x, x, rounded)
     return x.to(dtype)
+
+
+@triton.jit
+def merge_lse_partials(MPART, LPART, PPART, rows, inb, M, SPLITS, EXP2: tl.constexpr):
+    """Merges the column splits' online-softmax partials of rows ``rows`` (split ``s`` at
+    ``s * M``): returns (shift, total, pos) with LSE = shift + log(total) (shift = 0 for a row
+    with no valid column: total is then 0). Split order fixed: deterministic. EXP2: the
+    partials' sums were taken with exp2((S - m) log2 e) (NT-Xent) instead of exp(S - m)."""
+    m = tl.full(rows.shape, float("-inf"), tl.float32)
+    for s in range(SPLITS):
+        m = tl.maximum(m, tl.load(MPART + s * M + rows, mask=inb, other=float("-inf")))
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.zeros(rows.shape, tl.float32)
+    pos = tl.zeros(rows.shape, tl.float32)
+    for s in range(SPLITS):
+        ms = tl.load(MPART + s * M + rows, mask=inb, other=float("-inf"))
+        if EXP2:
+            rescale = tl.exp2((ms - shift) * 1.4426950408889634)
+        else:
+            rescale = tl.exp(ms - shift)
+        total += tl.load(LPART + s * M + rows, mask=inb, other=0.0) * rescale
+        # the target lies in one split; the others add an exact 0.
+        pos += tl.load(PPART + s * M + rows, mask=inb, other=0.0)
+    return shift, total, pos

@@ -123,7 +123,8 @@ import triton
 import triton.language as tl
 
 from ._aot import aot_entry
-from ._triton_utils import INTERPRET, dot_in_fp32, dot_precision, num_sms, round_cast
+from ._triton_utils import (INTERPRET, dot_in_fp32, dot_precision, merge_lse_partials, num_sms,
+                            round_cast)
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DTYPE_CLASS = {torch.float32: "fp32", torch.bfloat16: "half", torch.float16: "half"}
@@ -172,6 +173,37 @@ def _index_range(idx):
 
 
 @triton.jit
+def _load_index(IDX, pos, inb):
+    """Indices ``IDX[pos]`` as int32 (-1 outside ``inb``) and their :func:`_index_range`.
+
+    int32 compares in the tiles (indices < M, NC < 2^31): half the registers of int64; the
+    range lets a tile skip the compare when no index falls in it."""
+    idx = tl.load(IDX + pos, mask=inb, other=-1).to(tl.int32)
+    lo, hi = _index_range(idx)
+    return idx, lo, hi
+
+
+@triton.jit
+def _similarity_tile(q, Q, C, RC, row_fac, rows, cols, rmask, cmask, D, stride_q, stride_c,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     D_RESIDENT: tl.constexpr, DOT_FP32: tl.constexpr,
+                     INPUT_PRECISION: tl.constexpr):
+    """[Similarity] the tile S = row_fac_i (Q C^T)_ij rc_j in fp32 (fp32 accumulation on the
+    tensor cores), the column tile ``c`` (resident D only: the backward's P @ C reuses it;
+    0.0 otherwise) and ``rc``. One expression for the forward and the backward's recompute:
+    bit-identical logits."""
+    if D_RESIDENT:
+        c = _load_rows(C, cols, cmask, 0, D, stride_c, BLOCK_D, DOT_FP32)
+        s = tl.dot(q, tl.trans(c), input_precision=INPUT_PRECISION)
+    else:
+        c = 0.0
+        s = _similarity_chunked(Q, C, rows, cols, rmask, cmask, D, stride_q, stride_c,
+                                BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, INPUT_PRECISION)
+    rc = tl.load(RC + cols, mask=cmask, other=1.0)
+    return s * row_fac[:, None] * rc[None, :], c, rc
+
+
+@triton.jit
 def _row_lse_kernel(Q, C, SCALE, RQ, RC, TARGET, SELF_IDX, MPART, LPART, PPART, M, NC, D,
                     stride_q, stride_c, TILES_PER_SPLIT,
                     HAS_TARGET: tl.constexpr, HAS_SELF: tl.constexpr,
@@ -190,14 +222,13 @@ def _row_lse_kernel(Q, C, SCALE, RQ, RC, TARGET, SELF_IDX, MPART, LPART, PPART, 
     # per-row factors of S in fp32 (scale folded into the row side: one multiply per row)
     row_fac = scale * tl.load(RQ + rows, mask=rmask, other=1.0)
     if HAS_TARGET:
-        # int32 compares in the tiles (indices < M, NC < 2^31): half the registers of int64
-        tgt = tl.load(TARGET + rows, mask=rmask, other=-1).to(tl.int32)
-        t_lo, t_hi = _index_range(tgt)
+        tgt, t_lo, t_hi = _load_index(TARGET, rows, rmask)
     if HAS_SELF:
-        sidx = tl.load(SELF_IDX + rows, mask=rmask, other=-1).to(tl.int32)
-        s_lo, s_hi = _index_range(sidx)
+        sidx, s_lo, s_hi = _load_index(SELF_IDX, rows, rmask)
     if D_RESIDENT:
         q = _load_rows(Q, rows, rmask, 0, D, stride_q, BLOCK_D, DOT_FP32)
+    else:
+        q = 0.0  # the chunked similarity reloads Q's chunks per column tile
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     pos = tl.zeros([BLOCK_M], tl.float32)
@@ -206,15 +237,10 @@ def _row_lse_kernel(Q, C, SCALE, RQ, RC, TARGET, SELF_IDX, MPART, LPART, PPART, 
     for j0 in range(j_begin, j_end, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         cmask = cols < NC
-        # 1. [Similarity] S = scale (Q C^T), fp32 accumulation on the tensor cores.
-        if D_RESIDENT:
-            c = _load_rows(C, cols, cmask, 0, D, stride_c, BLOCK_D, DOT_FP32)
-            s = tl.dot(q, tl.trans(c), input_precision=INPUT_PRECISION)
-        else:
-            s = _similarity_chunked(Q, C, rows, cols, rmask, cmask, D, stride_q, stride_c,
-                                    BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, INPUT_PRECISION)
-        rc = tl.load(RC + cols, mask=cmask, other=1.0)
-        s = s * row_fac[:, None] * rc[None, :]
+        # 1. [Similarity] S = scale (Q C^T).
+        s, _c, _rc = _similarity_tile(q, Q, C, RC, row_fac, rows, cols, rmask, cmask, D,
+                                      stride_q, stride_c, BLOCK_M, BLOCK_N, BLOCK_D, D_RESIDENT,
+                                      DOT_FP32, INPUT_PRECISION)
         # 2. [Target] the positive logit from this very tile (the loss is lse - pos: both
         #    must come from the same rounding of S), before any mask.
         if HAS_TARGET:
@@ -248,18 +274,8 @@ def _lse_combine_kernel(MPART, LPART, PPART, LSE, POS, M, SPLITS, BLOCK: tl.cons
     # reads 3 SPLITS M fp32, writes 2 M fp32; split order fixed: deterministic.
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inb = rows < M
-    m = tl.full([BLOCK], float("-inf"), tl.float32)
-    for s in range(SPLITS):
-        m = tl.maximum(m, tl.load(MPART + s * M + rows, mask=inb, other=float("-inf")))
-    shift = tl.where(m == float("-inf"), 0.0, m)
-    total = tl.zeros([BLOCK], tl.float32)
-    pos = tl.zeros([BLOCK], tl.float32)
-    for s in range(SPLITS):
-        ms = tl.load(MPART + s * M + rows, mask=inb, other=float("-inf"))
-        total += tl.load(LPART + s * M + rows, mask=inb, other=0.0) * tl.exp(ms - shift)
-        # the target lies in one split; the others add an exact 0.
-        pos += tl.load(PPART + s * M + rows, mask=inb, other=0.0)
-    lse = tl.where(m == float("-inf"), m, m + tl.log(tl.where(total > 0, total, 1.0)))
+    shift, total, pos = merge_lse_partials(MPART, LPART, PPART, rows, inb, M, SPLITS, False)
+    lse = tl.where(total > 0, shift + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
     tl.store(LSE + rows, lse, mask=inb)
     tl.store(POS + rows, pos, mask=inb)
 
@@ -297,28 +313,23 @@ def _softmax_grad_kernel(Q, C, SCALE, RQ, RC, PSCALE, G, LSE, TARGET, H, CLSE, C
         g = tl.where(row_ok, tl.load(G + rows, mask=rmask, other=0.0) * p_scale, 0.0)
         lse = tl.where(row_ok, lse, float("inf"))
     if HAS_TARGET:
-        tgt = tl.load(TARGET + rows, mask=rmask, other=-1).to(tl.int32)
-        t_lo, t_hi = _index_range(tgt)
+        tgt, t_lo, t_hi = _load_index(TARGET, rows, rmask)
     if HAS_SELF:
-        sidx = tl.load(SELF_IDX + rows, mask=rmask, other=-1).to(tl.int32)
-        s_lo, s_hi = _index_range(sidx)
+        sidx, s_lo, s_hi = _load_index(SELF_IDX, rows, rmask)
     if D_RESIDENT:
         q = _load_rows(Q, rows, rmask, 0, D, stride_q, BLOCK_D, DOT_FP32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    else:
+        q = 0.0  # the chunked similarity reloads Q's chunks per column tile
     j_begin = pid_s * TILES_PER_SPLIT * BLOCK_N
     j_end = tl.minimum(j_begin + TILES_PER_SPLIT * BLOCK_N, NC)
     for j0 in range(j_begin, j_end, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         cmask = cols < NC
-        # 1. [Similarity] recompute the S tile (as in _row_lse_kernel).
-        if D_RESIDENT:
-            c = _load_rows(C, cols, cmask, 0, D, stride_c, BLOCK_D, DOT_FP32)
-            s = tl.dot(q, tl.trans(c), input_precision=INPUT_PRECISION)
-        else:
-            s = _similarity_chunked(Q, C, rows, cols, rmask, cmask, D, stride_q, stride_c,
-                                    BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, INPUT_PRECISION)
-        rc = tl.load(RC + cols, mask=cmask, other=1.0)
-        s = s * row_fac[:, None] * rc[None, :]
+        # 1. [Similarity] recompute the S tile (bit-identical to the forward's).
+        s, c, rc = _similarity_tile(q, Q, C, RC, row_fac, rows, cols, rmask, cmask, D,
+                                    stride_q, stride_c, BLOCK_M, BLOCK_N, BLOCK_D, D_RESIDENT,
+                                    DOT_FP32, INPUT_PRECISION)
         # 2. [Masks] valid_ij, shared by both terms.
         valid = rmask[:, None] & cmask[None, :]
         if MASK_DIAG:
@@ -333,8 +344,7 @@ def _softmax_grad_kernel(Q, C, SCALE, RQ, RC, PSCALE, G, LSE, TARGET, H, CLSE, C
             h = tl.where(col_ok, tl.load(H + cols, mask=cmask, other=0.0) * p_scale, 0.0)
             clse = tl.where(col_ok, clse, float("inf"))
         if HAS_CSELF:
-            csidx = tl.load(CSELF_IDX + cols, mask=cmask, other=-1).to(tl.int32)
-            cs_lo, cs_hi = _index_range(csidx)
+            csidx, cs_lo, cs_hi = _load_index(CSELF_IDX, cols, cmask)
             if (cs_lo < i0 + BLOCK_M) & (cs_hi >= i0):
                 valid = valid & (csidx[None, :] != rows[:, None])
         if HAS_TARGET:
@@ -343,8 +353,7 @@ def _softmax_grad_kernel(Q, C, SCALE, RQ, RC, PSCALE, G, LSE, TARGET, H, CLSE, C
                 if t_hit:
                     valid = valid & (tgt[:, None] != cols[None, :])
         if HAS_CTARGET:
-            ctgt = tl.load(CTARGET + cols, mask=cmask, other=-1).to(tl.int32)
-            ct_lo, ct_hi = _index_range(ctgt)
+            ctgt, ct_lo, ct_hi = _load_index(CTARGET, cols, cmask)
             ct_hit = (ct_lo < i0 + BLOCK_M) & (ct_hi >= i0)
             if MASK_TARGET:
                 if ct_hit:

@@ -146,8 +146,8 @@ import triton.language as tl
 
 from . import _library
 from ._aot import aot_entry
-from ._triton_utils import (INTERPRET, TL_TYPE, dot_in_fp32, dot_precision, next_pow2,
-                            num_sms, round_cast)
+from ._triton_utils import (INTERPRET, TL_TYPE, dot_in_fp32, dot_precision,
+                            merge_lse_partials, next_pow2, num_sms, round_cast)
 
 # Globals read inside kernels must be constexpr.
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -290,21 +290,13 @@ def _overlaps(j0, lo, hi, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _row_factor(r_ptr, rows, M, NORMALIZE: tl.constexpr):
-    """Row factor r_i of the logits (normalize; 1 otherwise: not read)."""
+def _norm_factor(r_ptr, idx, M, NORMALIZE: tl.constexpr):
+    """Factors r_idx of the logits, for a row or a column tile (normalize; 1 otherwise: not
+    read)."""
     if NORMALIZE:
-        return tl.load(r_ptr + rows, mask=rows < M, other=0.0)
+        return tl.load(r_ptr + idx, mask=idx < M, other=0.0)
     else:
-        return tl.full(rows.shape, 1.0, tl.float32)
-
-
-@triton.jit
-def _col_factor(r_ptr, cols, M, NORMALIZE: tl.constexpr):
-    """Column factor r_j (normalize; 1 otherwise: not read)."""
-    if NORMALIZE:
-        return tl.load(r_ptr + cols, mask=cols < M, other=0.0)
-    else:
-        return tl.full(cols.shape, 1.0, tl.float32)
+        return tl.full(idx.shape, 1.0, tl.float32)
 
 
 @triton.jit
@@ -372,7 +364,7 @@ def ntxent_fwd_kernel(zhat_ptr, r_ptr, temp_ptr, mpart_ptr, lpart_ptr, ppart_ptr
     #    conversion (a log2-unit LSE converted to natural and back would add ~ulp(lse) to every
     #    probability: 5x plain fp32 PyTorch's dL/dtau error where that sum cancels, D = 1).
     inv_tau = tl.div_rn(1.0, tl.load(temp_ptr).to(tl.float32))
-    r_i = _row_factor(r_ptr, rows, M, NORMALIZE)
+    r_i = _norm_factor(r_ptr, rows, M, NORMALIZE)
     tgt = tl.where(rows < N, rows + N, rows - N)
     lo1, hi1, lo2, hi2 = _target_range(i0, N, BLOCK_M)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -392,7 +384,7 @@ def ntxent_fwd_kernel(zhat_ptr, r_ptr, temp_ptr, mpart_ptr, lpart_ptr, ppart_ptr
         else:
             s = _similarity_k_loop(zhat_ptr, rows, cols, M, D, DOT_FP32, INPUT_PRECISION,
                                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
-        s = _logits(s, r_i, _col_factor(r_ptr, cols, M, NORMALIZE), inv_tau, NORMALIZE)
+        s = _logits(s, r_i, _norm_factor(r_ptr, cols, M, NORMALIZE), inv_tau, NORMALIZE)
         # 3. [Masks] only the tiles they touch pay for them.
         if j0 + BLOCK_N > M:  # ragged last tile
             s = tl.where((cols < M)[None, :], s, float("-inf"))
@@ -424,17 +416,8 @@ def ntxent_fwd_combine_kernel(mpart_ptr, lpart_ptr, ppart_ptr, lse_ptr, loss_ptr
     # reads 3 SPLITS M fp32; writes M fp32 + M (input dtype). Split order fixed: deterministic.
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inb = rows < M
-    m = tl.full([BLOCK], float("-inf"), tl.float32)
-    for s in range(SPLITS):
-        m = tl.maximum(m, tl.load(mpart_ptr + s * M + rows, mask=inb, other=float("-inf")))
-    shift = tl.where(m == float("-inf"), 0.0, m)
-    total = tl.zeros([BLOCK], tl.float32)
-    pos = tl.zeros([BLOCK], tl.float32)
-    for s in range(SPLITS):
-        ms = tl.load(mpart_ptr + s * M + rows, mask=inb, other=float("-inf"))
-        total += (tl.load(lpart_ptr + s * M + rows, mask=inb, other=0.0)
-                  * tl.exp2((ms - shift) * LOG2E))
-        pos += tl.load(ppart_ptr + s * M + rows, mask=inb, other=0.0)
+    shift, total, pos = merge_lse_partials(mpart_ptr, lpart_ptr, ppart_ptr, rows, inb, M, SPLITS,
+                                           True)
     # natural-log LSE (the op's saved-tensor contract, shared with the C++ kernel); the max
     # is added unconverted, only log(sum) goes through log2
     lse = shift + tl.log2(tl.where(inb, total, 1.0)) * LN2  # padding rows: no log2(0)
@@ -472,7 +455,7 @@ def ntxent_bwd_kernel(zhat_ptr, r_ptr, temp_ptr, lse_ptr, g_ptr, dpart_ptr, N, D
     # log2 units would add a rounding of ~ulp(lse) to every probability (a 3-8x larger
     # dL/dtau error than plain fp32 PyTorch where that sum cancels, e.g. D = 1).
     inv_tau = tl.div_rn(1.0, tl.load(temp_ptr).to(tl.float32))
-    r_i = _row_factor(r_ptr, rows, M, NORMALIZE)
+    r_i = _norm_factor(r_ptr, rows, M, NORMALIZE)
     lse_i = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
     g_i = tl.load(g_ptr + rows, mask=rmask, other=0.0)
     tgt = tl.where(rows < N, rows + N, rows - N)
@@ -495,7 +478,7 @@ def ntxent_bwd_kernel(zhat_ptr, r_ptr, temp_ptr, lse_ptr, g_ptr, dpart_ptr, N, D
         else:
             s = _similarity_k_loop(zhat_ptr, rows, cols, M, D, DOT_FP32, INPUT_PRECISION,
                                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
-        r_j = _col_factor(r_ptr, cols, M, NORMALIZE)
+        r_j = _norm_factor(r_ptr, cols, M, NORMALIZE)
         s = _logits(s, r_i, r_j, inv_tau, NORMALIZE)
         lse_j = tl.load(lse_ptr + cols, mask=cmask, other=0.0)
         g_j = tl.load(g_ptr + cols, mask=cmask, other=0.0)

@@ -49,6 +49,7 @@ import time
 import torch
 
 from ._progress import Progress
+from .bench.measure import PeakMemory
 from .training import METHODS, PHASES, PhaseTimer, SSLModel
 
 PHASE_LABELS = {"augmentation": "augmentation", "encoder_forward": "encoder forward",
@@ -86,54 +87,6 @@ def add_arguments(p) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# memory probes
-# ---------------------------------------------------------------------------------------
-
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-class _PeakMemory:
-    """Peak memory the code between ``start()`` and ``stop()`` adds, in MiB (see module doc).
-    ``kind`` says what was measured."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.kind = None
-
-    def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-            self.kind = "cuda max_memory_allocated delta"
-            return
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current VmRSS
-            self.kind = "peak RSS delta (VmHWM after clear_refs)"
-        except OSError:
-            self.kind = "peak RSS (VmHWM, not resettable here) delta"
-        self.base = _status_kb("VmRSS")
-
-    def stop(self) -> float | None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            return (torch.cuda.max_memory_allocated() - self.base) / 2 ** 20
-        peak = _status_kb("VmHWM")
-        if peak is None or self.base is None:
-            return None
-        return (peak - self.base) / 1024
-
-
-# ---------------------------------------------------------------------------------------
 # one backend, in this process
 # ---------------------------------------------------------------------------------------
 
@@ -156,7 +109,7 @@ class StepRunner:
         self.model = SSLModel(method, backend=backend, width=width, image_size=image_size,
                               queue_size=queue, total_steps=total_steps, device=self.device)
         self.n = 0
-        self.memory = _PeakMemory(self.device)
+        self.memory = PeakMemory(self.device)
         self.memory.start()
 
     def _sync(self) -> None:

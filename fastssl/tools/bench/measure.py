@@ -41,39 +41,49 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
-def _reset_cpu_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 class PeakMemory:
-    """Context manager: ``.mb`` = peak extra memory (MiB) inside the block, or None."""
+    """Peak extra memory (MiB) between :meth:`start` and :meth:`stop`, or inside a ``with``
+    block (``.mb``; None where the CPU high-water mark cannot be reset, since the delta could
+    then be an earlier peak's). ``.kind`` says what was measured (the profile prints it)."""
 
     def __init__(self, device: torch.device):
-        self.device, self.mb = device, None
+        self.device, self.mb, self.kind = device, None, None
+        self._base, self._resettable = None, False
 
-    def __enter__(self):
+    def start(self) -> None:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
-        else:
-            self._ok = _reset_cpu_peak()
-            self._base = _status_kb("VmRSS")
+            self.kind = "cuda max_memory_allocated delta"
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current VmRSS
+            self._resettable = True
+            self.kind = "peak RSS delta (VmHWM after clear_refs)"
+        except OSError:
+            self._resettable = False
+            self.kind = "peak RSS (VmHWM, not resettable here) delta"
+        self._base = _status_kb("VmRSS")
+
+    def stop(self) -> float | None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+        peak = _status_kb("VmHWM")
+        if peak is None or self._base is None:
+            return None
+        return max(0, peak - self._base) / 1024
+
+    def __enter__(self):
+        self.start()
         return self
 
     def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.mb = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
-        elif self._ok and self._base is not None:
-            peak = _status_kb("VmHWM")
-            self.mb = max(0, peak - self._base) / 1024 if peak is not None else None
+        mb = self.stop()
+        self.mb = mb if self.device.type == "cuda" or self._resettable else None
         return False
 
 

@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,18 +41,16 @@ from ..augment import SSLAugment
 from ..functional import info_nce, nt_xent
 from ..moco import MoCoQueue, ema_update_, momentum_schedule
 
-METHODS = ("simclr", "moco", "byol")
 BACKENDS = ("fused", "reference")
 PHASES = ("augmentation", "encoder_forward", "loss_forward", "backward", "optimizer",
           "ema_queue")
-RECIPE = {"simclr": "simclr", "moco": "mocov2", "byol": "byol"}
 # The normalisation SSLAugment applies to its views; features for the probes use the same.
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
 # ---------------------------------------------------------------------------------------
-# Models: a small ResNet for 32x32 inputs, MLP heads
+# Encoders: a small ResNet for 32x32 inputs (every method but mae), a small ViT (mae)
 # ---------------------------------------------------------------------------------------
 
 class BasicBlock(nn.Module):
@@ -74,11 +73,12 @@ class BasicBlock(nn.Module):
 class ResNetEncoder(nn.Module):
     """ResNet-style encoder: stem conv (stride 2) then 3 stages of one basic block each
     (widths w, 2w, 4w; strides 1, 2, 2), global average pool. (B, 3, 32, 32) -> (B, 4w).
+    :meth:`feature_map` is the map before the pool, (B, 4w, H/8, W/8), for the dense heads.
 
     Example:
         >>> enc = ResNetEncoder(width=8)
-        >>> enc(torch.randn(2, 3, 32, 32)).shape
-        torch.Size([2, 32])
+        >>> enc(torch.randn(2, 3, 32, 32)).shape, enc.feature_map(torch.randn(2, 3, 32, 32)).shape
+        (torch.Size([2, 32]), torch.Size([2, 32, 4, 4]))
     """
 
     def __init__(self, width: int = 32, in_channels: int = 3):
@@ -89,13 +89,20 @@ class ResNetEncoder(nn.Module):
                                     BasicBlock(2 * width, 4 * width, 2))
         self.out_dim = 4 * width
 
+    def feature_map(self, x):
+        return self.stages(self.stem(x))
+
     def forward(self, x):
-        return self.stages(self.stem(x)).mean((2, 3))
+        return self.feature_map(x).mean((2, 3))
 
 
-def mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.BatchNorm1d(d_hidden),
-                         nn.ReLU(inplace=True), nn.Linear(d_hidden, d_out))
+def mlp(d_in: int, d_hidden: int, d_out: int, *, out_norm: bool = False) -> nn.Sequential:
+    """Linear-BN-ReLU-Linear (SimCLR / BYOL heads); ``out_norm`` adds SimSiam's output BN."""
+    layers = [nn.Linear(d_in, d_hidden), nn.BatchNorm1d(d_hidden), nn.ReLU(inplace=True),
+              nn.Linear(d_hidden, d_out)]
+    if out_norm:
+        layers.append(nn.BatchNorm1d(d_out, affine=False))
+    return nn.Sequential(*layers)
 
 
 # ---------------------------------------------------------------------------------------
@@ -156,25 +163,198 @@ NO_TIMER = _NoTimer()
 
 
 # ---------------------------------------------------------------------------------------
-# The SSL model and its training step
+# The method registry: one class per SSL method (its views, heads, loss, EMA)
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class MethodConfig:
+    """What every method is built from. ``op_backend`` is the fastssl ops' backend
+    (``"auto"`` for the fused kernels, ``"reference"`` for their plain-PyTorch references)."""
+    op_backend: str = "auto"
+    width: int = 32
+    proj_dim: int = 64
+    hidden: int = 256
+    image_size: int = 32
+    queue_size: int = 4096
+    momentum: float | None = None
+    seed: int = 0
+
+
+SSL_METHODS: dict = {}  # name -> SSLMethod subclass, in registration order
+
+
+def register(cls):
+    SSL_METHODS[cls.name] = cls
+    return cls
+
+
+class SSLMethod(nn.Module):
+    """One SSL method: the encoder it trains and the heads, views and loss it trains it with.
+
+    A training step (:meth:`SSLModel.step`) calls, in its timed phases:
+    ``make_views(images)`` (augmentation) -> ``forward_views(views)`` (encoder forward)
+    -> ``loss(outputs)`` (loss forward) -> backward and optimiser -> ``after_optimizer_step``
+    (EMA / queue / centre updates). Parameters with ``requires_grad=False`` (momentum targets)
+    are not given to the optimiser."""
+
+    name = ""
+    summary = ""
+
+    def __init__(self, cfg: MethodConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = self.build_encoder(cfg)
+        self.generator = torch.Generator().manual_seed(cfg.seed + 1)  # views' randomness
+
+    def build_encoder(self, cfg: MethodConfig) -> nn.Module:
+        return ResNetEncoder(cfg.width)
+
+    def make_views(self, images: torch.Tensor) -> tuple:
+        raise NotImplementedError
+
+    def forward_views(self, views: tuple):
+        raise NotImplementedError
+
+    def loss(self, outputs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        pass
+
+    # -- shared helpers --------------------------------------------------------------------
+    def _momentum_copy(self, module: nn.Module) -> nn.Module:
+        target = copy.deepcopy(module)
+        target.requires_grad_(False)
+        return target
+
+    def _ema(self, target: nn.Module, online: nn.Module, momentum: float) -> None:
+        ema_update_(target, online, momentum, backend=self.cfg.op_backend)
+
+
+class TwoViewMethod(SSLMethod):
+    """Two augmented views of every image (``SSLAugment`` with the method's ``recipe``)."""
+
+    recipe = "simclr"
+
+    def __init__(self, cfg: MethodConfig):
+        super().__init__(cfg)
+        self.augment = SSLAugment(cfg.image_size, recipe=self.recipe, backend=cfg.op_backend,
+                                  generator=self.generator)
+
+    def make_views(self, images):
+        return self.augment(images)
+
+
+@register
+class SimCLR(TwoViewMethod):
+    name = "simclr"
+    summary = "NT-Xent over both views' projections (tau 0.2)"
+    temperature = 0.2
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.projector = mlp(self.encoder.out_dim, cfg.hidden, cfg.proj_dim)
+
+    def forward_views(self, views):
+        z = self.projector(self.encoder(torch.cat(views)))
+        return z.chunk(2)
+
+    def loss(self, outputs):
+        z0, z1 = outputs
+        return nt_xent(z0, z1, self.temperature, backend=self.cfg.op_backend)
+
+
+@register
+class MoCo(TwoViewMethod):
+    """MoCo v2: query encoder+projector on view 0, momentum key encoder on view 1 (keys in
+    2 shuffled halves: single-process ShuffleBN), InfoNCE against a queue of keys (tau 0.2),
+    EMA (momentum, default 0.99) and enqueue after the optimiser step."""
+    name = "moco"
+    summary = "InfoNCE against a queue of momentum-encoder keys (MoCo v2)"
+    recipe = "mocov2"
+    temperature = 0.2
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.projector = mlp(self.encoder.out_dim, cfg.hidden, cfg.proj_dim)
+        self.momentum = cfg.momentum if cfg.momentum is not None else 0.99
+        self.target_encoder = self._momentum_copy(self.encoder)
+        self.target_projector = self._momentum_copy(self.projector)
+        self.queue = MoCoQueue(cfg.proj_dim, cfg.queue_size, backend=cfg.op_backend)
+        self._shuffle_generator = torch.Generator().manual_seed(cfg.seed + 2)
+        self._keys = None
+
+    def forward_views(self, views):
+        v0, v1 = views
+        q = self.projector(self.encoder(v0))
+        with torch.no_grad():  # ShuffleBN: keys in 2 halves of a shuffled batch
+            perm = torch.randperm(v1.shape[0], generator=self._shuffle_generator).to(v1.device)
+            halves = [self.target_projector(self.target_encoder(h)) for h in v1[perm].chunk(2)]
+            k = torch.empty_like(q)
+            k[perm] = torch.cat(halves)
+        self._keys = k
+        return q, k
+
+    def loss(self, outputs):
+        q, k = outputs
+        return info_nce(q, k, self.queue.buffer, self.temperature, backend=self.cfg.op_backend)
+
+    def after_optimizer_step(self, step, total_steps):
+        self._ema(self.target_encoder, self.encoder, self.momentum)
+        self._ema(self.target_projector, self.projector, self.momentum)
+        self.queue.enqueue(F.normalize(self._keys, dim=1))
+        self._keys = None
+
+
+@register
+class BYOL(TwoViewMethod):
+    """Online encoder+projector+predictor on both views, momentum target on both, symmetric
+    2 - 2 cos, target momentum on BYOL's cosine schedule from ``momentum`` (0.99) to 1."""
+    name = "byol"
+    summary = "predictor regresses the momentum target's projection of the other view"
+    recipe = "byol"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.projector = mlp(self.encoder.out_dim, cfg.hidden, cfg.proj_dim)
+        self.predictor = mlp(cfg.proj_dim, cfg.hidden, cfg.proj_dim)
+        self.momentum = cfg.momentum if cfg.momentum is not None else 0.99
+        self.target_encoder = self._momentum_copy(self.encoder)
+        self.target_projector = self._momentum_copy(self.projector)
+
+    def forward_views(self, views):
+        both = torch.cat(views)
+        p = self.predictor(self.projector(self.encoder(both)))
+        with torch.no_grad():
+            t = self.target_projector(self.target_encoder(both))
+        return p.chunk(2), t.chunk(2)
+
+    def loss(self, outputs):
+        (p0, p1), (t0, t1) = outputs
+        p0, p1, t0, t1 = (F.normalize(x, dim=1) for x in (p0, p1, t0, t1))
+        return (2 - 2 * (p0 * t1).sum(1)).mean() + (2 - 2 * (p1 * t0).sum(1)).mean()
+
+    def after_optimizer_step(self, step, total_steps):
+        m = momentum_schedule(min(step, total_steps), total_steps, base=self.momentum)
+        self._ema(self.target_encoder, self.encoder, m)
+        self._ema(self.target_projector, self.projector, m)
+
+
+METHODS = tuple(SSL_METHODS)
+
+
+# ---------------------------------------------------------------------------------------
+# The training step shared by every method
 # ---------------------------------------------------------------------------------------
 
 class SSLModel(nn.Module):
-    """Encoder + heads + optimiser for one SSL method, and its training :meth:`step`.
+    """One registered SSL method (:data:`SSL_METHODS`) + AdamW + its learning-rate schedule,
+    and the training :meth:`step` (also what ``fastssl profile`` times, phase by phase).
 
-    * ``simclr``: encoder -> projector on both views (one batch of 2B), NT-Xent (tau 0.2).
-    * ``moco`` (v2): query encoder+projector on view 0, momentum key encoder on view 1
-      (keys computed in 2 shuffled halves: single-process ShuffleBN), InfoNCE against a queue
-      of ``queue_size`` keys (tau 0.2), EMA update (``momentum``, default 0.99) + enqueue
-      after the optimiser step.
-    * ``byol``: online encoder+projector+predictor on both views, momentum target on both,
-      symmetric normalised-MSE, momentum on BYOL's cosine schedule from ``momentum``
-      (default 0.99) to 1.
-
-    ``backend="fused"`` uses fastssl's fused loss / augmentation / EMA / queue (each op's
+    ``backend="fused"`` uses fastssl's fused losses / augmentation / EMA / queue (each op's
     ``backend="auto"``: C++ on CPU, Triton on CUDA), ``"reference"`` their plain-PyTorch
-    references (``backend="reference"``), so ``fastssl profile --backend both`` compares the
-    two on the same model.
+    references, so ``fastssl profile --backend both`` compares the two on the same model.
+    ``initial_encoder`` keeps the encoder's random initialisation for the random-init probe.
     """
 
     def __init__(self, method: str, *, backend: str = "fused", width: int = 32,
@@ -183,51 +363,28 @@ class SSLModel(nn.Module):
                  weight_decay: float = 1e-5, total_steps: int = 1000, warmup_steps: int = 0,
                  device="cpu", seed: int = 0):
         super().__init__()
-        if method not in METHODS:
+        if method not in SSL_METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.method, self.backend = method, backend
-        self.op_backend = "auto" if backend == "fused" else "reference"
+        self.method_name, self.backend = method, backend
         self.device = torch.device(device)
         torch.manual_seed(seed)
-        self.encoder = ResNetEncoder(width)
-        self.projector = mlp(self.encoder.out_dim, hidden, proj_dim)
-        self.initial_encoder = copy.deepcopy(self.encoder)  # for the random-init probe
-        self.temperature = 0.2
-        self.total_steps = total_steps
-        self.step_count = 0
-        if method == "byol":
-            self.predictor = mlp(proj_dim, hidden, proj_dim)
-        if method in ("moco", "byol"):
-            self.momentum = momentum if momentum is not None else 0.99
-            self.target_encoder = copy.deepcopy(self.encoder)
-            self.target_projector = copy.deepcopy(self.projector)
-            for p in [*self.target_encoder.parameters(), *self.target_projector.parameters()]:
-                p.requires_grad_(False)
-        if method == "moco":
-            self.queue = MoCoQueue(proj_dim, queue_size, device=self.device,
-                                   backend=self.op_backend)
+        cfg = MethodConfig(op_backend="auto" if backend == "fused" else "reference",
+                           width=width, proj_dim=proj_dim, hidden=hidden,
+                           image_size=image_size, queue_size=queue_size, momentum=momentum,
+                           seed=seed)
+        self.method = SSL_METHODS[method](cfg)
+        self.initial_encoder = copy.deepcopy(self.method.encoder).requires_grad_(False)
         self.to(self.device)
-        self.initial_encoder.requires_grad_(False)
-        params = [p for n, p in self.named_parameters()
-                  if p.requires_grad and not n.startswith(("target_", "initial_"))]
+        params = [p for p in self.method.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        self.lr = lr
-        self.warmup_steps = warmup_steps
-        gen = torch.Generator().manual_seed(seed + 1)
-        self.augment = SSLAugment(image_size, recipe=RECIPE[method], backend=self.op_backend,
-                                  generator=gen)
-        self._perm_gen = torch.Generator().manual_seed(seed + 2)
+        self.lr, self.warmup_steps, self.total_steps = lr, warmup_steps, total_steps
+        self.step_count = 0
 
-    # -- the pieces that differ between backends -----------------------------------------
-    def _contrastive(self, a, b, queue=None):
-        if self.method == "simclr":
-            return nt_xent(a, b, self.temperature, backend=self.op_backend)
-        return info_nce(a, b, queue, self.temperature, backend=self.op_backend)
-
-    def _ema(self, target, online, m):
-        ema_update_(target, online, m, backend=self.op_backend)
+    @property
+    def encoder(self) -> nn.Module:
+        return self.method.encoder
 
     def _lr_at(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -235,39 +392,18 @@ class SSLModel(nn.Module):
         frac = (step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1)
         return self.lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
 
-    # -- one training step, phase by phase -----------------------------------------------
     def step(self, images: torch.Tensor, timer=NO_TIMER) -> torch.Tensor:
         """One SSL step on a uint8 batch (B, 3, H, W); returns the detached loss."""
         self.train()
         timer.phase("augmentation")
-        v0, v1 = self.augment(images)
-        v0, v1 = v0.to(self.device, non_blocking=True), v1.to(self.device, non_blocking=True)
-        B = v0.shape[0]
+        views = tuple(v.to(self.device, non_blocking=True)
+                      for v in self.method.make_views(images))
 
         timer.phase("encoder_forward")
-        if self.method == "simclr":
-            z = self.projector(self.encoder(torch.cat([v0, v1])))
-        elif self.method == "moco":
-            q = self.projector(self.encoder(v0))
-            with torch.no_grad():  # ShuffleBN: keys in 2 halves of a shuffled batch
-                perm = torch.randperm(B, generator=self._perm_gen).to(self.device)
-                halves = [self.target_projector(self.target_encoder(h))
-                          for h in v1[perm].chunk(2)]
-                k = torch.empty_like(q)
-                k[perm] = torch.cat(halves)
-        else:
-            p = self.predictor(self.projector(self.encoder(torch.cat([v0, v1]))))
-            with torch.no_grad():
-                t = self.target_projector(self.target_encoder(torch.cat([v0, v1])))
+        outputs = self.method.forward_views(views)
 
         timer.phase("loss_forward")
-        if self.method == "simclr":
-            loss = self._contrastive(z[:B], z[B:])
-        elif self.method == "moco":
-            loss = self._contrastive(q, k, self.queue.buffer)
-        else:  # BYOL: 2 - 2 cos(p, t) with the views swapped, averaged
-            p, t = F.normalize(p, dim=1), F.normalize(t, dim=1)
-            loss = (2 - 2 * (p[:B] * t[B:]).sum(1)).mean() + (2 - 2 * (p[B:] * t[:B]).sum(1)).mean()
+        loss = self.method.loss(outputs)
 
         timer.phase("backward")
         loss.backward()
@@ -279,13 +415,7 @@ class SSLModel(nn.Module):
         self.optimizer.zero_grad(set_to_none=True)
 
         timer.phase("ema_queue")
-        if self.method in ("moco", "byol"):
-            m = (momentum_schedule(self.step_count, self.total_steps, base=self.momentum)
-                 if self.method == "byol" else self.momentum)
-            self._ema(self.target_encoder, self.encoder, m)
-            self._ema(self.target_projector, self.projector, m)
-            if self.method == "moco":
-                self.queue.enqueue(F.normalize(k, dim=1))
+        self.method.after_optimizer_step(self.step_count, self.total_steps)
         self.step_count += 1
         timer.end()
         return loss.detach()

@@ -417,3 +417,32 @@ def ssl_augment(images, params, out_size: int, mean: torch.Tensor, std: torch.Te
         x = (x - mean.to(x.device)) / std.to(x.device)
         out.append(x.to(out_dtype))
     return torch.stack(out, dim=0)
+
+
+# ---------------------------------------------------------------------------------------
+# BYOL / SimSiam negative cosine                                                [issue 14]
+# ---------------------------------------------------------------------------------------
+
+
+def negative_cosine(p: torch.Tensor, z: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+    """BYOL / SimSiam loss per row: 2 - 2 cos(p_i, z_i) = |p_hat_i - z_hat_i|^2, with a
+    stop-gradient on z (``z.detach()``). p, z: (N, D); "mean" / "sum" over rows or "none"."""
+    cos = (_l2_normalize(p) * _l2_normalize(z.detach())).sum(dim=1)
+    loss = 2 - 2 * cos
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def symmetric_negative_cosine(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor,
+                              z2: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+    """(negative_cosine(p1, z2) + negative_cosine(p2, z1)) / 2, row-wise before the reduction."""
+    rows = (negative_cosine(p1, z2, reduction="none") +
+            negative_cosine(p2, z1, reduction="none")) / 2
+    if reduction == "mean":
+        return rows.mean()
+    if reduction == "sum":
+        return rows.sum()
+    return rows

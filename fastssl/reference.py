@@ -446,3 +446,27 @@ def symmetric_negative_cosine(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tens
     if reduction == "sum":
         return rows.sum()
     return rows
+
+
+# ---------------------------------------------------------------------------------------
+# Masked-token prediction head (BERT MLM)                                       [issue 14]
+# ---------------------------------------------------------------------------------------
+
+
+def masked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                      bias: torch.Tensor | None = None, ignore_index: int = -100,
+                      reduction: str = "mean") -> torch.Tensor:
+    """Output projection + cross-entropy over the vocabulary at the positions whose label is
+    not ``ignore_index``: logits = hidden @ weight^T (+ bias), materialised in full.
+
+    hidden (*, H), weight (V, H), labels (*), bias (V,). "mean" over the non-ignored positions
+    (0 with a zero gradient when every position is ignored, where F.cross_entropy gives NaN),
+    "sum", or "none" (shape of labels, 0 at ignored positions)."""
+    logits = F.linear(hidden.reshape(-1, hidden.shape[-1]), weight, bias)
+    flat = labels.reshape(-1)
+    rows = F.cross_entropy(logits, flat, ignore_index=ignore_index, reduction="none")
+    if reduction == "none":
+        return rows.reshape(labels.shape)
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / (flat != ignore_index).sum().clamp(min=1)

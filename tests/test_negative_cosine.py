@@ -28,7 +28,8 @@ def _check(backend, p64, z64, dtype, name="negative_cosine"):
                         ("lowp", dtype, lambda p, z: reference.negative_cosine(
                             p, z, reduction="none"))):
         p = p_in.to(dt).detach().clone().requires_grad_()
-        z = z_in.to(dt).detach().clone().requires_grad_()  # stop-gradient: must stay without a gradient
+        # stop-gradient: z must stay without a gradient
+        z = z_in.to(dt).detach().clone().requires_grad_()
         loss = fn(p, z)
         (loss * g.to(dt)).sum().backward()
         assert z.grad is None, f"{key}: z received a gradient"

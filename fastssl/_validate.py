@@ -319,3 +319,42 @@ def scale_tensor(value: torch.Tensor, device: torch.device, *, invert: bool = Fa
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     v = value.to(device=device, dtype=compute).reshape(())
     return 1.0 / v if invert else v
+
+
+# --- masked-token head (issue 14) -----------------------------------------------------------
+
+
+def token_labels(name: str, t, shape: tuple, num_classes: int, ignore_index: int,
+                 device: torch.device) -> torch.Tensor:
+    """Integer labels of ``shape`` on ``device``, each in [0, num_classes) or ``ignore_index``.
+
+    The range is checked before any kernel runs, on every backend: read on the host for an
+    eager CPU tensor (``ValueError`` naming the first bad label); on CUDA and under
+    ``torch.compile`` a ``torch._assert_async`` (no host sync, no graph break; see
+    :func:`_value_check_async`): a CUDA stream runs it before the kernels queued after it,
+    and the kernels themselves never index memory with a label (they compare it with column
+    indices), so an out-of-range label cannot make them read out of bounds either."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in INT_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor (int64, int32, ...), got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} (one label per position of "
+                         f"hidden), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on the same device as hidden ({device}), got "
+                         f"{t.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if t.device.type == "meta" or t.numel() == 0:
+        return t
+    ok = (t == ignore_index) | ((t >= 0) & (t < num_classes))
+    if t.device.type == "cpu" and not _is_compiling():
+        if not bool(ok.all()):
+            bad = t.reshape(-1)[~ok.reshape(-1)][0].item()
+            raise ValueError(f"{name} must be in [0, {num_classes}) (the vocabulary size) or "
+                             f"ignore_index = {ignore_index}, got {bad}")
+    else:
+        torch._assert_async(ok.all(), f"{name} must be in [0, {num_classes}) (the vocabulary "
+                            f"size) or ignore_index = {ignore_index}")
+    return t

@@ -340,3 +340,217 @@ def supcon(features: torch.Tensor, labels: torch.Tensor, temperature=0.1, *,
     alpha = _validate.scale_tensor(temp, features.device, invert=True)
     rows, npos = ops.supcon.supcon_rows(features, labels, alpha, normalize)
     return (rows.sum() / (npos > 0).sum().clamp(min=1)).to(features.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# BYOL / SimSiam negative cosine                                                [issue 14]
+# ---------------------------------------------------------------------------------------
+
+
+def _pair(p_name: str, z_name: str, p, z) -> None:
+    _validate.embeddings(p_name, p)
+    _validate.embeddings(z_name, z)
+    _validate.same_shape((p_name, z_name), (p, z))
+    _validate.same_device_dtype((p_name, z_name), (p, z))
+
+
+def _negative_cosine_rows(p, z, backend):
+    be = _dispatch.resolve(backend, p.device, op="negative_cosine", cpp_op="negative_cosine_fwd")
+    if be == "reference" or p.dtype == torch.float64:
+        return reference.negative_cosine(p, z, reduction="none")
+    return ops.negative_cosine.negative_cosine_rows(p, z)
+
+
+def negative_cosine(p: torch.Tensor, z: torch.Tensor, *, reduction: str = "mean",
+                    backend: str = "auto") -> torch.Tensor:
+    r"""The BYOL / SimSiam regression loss, 2 - 2 cos(p, z) per row, with a stop-gradient on z.
+
+    Grill et al., *Bootstrap Your Own Latent*, 2020 (https://arxiv.org/abs/2006.07733);
+    Chen & He, *Exploring Simple Siamese Representation Learning*, 2020
+    (https://arxiv.org/abs/2011.10566).
+
+    .. math:: \ell_i = \lVert \hat p_i - \hat z_i \rVert^2 = 2 - 2\,
+              \frac{p_i \cdot z_i}{\max(\lVert p_i \rVert, \epsilon)\,\max(\lVert z_i\rVert,
+              \epsilon)}, \quad \epsilon = 10^{-12}
+
+    ``z`` (the target: the momentum encoder's projection in BYOL, the other view's projection
+    in SimSiam) receives **no gradient**, whether or not it requires grad: the stop-gradient
+    is part of the op, so ``z`` need not be detached. One fused pass per row: the norms and the
+    dot product are accumulated without overflow (rows up to the dtype's largest value) and
+    never materialise the normalised rows.
+
+    Args:
+        p: (N, D) predictions (the online network's predictor output). float32, bfloat16 or
+            float16 (float64 runs the reference); gradients come back in p's dtype.
+        z: (N, D) targets, same shape, dtype and device as ``p``.
+        reduction: ``"mean"`` over the N rows, ``"sum"``, or ``"none"`` for the (N,) losses.
+        backend: ``"auto"`` (C++ on CPU, Triton on CUDA), ``"cpp"``, ``"triton"`` or
+            ``"reference"``; ``FASTSSL_BACKEND`` overrides ``"auto"``.
+
+    Returns:
+        A scalar (``"mean"``/``"sum"``) or an (N,) tensor, in the input dtype; each row in
+        [0, 4]. A row holding NaN or inf gives NaN.
+
+    Raises:
+        TypeError: non-tensor or integer inputs, dtypes that differ.
+        ValueError: shapes that differ or are not (N, D) with N, D >= 1, tensors on different
+            devices, unknown reduction or backend.
+
+    Example:
+        >>> import torch, fastssl
+        >>> p, z = torch.randn(8, 32, requires_grad=True), torch.randn(8, 32)
+        >>> loss = fastssl.negative_cosine(p, z)
+        >>> bool(torch.allclose(loss, fastssl.reference.negative_cosine(p, z), atol=1e-6))
+        True
+    """
+    _pair("p", "z", p, z)
+    _validate.reduction(reduction)
+    return _validate.reduce(_negative_cosine_rows(p, z, backend), reduction).to(p.dtype)
+
+
+def symmetric_negative_cosine(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor,
+                              z2: torch.Tensor, *, reduction: str = "mean",
+                              backend: str = "auto") -> torch.Tensor:
+    r"""The symmetrised BYOL / SimSiam loss: each view's prediction regresses the *other*
+    view's target, ½ (nc(p1, z2) + nc(p2, z1)) with nc = :func:`negative_cosine`
+    (stop-gradient on z1 and z2).
+
+    How it relates to the papers (same minimiser, gradients a constant multiple):
+
+    * **BYOL** sums the two directions, :math:`\mathcal L + \tilde{\mathcal L} =
+      nc(p_1, z_2) + nc(p_2, z_1)`: twice this value, twice its gradient.
+    * **SimSiam** uses :math:`\mathcal L = \tfrac12 D(p_1, z_2) + \tfrac12 D(p_2, z_1)` with
+      D = −cos: this helper equals :math:`2 + 2\mathcal L` (in [0, 4] where SimSiam's is in
+      [−1, 1]) and its gradient is twice SimSiam's. With SGD, halve the learning rate (or
+      scale the loss by ½) to reproduce SimSiam's step exactly.
+
+    Args:
+        p1, p2: (N, D) predictions for views 1 and 2.
+        z1, z2: (N, D) targets (projections) of views 1 and 2; they receive no gradient.
+            All four: same shape, dtype and device.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (the (N,) per-sample averages of the
+            two directions).
+        backend: as for :func:`negative_cosine`.
+
+    Returns:
+        A scalar or an (N,) tensor in the input dtype.
+
+    Raises:
+        TypeError, ValueError: as for :func:`negative_cosine`, naming the argument.
+
+    Example:
+        >>> import torch, fastssl
+        >>> p1, p2 = torch.randn(8, 32, requires_grad=True), torch.randn(8, 32, requires_grad=True)
+        >>> z1, z2 = torch.randn(8, 32), torch.randn(8, 32)
+        >>> loss = fastssl.symmetric_negative_cosine(p1, p2, z1, z2)
+        >>> want = (fastssl.negative_cosine(p1, z2) + fastssl.negative_cosine(p2, z1)) / 2
+        >>> bool(torch.allclose(loss, want))
+        True
+    """
+    _pair("p1", "z2", p1, z2)
+    _pair("p2", "z1", p2, z1)
+    _pair("p1", "p2", p1, p2)
+    _validate.reduction(reduction)
+    rows = (_negative_cosine_rows(p1, z2, backend) + _negative_cosine_rows(p2, z1, backend)) / 2
+    return _validate.reduce(rows, reduction).to(p1.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Masked-token prediction head (BERT MLM)                                       [issue 14]
+# ---------------------------------------------------------------------------------------
+
+
+def masked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                      bias: torch.Tensor | None = None, ignore_index: int = -100,
+                      reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
+    r"""The masked-language-model head (BERT), fused: output projection and cross-entropy over
+    the vocabulary at the masked positions, without the [positions, vocabulary] logits.
+
+    Devlin et al., *BERT*, 2018 (https://arxiv.org/abs/1810.04805).
+
+    .. math:: s_{iv} = h_i \cdot w_v + b_v, \qquad
+              \ell_i = \log \sum_{v=1}^{V} e^{s_{iv}} - s_{i, y_i}
+              \quad \text{for } y_i \ne \text{ignore\_index}
+
+    Equal to ``F.cross_entropy(F.linear(hidden, weight, bias), labels,
+    ignore_index=ignore_index)`` (flattened over positions), except that a batch whose
+    positions are **all ignored gives 0 with a zero gradient** for ``reduction="mean"``
+    (``F.cross_entropy`` gives NaN there, which would poison the weights through the
+    optimizer; raising instead would need a host sync per step on a GPU to read the count).
+    The kernels stream the vocabulary in tiles with an online log-sum-exp and keep O(rows)
+    state; the backward recomputes the tiles. Memory: O(rows x H + V x H) instead of
+    O(rows x V) (at 4,096 positions and V = 30,522, one fp32 logits copy is 500 MB).
+
+    Args:
+        hidden: (*, H) hidden states: (B, T, H) for every position of a batch, or (P, H)
+            already gathered at the masked positions. float32, bfloat16 or float16 (float64
+            runs the reference). Ignored positions cost nothing on the GPU: the kernels visit
+            the non-ignored rows only (found on the device, no host sync).
+        weight: (V, H) output embedding (often tied to the input embedding), same dtype and
+            device as ``hidden``.
+        labels: (*) integer token ids, the shape of ``hidden`` without its last dim: each in
+            [0, V) or equal to ``ignore_index``.
+        bias: optional (V,) output bias, same dtype and device.
+        ignore_index: label of the positions that are not predicted (BERT: the unmasked ones).
+        reduction: ``"mean"`` over the non-ignored positions, ``"sum"``, or ``"none"`` (the
+            shape of ``labels``, 0 at ignored positions).
+        backend: ``"auto"`` (C++ on CPU, Triton on CUDA), ``"cpp"``, ``"triton"`` or
+            ``"reference"``; ``FASTSSL_BACKEND`` overrides ``"auto"``.
+
+    Returns:
+        A scalar (``"mean"`` / ``"sum"``) or a tensor of ``labels``' shape, in hidden's dtype.
+        Gradients flow to ``hidden``, ``weight`` and ``bias``.
+
+    Raises:
+        TypeError: non-tensor inputs, non-floating hidden / weight / bias, non-integer labels,
+            dtypes that differ.
+        ValueError: hidden not (*, H) with H >= 1, weight not (V, H) with V >= 1, bias not
+            (V,), labels not of hidden's leading shape, tensors on different devices, unknown
+            reduction or backend, or (CPU tensors) a label outside [0, V) that is not
+            ``ignore_index``. CUDA tensors, and compiled code, check the labels with
+            ``torch._assert_async`` instead (no host sync): a RuntimeError (CPU) or a
+            device-side assert (CUDA) names the problem.
+
+    Example:
+        >>> import torch, fastssl
+        >>> hidden = torch.randn(2, 9, 16, requires_grad=True)
+        >>> weight = torch.randn(50, 16, requires_grad=True)
+        >>> labels = torch.full((2, 9), -100)
+        >>> labels[0, 3], labels[1, 5] = 7, 42
+        >>> loss = fastssl.masked_token_loss(hidden, weight, labels)
+        >>> want = fastssl.reference.masked_token_loss(hidden, weight, labels)
+        >>> bool(torch.allclose(loss, want, atol=1e-5))
+        True
+    """
+    _validate.tensor("hidden", hidden)
+    if hidden.dim() < 1 or hidden.shape[-1] < 1:
+        raise ValueError(f"hidden must be (*, H) with H >= 1, got shape {tuple(hidden.shape)}")
+    _validate.embeddings("weight", weight)
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be (V, H) with H = {hidden.shape[-1]} (hidden's last "
+                         f"dim), got shape {tuple(weight.shape)}")
+    _validate.same_device_dtype(("hidden", "weight"), (hidden, weight))
+    if bias is not None:
+        _validate.tensor("bias", bias, ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must be (V,) = ({weight.shape[0]},), got shape "
+                             f"{tuple(bias.shape)}")
+        _validate.same_device_dtype(("hidden", "bias"), (hidden, bias))
+    _validate.token_labels("labels", labels, tuple(hidden.shape[:-1]), weight.shape[0],
+                           ignore_index, hidden.device)
+    _validate.reduction(reduction)
+    be = _dispatch.resolve(backend, hidden.device, op="masked_token_loss",
+                           cpp_op="masked_token_loss_fwd")
+    if be == "reference" or hidden.dtype == torch.float64:
+        return reference.masked_token_loss(hidden, weight, labels, bias=bias,
+                                           ignore_index=ignore_index, reduction=reduction)
+    flat = labels.reshape(-1).to(torch.int64)
+    rows = ops.masked_token_loss.masked_token_rows(hidden.reshape(-1, hidden.shape[-1]), weight,
+                                                   bias, flat, ignore_index)
+    if reduction == "none":
+        return rows.reshape(labels.shape).to(hidden.dtype)
+    if reduction == "sum":
+        return rows.sum().to(hidden.dtype)
+    # All ignored: 0 / 1 = 0 and a zero gradient (see above), without reading the count.
+    count = (flat != ignore_index).sum().clamp(min=1)
+    return (rows.sum() / count).to(hidden.dtype)

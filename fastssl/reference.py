@@ -417,3 +417,56 @@ def ssl_augment(images, params, out_size: int, mean: torch.Tensor, std: torch.Te
         x = (x - mean.to(x.device)) / std.to(x.device)
         out.append(x.to(out_dtype))
     return torch.stack(out, dim=0)
+
+
+# ---------------------------------------------------------------------------------------
+# BYOL / SimSiam negative cosine                                                [issue 14]
+# ---------------------------------------------------------------------------------------
+
+
+def negative_cosine(p: torch.Tensor, z: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+    """BYOL / SimSiam loss per row: 2 - 2 cos(p_i, z_i) = |p_hat_i - z_hat_i|^2, with a
+    stop-gradient on z (``z.detach()``). p, z: (N, D); "mean" / "sum" over rows or "none"."""
+    cos = (_l2_normalize(p) * _l2_normalize(z.detach())).sum(dim=1)
+    loss = 2 - 2 * cos
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def symmetric_negative_cosine(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor,
+                              z2: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+    """(negative_cosine(p1, z2) + negative_cosine(p2, z1)) / 2, row-wise before the reduction."""
+    rows = (negative_cosine(p1, z2, reduction="none") +
+            negative_cosine(p2, z1, reduction="none")) / 2
+    if reduction == "mean":
+        return rows.mean()
+    if reduction == "sum":
+        return rows.sum()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# Masked-token prediction head (BERT MLM)                                       [issue 14]
+# ---------------------------------------------------------------------------------------
+
+
+def masked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                      bias: torch.Tensor | None = None, ignore_index: int = -100,
+                      reduction: str = "mean") -> torch.Tensor:
+    """Output projection + cross-entropy over the vocabulary at the positions whose label is
+    not ``ignore_index``: logits = hidden @ weight^T (+ bias), materialised in full.
+
+    hidden (*, H), weight (V, H), labels (*), bias (V,). "mean" over the non-ignored positions
+    (0 with a zero gradient when every position is ignored, where F.cross_entropy gives NaN),
+    "sum", or "none" (shape of labels, 0 at ignored positions)."""
+    logits = F.linear(hidden.reshape(-1, hidden.shape[-1]), weight, bias)
+    flat = labels.reshape(-1)
+    rows = F.cross_entropy(logits, flat, ignore_index=ignore_index, reduction="none")
+    if reduction == "none":
+        return rows.reshape(labels.shape)
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / (flat != ignore_index).sum().clamp(min=1)

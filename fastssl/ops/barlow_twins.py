@@ -67,3 +67,47 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambda_: float,
     """The loss, a 0-dim fp32 tensor, on the path the cost model picks."""
     path = engine.choose_path(z1.shape[0], z1.shape[1])
     return torch.ops.fastssl.barlow_twins_fwd(z1, z2, lambda_, standardize, path)[0]
+
+
+# ---------------------------------------------------------------------------------------
+# CUDA kernels (Triton, on the engine of ops/redundancy.py)
+# ---------------------------------------------------------------------------------------
+
+
+@_library.triton_kernel("barlow_twins_fwd")
+def barlow_twins_fwd_triton(z1, z2, lambda_: float, standardize: bool, path: int):
+    z1, z2 = z1.contiguous(), z2.contiguous()
+    n = z1.shape[0]
+    mu1, r1 = engine.column_stats(z1, standardize)
+    mu2, r2 = engine.column_stats(z2, standardize)
+    c = (((z1.float() - mu1) * r1) * ((z2.float() - mu2) * r2)).sum(dim=0) / n
+    if path == engine.PATH_GRAM:
+        g1, g2 = engine.gram(z1, mu1, r1), engine.gram(z2, mu2, r2)
+        off = (g1.double() * g2.double()).sum()
+    else:
+        g1 = g2 = z1.new_empty((0, 0), dtype=torch.float32)
+        off = engine.tiles_sq(z1, mu1, r1, z2, mu2, r2).double()
+    c64 = c.double()
+    loss = ((1 - c64) ** 2).sum() + lambda_ * (off / (n * n) - (c64 ** 2).sum())
+    return loss.float(), torch.stack([mu1, r1, mu2, r2, c]), g1, g2
+
+
+@_library.triton_kernel("barlow_twins_bwd")
+def barlow_twins_bwd_triton(grad, z1, z2, stats, g1, g2, lambda_: float, standardize: bool,
+                            path: int):
+    z1, z2 = z1.contiguous(), z2.contiguous()
+    n = z1.shape[0]
+    mu1, r1, mu2, r2, c = stats.unbind(0)
+    go = grad.float().reshape(1)
+    gd = go * (-2 * (1 - c) - 2 * lambda_ * c) / n  # dL/dC_dd beyond 2 lambda C_dd, over N
+    scale = go * (2 * lambda_ / (n * n))
+    if path == engine.PATH_GRAM:
+        da = engine.gram_times(g2, z1, mu1, r1, z2, mu2, r2, gd, scale)
+        db = engine.gram_times(g1, z2, mu2, r2, z1, mu1, r1, gd, scale)
+    else:
+        da = engine.tiles_bwd(z1, mu1, r1, z2, mu2, r2, gd, scale)
+        db = engine.tiles_bwd(z2, mu2, r2, z1, mu1, r1, gd, scale)
+    if standardize:
+        da = engine.standardize_backward(da, (z1.float() - mu1) * r1, r1, n)
+        db = engine.standardize_backward(db, (z2.float() - mu2) * r2, r2, n)
+    return da.to(z1.dtype), db.to(z2.dtype)

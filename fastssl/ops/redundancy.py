@@ -93,3 +93,187 @@ def force_path(name: str):
         yield
     finally:
         _forced = prev
+
+
+# ---------------------------------------------------------------------------------------
+# CUDA kernels (Triton): the GEMMs of both paths, standardisation fused into the operand loads
+# ---------------------------------------------------------------------------------------
+#
+# Every operand tile is loaded in the input dtype, standardised in fp32, (x - mu) * r, and
+# multiplied in fp32 (``tl.dot`` with the project's fp32 precision: bf16x3 on a GPU by
+# default, exact under the interpreter), accumulating in fp32. Kernels:
+#
+# * ``_gram_kernel``: G = X^ X^T (N x N), X^ = (X - mu) r.            2 N^2 D FLOPs
+# * ``_gram_times_kernel``: OUT = s G X^ + diag(coef) Y^ (N x D)      2 N^2 D
+# * ``_tile_sq_kernel``: per tile (i, j) of C = A^T B^, sum of C_ij^2  2 N D^2 (all tiles)
+# * ``_tile_bwd_kernel``: program u owns columns u of OUT = s sum_v B^_v (A^_u^T B^_v)^T
+#   + diag(coef) B^_u: recomputes C_uv (2 N T^2) and applies it (2 N T^2) per v.  4 N D^2
+#
+# The O(N D) parts (column statistics, the diagonal c, the standardisation / centring
+# backward) run as PyTorch ops in the launchers. Nothing here reads a value on the host.
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from ._triton_utils import dot_precision  # noqa: E402
+
+GRAM_BLOCK, GRAM_K = 64, 32       # Gram / Gram-times tiles (rows x reduction)
+TILE, TILE_ROWS = 64, 32          # a tile of C is TILE x TILE, reduced over TILE_ROWS rows
+NUM_WARPS = 4
+
+
+@triton.jit
+def _load_std(X, MU, R, rows, cols, N, D, stride):
+    """(rows x cols) tile of (X - mu) * r in fp32, 0 outside the matrix."""
+    mask = (rows[:, None] < N) & (cols[None, :] < D)
+    x = tl.load(X + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mu = tl.load(MU + cols, mask=cols < D, other=0.0)
+    r = tl.load(R + cols, mask=cols < D, other=0.0)
+    return tl.where(mask, (x - mu[None, :]) * r[None, :], 0.0)
+
+
+@triton.jit
+def _gram_kernel(X, MU, R, G, N, D, stride, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK + tl.arange(0, BLOCK)
+    rn = pid_n * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        a = _load_std(X, MU, R, rm, cols, N, D, stride)
+        b = _load_std(X, MU, R, rn, cols, N, D, stride)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
+    mask = (rm[:, None] < N) & (rn[None, :] < N)
+    tl.store(G + rm[:, None] * N + rn[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _gram_times_kernel(G, X, MUX, RX, Y, MUY, RY, COEF, SCALE, OUT, N, D, stride,
+                       BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rm = pid_m * BLOCK + tl.arange(0, BLOCK)
+    cols = pid_c * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for j0 in range(0, N, BLOCK_K):
+        rj = j0 + tl.arange(0, BLOCK_K)
+        g = tl.load(G + rm[:, None] * N + rj[None, :],
+                    mask=(rm[:, None] < N) & (rj[None, :] < N), other=0.0)
+        x = _load_std(X, MUX, RX, rj, cols, N, D, stride)
+        acc = tl.dot(g, x, acc, input_precision=PREC)
+    y = _load_std(Y, MUY, RY, rm, cols, N, D, stride)
+    coef = tl.load(COEF + cols, mask=cols < D, other=0.0)
+    out = tl.load(SCALE) * acc + coef[None, :] * y
+    mask = (rm[:, None] < N) & (cols[None, :] < D)
+    tl.store(OUT + rm[:, None] * D + cols[None, :], out, mask=mask)
+
+
+@triton.jit
+def _tile_sq_kernel(A, MUA, RA, B, MUB, RB, PART, N, D, stride, TILE: tl.constexpr,
+                    ROWS: tl.constexpr, PREC: tl.constexpr):
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    ci = pid_i * TILE + tl.arange(0, TILE)
+    cj = pid_j * TILE + tl.arange(0, TILE)
+    acc = tl.zeros((TILE, TILE), dtype=tl.float32)
+    for n0 in range(0, N, ROWS):
+        rn = n0 + tl.arange(0, ROWS)
+        a = _load_std(A, MUA, RA, rn, ci, N, D, stride)
+        b = _load_std(B, MUB, RB, rn, cj, N, D, stride)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=PREC)
+    tl.store(PART + pid_i * tl.num_programs(1) + pid_j, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+
+
+@triton.jit
+def _tile_bwd_kernel(A, MUA, RA, B, MUB, RB, COEF, SCALE, OUT, N, D, stride,
+                     TILE: tl.constexpr, ROWS: tl.constexpr, PREC: tl.constexpr):
+    # OUT must hold zeros: this program accumulates its columns u over the tiles v in order.
+    pid_u = tl.program_id(0)
+    cu = pid_u * TILE + tl.arange(0, TILE)
+    for v0 in range(0, D, TILE):
+        cv = v0 + tl.arange(0, TILE)
+        c = tl.zeros((TILE, TILE), dtype=tl.float32)  # C_uv = A^_u^T B^_v
+        for n0 in range(0, N, ROWS):
+            rn = n0 + tl.arange(0, ROWS)
+            a = _load_std(A, MUA, RA, rn, cu, N, D, stride)
+            b = _load_std(B, MUB, RB, rn, cv, N, D, stride)
+            c = tl.dot(tl.trans(a), b, c, input_precision=PREC)
+        for n0 in range(0, N, ROWS):
+            rn = n0 + tl.arange(0, ROWS)
+            b = _load_std(B, MUB, RB, rn, cv, N, D, stride)
+            mask = (rn[:, None] < N) & (cu[None, :] < D)
+            ptrs = OUT + rn[:, None] * D + cu[None, :]
+            prev = tl.load(ptrs, mask=mask, other=0.0)
+            tl.store(ptrs, tl.dot(b, tl.trans(c), prev, input_precision=PREC), mask=mask)
+    scale = tl.load(SCALE)
+    coef = tl.load(COEF + cu, mask=cu < D, other=0.0)
+    for n0 in range(0, N, ROWS):
+        rn = n0 + tl.arange(0, ROWS)
+        b = _load_std(B, MUB, RB, rn, cu, N, D, stride)
+        mask = (rn[:, None] < N) & (cu[None, :] < D)
+        ptrs = OUT + rn[:, None] * D + cu[None, :]
+        tl.store(ptrs, scale * tl.load(ptrs, mask=mask, other=0.0) + coef[None, :] * b,
+                 mask=mask)
+
+
+def _prec():
+    return dot_precision(torch.float32)
+
+
+def gram(x, mu, r):
+    """(N, N) fp32 Gram of (x - mu) r."""
+    n, d = x.shape
+    g = torch.empty((n, n), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, GRAM_BLOCK), triton.cdiv(n, GRAM_BLOCK))
+    _gram_kernel[grid](x, mu, r, g, n, d, x.stride(0), BLOCK=GRAM_BLOCK, BLOCK_K=GRAM_K,
+                       PREC=_prec(), num_warps=NUM_WARPS)
+    return g
+
+
+def gram_times(g, x, mux, rx, y, muy, ry, coef, scale):
+    """(N, D) fp32: scale * g (x - mux) rx + coef * (y - muy) ry (scale: a 1-element tensor)."""
+    n, d = x.shape
+    out = torch.empty((n, d), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, GRAM_BLOCK), triton.cdiv(d, GRAM_BLOCK))
+    _gram_times_kernel[grid](g, x, mux, rx, y, muy, ry, coef, scale, out, n, d, x.stride(0),
+                             BLOCK=GRAM_BLOCK, BLOCK_K=GRAM_K, PREC=_prec(),
+                             num_warps=NUM_WARPS)
+    return out
+
+
+def tiles_sq(a, mua, ra, b, mub, rb):
+    """||A^T B^||_F^2 (0-dim fp32 tensor; partial sums per tile added in fp64)."""
+    n, d = a.shape
+    tiles = triton.cdiv(d, TILE)
+    part = torch.empty((tiles * tiles,), dtype=torch.float32, device=a.device)
+    _tile_sq_kernel[(tiles, tiles)](a, mua, ra, b, mub, rb, part, n, d, a.stride(0), TILE=TILE,
+                                    ROWS=TILE_ROWS, PREC=_prec(), num_warps=NUM_WARPS)
+    return part.double().sum().float()
+
+
+def tiles_bwd(a, mua, ra, b, mub, rb, coef, scale):
+    """(N, D) fp32: scale * B^ (A^^T B^)^T + coef * B^, C recomputed per tile."""
+    n, d = a.shape
+    out = torch.zeros((n, d), dtype=torch.float32, device=a.device)
+    _tile_bwd_kernel[(triton.cdiv(d, TILE),)](a, mua, ra, b, mub, rb, coef, scale, out, n, d,
+                                              a.stride(0), TILE=TILE, ROWS=TILE_ROWS,
+                                              PREC=_prec(), num_warps=NUM_WARPS)
+    return out
+
+
+def column_stats(z, standardize: bool = True):
+    """(mean, r) fp32 (D,): batch mean and 1 / unbiased std (0 and 1 without standardize)."""
+    d = z.shape[1]
+    if not standardize:
+        return (torch.zeros(d, dtype=torch.float32, device=z.device),
+                torch.ones(d, dtype=torch.float32, device=z.device))
+    zf = z.float()
+    return zf.mean(dim=0), torch.rsqrt(zf.var(dim=0))
+
+
+def standardize_backward(da, a_hat, r, n: int):
+    """dZ from dA^ for A^ = (Z - mu) r (per column, unbiased std)."""
+    return r * (da - da.mean(dim=0) - a_hat * ((da * a_hat).sum(dim=0) / (n - 1)))

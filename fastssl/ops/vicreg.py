@@ -65,3 +65,59 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim: float, var: float,
     """The loss, a 0-dim fp32 tensor, on the path the cost model picks."""
     path = engine.choose_path(z1.shape[0], z1.shape[1])
     return torch.ops.fastssl.vicreg_fwd(z1, z2, sim, var, cov, EPS, path)[0]
+
+
+# ---------------------------------------------------------------------------------------
+# CUDA kernels (Triton, on the engine of ops/redundancy.py)
+# ---------------------------------------------------------------------------------------
+
+
+def _ones(z):
+    return torch.ones(z.shape[1], dtype=torch.float32, device=z.device)
+
+
+@_library.triton_kernel("vicreg_fwd")
+def vicreg_fwd_triton(z1, z2, sim: float, var: float, cov: float, eps: float, path: int):
+    z1, z2 = z1.contiguous(), z2.contiguous()
+    n, d = z1.shape
+    stats, grams = [], []
+    variance = covariance = 0.0
+    for z in (z1, z2):
+        zf = z.float()
+        mu, v = zf.mean(dim=0), zf.var(dim=0)
+        stats += [mu, v]
+        one = _ones(z)
+        if path == engine.PATH_GRAM:
+            g = engine.gram(z, mu, one)
+            frob = (g.double() ** 2).sum()
+        else:
+            g = z.new_empty((0, 0), dtype=torch.float32)
+            frob = engine.tiles_sq(z, mu, one, z, mu, one).double()
+        grams.append(g)
+        variance = variance + torch.relu(1 - torch.sqrt(v.double() + eps)).mean()
+        covariance = covariance + (frob / (n - 1) ** 2 - (v.double() ** 2).sum()) / d
+    invariance = ((z1.double() - z2.double()) ** 2).mean()
+    loss = sim * invariance + var * variance / 2 + cov * covariance
+    return loss.float(), torch.stack(stats), grams[0], grams[1]
+
+
+@_library.triton_kernel("vicreg_bwd")
+def vicreg_bwd_triton(grad, z1, z2, stats, g1, g2, sim: float, var: float, cov: float,
+                      eps: float, path: int):
+    z1, z2 = z1.contiguous(), z2.contiguous()
+    n, d = z1.shape
+    go = grad.float().reshape(1)
+    a = go * (4 * cov / (d * (n - 1) ** 2))
+    out = []
+    for z, other, mu, v, g in ((z1, z2, stats[0], stats[1], g1), (z2, z1, stats[2], stats[3], g2)):
+        s = torch.sqrt(v + eps)
+        hinge = torch.where(s < 1, -go * var / (2 * d * (n - 1) * s), torch.zeros_like(s))
+        coef = -a * (n - 1) * v + hinge  # the diagonal of K out of the covariance, the hinge in
+        one = _ones(z)
+        if path == engine.PATH_GRAM:
+            dx = engine.gram_times(g, z, mu, one, z, mu, one, coef, a)
+        else:
+            dx = engine.tiles_bwd(z, mu, one, z, mu, one, coef, a)
+        dz = dx - dx.mean(dim=0) + (go * (2 * sim / (n * d))) * (z.float() - other.float())
+        out.append(dz.to(z.dtype))
+    return out[0], out[1]

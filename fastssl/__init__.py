@@ -7,6 +7,8 @@ from . import augment, reference
 from .augment import SSLAugment
 from .functional import clip_loss, info_nce, nt_xent, supcon
 from .functional import masked_token_loss, negative_cosine, symmetric_negative_cosine
+
+from .functional import barlow_twins, vicreg
 from .losses import CLIPLoss, InfoNCELoss, NTXentLoss, SupConLoss
 from .moco import MoCoQueue, MomentumEncoder, ema_update_, momentum_schedule
 
@@ -15,4 +17,5 @@ __version__ = "0.1.0"
 __all__ = ["nt_xent", "NTXentLoss", "info_nce", "InfoNCELoss", "clip_loss", "CLIPLoss",
            "supcon", "SupConLoss", "ema_update_", "momentum_schedule", "MomentumEncoder",
            "MoCoQueue", "augment", "SSLAugment", "reference", "__version__",
-           "negative_cosine", "symmetric_negative_cosine", "masked_token_loss"]
+           "negative_cosine", "symmetric_negative_cosine", "masked_token_loss",
+           "barlow_twins", "vicreg"]

@@ -358,3 +358,28 @@ def token_labels(name: str, t, shape: tuple, num_classes: int, ignore_index: int
         torch._assert_async(ok.all(), f"{name} must be in [0, {num_classes}) (the vocabulary "
                             f"size) or ignore_index = {ignore_index}")
     return t
+
+# --- redundancy reduction (barlow_twins, vicreg) -----------------------------------------
+
+
+def finite_coefficient(name: str, value) -> float:
+    """A loss weight: a Python number (not a tensor: the kernels take it as a constant),
+    finite and >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    v = float(value)
+    if not (math.isfinite(v) and v >= 0):
+        raise ValueError(f"{name} must be finite and >= 0, got {v}")
+    return v
+
+
+def two_views(z1, z2, op: str, *, min_rows: int = 2) -> None:
+    """(N, D) embeddings of two views: same shape, device and dtype, N >= ``min_rows`` (the
+    unbiased batch statistics divide by N - 1)."""
+    embeddings("z1", z1)
+    embeddings("z2", z2)
+    same_shape(("z1", "z2"), (z1, z2))
+    same_device_dtype(("z1", "z2"), (z1, z2))
+    if z1.shape[0] < min_rows:
+        raise ValueError(f"{op} needs N >= {min_rows} rows (the unbiased std/variance over the "
+                         f"batch divides by N - 1), got shape {tuple(z1.shape)}")

@@ -554,3 +554,142 @@ def masked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     # All ignored: 0 / 1 = 0 and a zero gradient (see above), without reading the count.
     count = (flat != ignore_index).sum().clamp(min=1)
     return (rows.sum() / count).to(hidden.dtype)
+
+# Redundancy reduction: Barlow Twins, VICReg                        [issue 14, item 2]
+# ---------------------------------------------------------------------------------------
+
+_BARLOW_NORMALIZE = ("batch", "none")
+
+
+def barlow_twins(z1: torch.Tensor, z2: torch.Tensor, lambda_: float = 5e-3, *,
+                 normalize: str = "batch", gather: bool = False,
+                 backend: str = "auto") -> torch.Tensor:
+    r"""The Barlow Twins loss, fused: never forms the D x D cross-correlation matrix.
+
+    Zbontar et al., *Barlow Twins: Self-Supervised Learning via Redundancy Reduction*, 2021
+    (https://arxiv.org/abs/2103.03230), with lightly's ``BarlowTwinsLoss`` conventions.
+    Each feature is standardised over the batch, :math:`\tilde z = (z - \mu) / \sigma` with
+    the batch mean and the **unbiased** std (no eps), then
+
+    .. math:: C = \tilde z_1^\top \tilde z_2 / N,\qquad
+              \mathcal L = \sum_i (1 - C_{ii})^2 + \lambda \sum_{i \ne j} C_{ij}^2
+
+    The fused kernels use :math:`\|C\|_F^2 = \langle \tilde z_1 \tilde z_1^\top,
+    \tilde z_2 \tilde z_2^\top\rangle_F / N^2` (N x N Grams) when N < 5D/3, else tiles of C
+    that are reduced as they are computed and recomputed in the backward
+    (``fastssl/ops/redundancy.py`` has the cost model).
+
+    Args:
+        z1, z2: (N, D) embeddings of the two views, N >= 2; float32, bfloat16 or float16
+            (float64 runs the reference). The kernels accumulate in fp32.
+        lambda_: weight of the off-diagonal (redundancy) term, finite and >= 0.
+        normalize: ``"batch"`` (the standardisation above) or ``"none"`` (C = z1^T z2 / N
+            on the embeddings as given).
+        gather: compute the batch statistics (means, stds) and C over the global batch of all
+            ranks: z1 and z2 are all-gathered with gradients (O(world N D) per rank; nothing
+            D x D is communicated), and every rank returns the same global loss. Gradient
+            convention as in :func:`nt_xent`: after DDP's gradient averaging one step equals
+            one single-process step on the concatenated batch. No process group: plain loss.
+        backend: ``"auto"`` (C++ on CPU, Triton on CUDA), ``"cpp"``, ``"triton"`` or
+            ``"reference"``.
+
+    Returns:
+        A scalar in the input dtype.
+
+    Raises:
+        TypeError: non-tensor or integer inputs, dtypes that differ, a non-number lambda_.
+        ValueError: shapes that differ or are not (N, D), N < 2 (the unbiased std is
+            undefined), lambda_ negative or not finite, unknown normalize or backend.
+
+    A feature that is constant over the batch has std 0 and gives a NaN loss (as lightly's).
+
+    Example:
+        >>> import torch, fastssl
+        >>> z1, z2 = torch.randn(16, 40), torch.randn(16, 40)
+        >>> loss = fastssl.barlow_twins(z1, z2)
+        >>> bool(torch.allclose(loss, fastssl.reference.barlow_twins(z1, z2), rtol=1e-5))
+        True
+    """
+    if normalize not in _BARLOW_NORMALIZE:
+        raise ValueError(f"normalize must be one of {_BARLOW_NORMALIZE}, got {normalize!r}")
+    _validate.two_views(z1, z2, "barlow_twins", min_rows=2 if normalize == "batch" else 1)
+    lam = _validate.finite_coefficient("lambda_", lambda_)
+    if gather and distributed.world_size() > 1:
+        z1 = distributed.gather_with_grad(z1, what="barlow_twins(gather=True)")
+        z2 = distributed.gather_with_grad(z2, what="barlow_twins(gather=True)")
+    be = _dispatch.resolve(backend, z1.device, op="barlow_twins", cpp_op="barlow_twins_fwd")
+    if be == "reference" or z1.dtype == torch.float64:
+        return reference.barlow_twins(z1, z2, lam, normalize=normalize)
+    loss = ops.barlow_twins.barlow_twins_loss(z1, z2, lam, normalize == "batch")
+    return loss.to(z1.dtype)
+
+
+def vicreg(z1: torch.Tensor, z2: torch.Tensor, sim: float = 25.0, var: float = 25.0,
+           cov: float = 1.0, *, gather: bool = False, backend: str = "auto") -> torch.Tensor:
+    r"""The VICReg loss, fused: never forms the D x D covariance matrices.
+
+    Bardes et al., *VICReg: Variance-Invariance-Covariance Regularization for
+    Self-Supervised Learning*, 2022 (https://arxiv.org/abs/2105.04906), with the values of
+    lightly's ``VICRegLoss`` (``lambda_param = sim``, ``mu_param = var``,
+    ``nu_param = cov``, eps = 1e-4). Exactly:
+
+    .. math:: \mathcal L = \text{sim}\cdot\frac{1}{ND}\sum_{n,d}(z_{1,nd} - z_{2,nd})^2
+              + \text{var}\cdot\frac{V(z_1) + V(z_2)}{2}
+              + \text{cov}\cdot\big(Q(z_1) + Q(z_2)\big)
+
+    with, per view, :math:`v_d` the **unbiased** batch variance of feature d,
+    :math:`V = \frac1D\sum_d \operatorname{relu}(1 - \sqrt{v_d + 10^{-4}})` (the variance
+    term is **averaged** over the two views, as lightly does; the covariance term is summed)
+    and :math:`Q = \frac1D\sum_{i \ne j} K_{ij}^2`, :math:`K = X^\top X / (N - 1)` the
+    unbiased covariance of the centred view X. The kernels use
+    :math:`\|K\|_F^2 = \|X X^\top\|_F^2 / (N-1)^2` (N x N Grams) when N < 5D/3, else tiles
+    of K (``fastssl/ops/redundancy.py``).
+
+    Args:
+        z1, z2: (N, D) embeddings of the two views, N >= 2; float32, bfloat16 or float16
+            (float64 runs the reference). The kernels accumulate in fp32.
+        sim, var, cov: the weights of the invariance, variance and covariance terms, finite
+            and >= 0 (the paper's and lightly's 25, 25, 1).
+        gather: as lightly's ``gather_distributed``: the variance and covariance terms use the
+            global batch of all ranks (z1, z2 all-gathered with gradients, O(world N D) per
+            rank, nothing D x D), the invariance term this rank's rows. After DDP's gradient
+            averaging one step equals one single-process step on the concatenated batch.
+            No process group: the plain loss.
+        backend: ``"auto"``, ``"cpp"``, ``"triton"`` or ``"reference"``.
+
+    Returns:
+        A scalar in the input dtype.
+
+    Raises:
+        TypeError: non-tensor or integer inputs, dtypes that differ, non-number weights.
+        ValueError: shapes that differ or are not (N, D), N < 2 (the unbiased variance is
+            undefined), a weight negative or not finite, unknown backend.
+
+    Example:
+        >>> import torch, fastssl
+        >>> z1, z2 = torch.randn(16, 40), torch.randn(16, 40)
+        >>> loss = fastssl.vicreg(z1, z2)
+        >>> bool(torch.allclose(loss, fastssl.reference.vicreg(z1, z2), rtol=1e-5))
+        True
+    """
+    _validate.two_views(z1, z2, "vicreg", min_rows=2)
+    sim = _validate.finite_coefficient("sim", sim)
+    var = _validate.finite_coefficient("var", var)
+    cov = _validate.finite_coefficient("cov", cov)
+    be = _dispatch.resolve(backend, z1.device, op="vicreg", cpp_op="vicreg_fwd")
+    if gather and distributed.world_size() > 1:
+        # Invariance on the local rows (a per-sample mean: DDP's averaging makes it global),
+        # variance and covariance on the gathered batch.
+        invariance = sim * (z1 - z2).pow(2).mean()
+        z1 = distributed.gather_with_grad(z1, what="vicreg(gather=True)")
+        z2 = distributed.gather_with_grad(z2, what="vicreg(gather=True)")
+        sim = 0.0
+    else:
+        invariance = None
+    if be == "reference" or z1.dtype == torch.float64:
+        loss = reference.vicreg(z1, z2, sim, var, cov)
+    else:
+        loss = ops.vicreg.vicreg_loss(z1, z2, sim, var, cov)
+    if invariance is not None:
+        loss = loss + invariance.float()
+    return loss.to(z1.dtype)

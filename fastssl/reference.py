@@ -470,3 +470,47 @@ def masked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     if reduction == "sum":
         return rows.sum()
     return rows.sum() / (flat != ignore_index).sum().clamp(min=1)
+
+# Redundancy reduction: Barlow Twins and VICReg                     [issue 14, item 2]
+# ---------------------------------------------------------------------------------------
+
+
+def barlow_twins(z1: torch.Tensor, z2: torch.Tensor, lambda_: float = 5e-3, *,
+                 normalize: str = "batch") -> torch.Tensor:
+    """Barlow Twins (Zbontar et al. 2021, https://arxiv.org/abs/2103.03230), lightly's
+    conventions: each feature standardised over the batch (mean, unbiased std, no eps),
+    C = z1n^T z2n / N (D x D), loss = sum_i (1 - C_ii)^2 + lambda_ sum_{i != j} C_ij^2.
+    ``normalize="none"`` uses z1, z2 as they are (C = z1^T z2 / N)."""
+    n, d = z1.shape
+    if normalize == "batch":
+        z1 = (z1 - z1.mean(dim=0)) / z1.std(dim=0)
+        z2 = (z2 - z2.mean(dim=0)) / z2.std(dim=0)
+    c = z1.T @ z2 / n
+    eye = torch.eye(d, dtype=torch.bool, device=c.device)
+    on_diag = (1 - torch.diagonal(c)).pow(2).sum()
+    off_diag = c.masked_fill(eye, 0).pow(2).sum()
+    return on_diag + lambda_ * off_diag
+
+
+def _vicreg_variance(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.relu(1 - torch.sqrt(x.var(dim=0) + eps)).mean()
+
+
+def _vicreg_covariance(x: torch.Tensor) -> torch.Tensor:
+    n, d = x.shape
+    x = x - x.mean(dim=0)
+    cov = x.T @ x / (n - 1)
+    eye = torch.eye(d, dtype=torch.bool, device=cov.device)
+    return cov.masked_fill(eye, 0).pow(2).sum() / d
+
+
+def vicreg(z1: torch.Tensor, z2: torch.Tensor, sim: float = 25.0, var: float = 25.0,
+           cov: float = 1.0, *, eps: float = 1e-4) -> torch.Tensor:
+    """VICReg (Bardes et al. 2022, https://arxiv.org/abs/2105.04906), lightly's conventions:
+    sim * mean((z1 - z2)^2) (over N * D)
+    + var * (v(z1) + v(z2)) / 2, v(z) = mean_d relu(1 - sqrt(Var_d(z) + eps)) (unbiased Var)
+    + cov * (c(z1) + c(z2)), c(z) = sum_{i != j} K_ij^2 / D, K the unbiased covariance."""
+    invariance = (z1 - z2).pow(2).mean()
+    variance = (_vicreg_variance(z1, eps) + _vicreg_variance(z2, eps)) / 2
+    covariance = _vicreg_covariance(z1) + _vicreg_covariance(z2)
+    return sim * invariance + var * variance + cov * covariance

@@ -8,6 +8,8 @@ contrastive engine they share (``contrastive_core``). Importing this package def
 from . import augment, clip_loss, ema, info_nce, nt_xent, queue, supcon, xent  # noqa: F401
 from . import masked_token_loss, negative_cosine  # noqa: F401  (issue 14)
 
+from . import barlow_twins, vicreg  # noqa: F401,E402  (issue 14: redundancy reduction)
+
 from .. import _ext  # noqa: E402
 
 # The C++ CPU kernels register when fastssl._C loads: load it now (or keep why not), so that

@@ -73,6 +73,54 @@ def test_sinkhorn_teacher_cpp(b, n_crops, n_global, d, k):
            n_global=n_global, teacher="sinkhorn", sinkhorn_iters=3, teacher_temp=0.05)
 
 
+TRITON_SHAPES = [(1, 2, 2, 3, 1), (3, 5, 2, 200, 7), (1, 3, 1, 300, 130)]
+
+
+@pytest.mark.parametrize("backend", ["triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("b,n_crops,n_global,d,k", TRITON_SHAPES)
+def test_forward_backward_triton_interpreter(b, n_crops, n_global, d, k, dtype, backend):
+    inputs = _inputs(b, n_crops, n_global, d, k)
+    _check("dino_loss[triton]", lambda *a, **kw: fastssl.dino_loss(*a, backend=backend, **kw),
+           inputs, dtype, n_global=n_global, student_temp=0.1, teacher_temp=0.04)
+
+
+@pytest.mark.parametrize("backend", ["triton"])
+def test_sinkhorn_and_ibot_triton_interpreter(backend):
+    inputs = _inputs(3, 4, 2, 40, 100)
+    _check("dino_loss[triton, sinkhorn]",
+           lambda *a, **kw: fastssl.dino_loss(*a, backend=backend, **kw), inputs,
+           torch.float32, n_global=2, teacher="sinkhorn", teacher_temp=0.05)
+    hs, ht, ws, wt, center = _inputs(17, 1, 1, 24, 70)
+    _check("ibot_patch_loss[triton]",
+           lambda *a, **kw: fastssl.ibot_patch_loss(*a, backend=backend, **kw),
+           (hs, ht, ws, wt, center.reshape(-1)), torch.float32,
+           weights=torch.linspace(0.01, 0.1, 17, dtype=torch.float64))
+
+
+def test_cpp_equals_triton_equals_reference():
+    from fastssl import _dispatch
+    hs, ht, ws, wt, center = (t.float() for t in _inputs(3, 4, 2, 72, 333))
+    outs = {}
+    for backend in ("cpp", "triton", "reference"):
+        ctx = _dispatch.triton_on_cpu() if backend == "triton" else _nullcontext()
+        with ctx:
+            for teacher in ("centering", "sinkhorn"):
+                outs[backend, teacher] = _run(
+                    lambda *a, **kw: fastssl.dino_loss(*a, backend=backend, teacher=teacher,
+                                                       **kw), hs, ht, ws, wt, center,
+                    torch.float32)
+    for teacher in ("centering", "sinkhorn"):
+        for other in ("triton", "reference"):
+            for a, b in zip(outs["cpp", teacher], outs[other, teacher]):
+                torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-7)
+
+
+def _nullcontext():
+    import contextlib
+    return contextlib.nullcontext()
+
+
 def test_shared_teacher_weight_and_fp64_runs_reference():
     hs, ht, ws, wt, center = _inputs(3, 4, 2, 17, 50, shared_weight=True)
     w = ws.float().requires_grad_()

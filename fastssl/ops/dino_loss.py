@@ -161,8 +161,11 @@ def _dino_row_lse_kernel(A, V, RA, RV, SCALE, SHIFT, Z, VZ, RVZ, ZSCALE, MPART, 
                          R, K, D, stride_a, stride_v, stride_z, stride_vz, TILES_PER_SPLIT,
                          HAS_SHIFT: tl.constexpr, HAS_CROSS: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                         DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                         DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                         FP32_PRECISION: tl.constexpr):
     # A block of rows against one split of the prototypes: y = SCALE ahat vhat^T - SHIFT.
+    # Z is fp32 (a sum of normalised rows: rounding it to bf16 would put a 2^-9 relative error
+    # on the whole cross term, so its dot runs in fp32 at FP32_PRECISION).
     # Writes the split's running (max, sum) per row and, with HAS_CROSS, sum_k e^{y - max} U_k
     # with U = ZSCALE Z vzhat^T (Z: rows already normalised and summed; VZ, RVZ: the student
     # prototypes and their inverse norms). reads BLOCK_R D (+ BLOCK_R D for Z) per tile and
@@ -197,7 +200,7 @@ def _dino_row_lse_kernel(A, V, RA, RV, SCALE, SHIFT, Z, VZ, RVZ, ZSCALE, MPART, 
         if HAS_CROSS:
             # 3. [Cross term] the paired student logits of these prototypes, U = s_s Z vhat_s^T.
             u = _logits_tile(Z, VZ, rows, cols, rmask, cmask, D, stride_z, stride_vz,
-                             BLOCK_R, BLOCK_K, BLOCK_D, DOT_FP32, INPUT_PRECISION)
+                             BLOCK_R, BLOCK_K, BLOCK_D, True, FP32_PRECISION)
             rvz = tl.load(RVZ + cols, mask=cmask, other=1.0)
             u = u * tl.load(ZSCALE).to(tl.float32) * rvz[None, :]
             a_i = a_i * resc + tl.sum(tl.where(cmask[None, :], e * u, 0.0), axis=1)
@@ -297,11 +300,15 @@ def _dino_bwd_rows_kernel(A, V, RA, RV, SCALE, SHIFT, LSE, COEF, VO, RVO, OUT, R
 def _dino_bwd_cols_kernel(A, V, RA, RV, SCALE, SHIFT, LSE, COEF, Y, OUT, R, K, D,
                           stride_a, stride_v, stride_y,
                           HAS_SHIFT: tl.constexpr, ACCUMULATE: tl.constexpr,
-                          OUT_DTYPE: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                          DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                          DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                          FP32_PRECISION: tl.constexpr):
     # OUT[k, d-block] (+)= sum_r COEF_r P_rk Y_r: one prototype tile and one BLOCK_D slice per
     # program, every row block in order (no atomics: each program owns its output tile).
+    # Y is fp32 (hhat for the student rows, Z for the teacher rows) and so is this dot, at
+    # FP32_PRECISION: dvhat is the difference of the two calls' sums, which cancel where the
+    # teacher agrees with the student; rounding P or Y to bf16 in one of them only would leave
+    # a 2^-9 relative residue there (measured: 1.6e-3 at K = 1, where the truth is 0).
     pid_k = tl.program_id(0)
     pid_d = tl.program_id(1)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -328,12 +335,7 @@ def _dino_bwd_cols_kernel(A, V, RA, RV, SCALE, SHIFT, LSE, COEF, Y, OUT, R, K, D
         p = p * coef[:, None]
         yr = tl.load(Y + rows.to(tl.int64)[:, None] * stride_y + dd[None, :],
                      mask=rmask[:, None] & dm[None, :], other=0.0)
-        if DOT_FP32:
-            yr = yr.to(tl.float32)
-            pd = p
-        else:
-            pd = round_cast(p, OUT_DTYPE)
-        acc = tl.dot(tl.trans(pd), yr, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(tl.trans(p), yr, acc, input_precision=FP32_PRECISION)
     out = cols.to(tl.int64)[:, None] * D + dd[None, :]
     omask = cmask[:, None] & dm[None, :]
     if ACCUMULATE:
@@ -354,10 +356,13 @@ def _rinv(x: torch.Tensor) -> torch.Tensor:
     return 1.0 / torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).clamp_min(NORM_EPS)
 
 
-def _opts(dtype: torch.dtype) -> dict:
-    return dict(BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, DOT_FP32=dot_in_fp32(dtype),
+def _opts(dtype: torch.dtype, fp32_dots: bool = False) -> dict:
+    opts = dict(BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, DOT_FP32=dot_in_fp32(dtype),
                 INPUT_PRECISION=dot_precision(dtype), num_warps=NUM_WARPS,
                 num_stages=NUM_STAGES)
+    if fp32_dots:
+        opts["FP32_PRECISION"] = dot_precision(torch.float32)
+    return opts
 
 
 def _split(rows: int, k: int, device: torch.device) -> tuple[int, int]:
@@ -383,7 +388,7 @@ def _row_lse(a, v, ra, rv, scale, shift=None, cross=None):
     _dino_row_lse_kernel[(triton.cdiv(r, BLOCK_R), splits)](
         a, v, ra, rv, scale, shift if shift is not None else rv, z, vz, rvz, zscale,
         mpart, lpart, apart, r, k, d, a.stride(0), v.stride(0), z.stride(0), vz.stride(0), per,
-        HAS_SHIFT=shift is not None, HAS_CROSS=cross is not None, **_opts(a.dtype))
+        HAS_SHIFT=shift is not None, HAS_CROSS=cross is not None, **_opts(a.dtype, True))
     # Merge the splits: LSE = M + log sum_s l_s e^{m_s - M} (every split holds >= 1 column).
     big = mpart.max(dim=0).values
     f = torch.exp(mpart - big)
@@ -460,7 +465,7 @@ def dino_loss_fwd_triton(student_h, teacher_h, weight_student, weight_teacher, t
     z, w = _pairs(hs.float() * ra_s[:, None], omega, ht.shape[0], n_global, cross_view)
     slse, _ = _row_lse(hs, ws, ra_s, rv_s, ss)
     tlse, expect = _row_lse(ht, wt, ra_t, rv_t, ts, shift,
-                            cross=(z.to(hs.dtype).contiguous(), ws, rv_s, ss))
+                            cross=(z.contiguous(), ws, rv_s, ss))
     loss = ((w.double() * slse.double()).sum()
             - (omega.double() * expect.double()).sum()).to(torch.float32)
     csum, _ = _col_stats(ht, wt, ra_t, rv_t, ts)
@@ -481,7 +486,7 @@ def dino_loss_bwd_triton(grad, student_h, teacher_h, weight_student, weight_teac
     omega = pair_weight.to(torch.float32)
     shift = teacher_shift.to(torch.float32).contiguous()
     z, w = _pairs(hs.float() * ra_s[:, None], omega, ht.shape[0], n_global, cross_view)
-    z = z.to(hs.dtype).contiguous()
+    z = z.contiguous()
     gs = grad.reshape(()).to(torch.float32) * ss.reshape(())
     coef_s = (gs * w).contiguous()
     coef_t = (-gs * omega).contiguous()
@@ -506,15 +511,15 @@ def dino_loss_bwd_triton(grad, student_h, teacher_h, weight_student, weight_teac
     dhhat = dhhat + _unpair(dz, s, n_global, cross_view)
     dvhat = torch.empty(k, d, **f32)
     grid = (triton.cdiv(k, BLOCK_K), triton.cdiv(d, BLOCK_D))
-    # student rows: Y = the raw rows, their inverse norms folded into the coefficients
+    cols_opts = _opts(hs.dtype, True)
+    hhat = (hs.float() * ra_s[:, None]).contiguous()
     _dino_bwd_cols_kernel[grid](hs, ws, ra_s, rv_s, ss, rv_s, student_lse.contiguous(),
-                                (coef_s * ra_s).contiguous(), hs, dvhat, s, k, d, hs.stride(0),
-                                ws.stride(0), hs.stride(0), HAS_SHIFT=False, ACCUMULATE=False,
-                                OUT_DTYPE=out_dtype, **opts)
+                                coef_s, hhat, dvhat, s, k, d, hs.stride(0), ws.stride(0),
+                                hhat.stride(0), HAS_SHIFT=False, ACCUMULATE=False, **cols_opts)
     _dino_bwd_cols_kernel[grid](ht, wt, ra_t, rv_t, ts, shift, teacher_lse.contiguous(),
                                 coef_t, z, dvhat, ht.shape[0], k, d, ht.stride(0),
                                 wt.stride(0), z.stride(0), HAS_SHIFT=True, ACCUMULATE=True,
-                                OUT_DTYPE=out_dtype, **opts)
+                                **cols_opts)
     dh = _normalize_backward(hs, dhhat, ra_s)
     dw = _normalize_backward(ws, dvhat, rv_s)
     return dh.to(student_h.dtype), dw.to(weight_student.dtype)
@@ -540,12 +545,14 @@ def _aot_entries() -> list:
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         prec = "ieee" if dtype != torch.float32 else fp32_dot_precision()
         base = dict(common, INPUT_PRECISION=prec)
+        fp32p = fp32_dot_precision()
         for has_shift, has_cross in ((False, False), (True, True), (True, False)):
             entries.append(_aot.aot_entry(
                 _dino_row_lse_kernel, op="dino_loss", dtype=dtype, D=None,
-                pointers=dict(A=dtype, V=dtype, RA=f32, RV=f32, SCALE=f32, SHIFT=f32, Z=dtype,
+                pointers=dict(A=dtype, V=dtype, RA=f32, RV=f32, SCALE=f32, SHIFT=f32, Z=f32,
                               VZ=dtype, RVZ=f32, ZSCALE=f32, MPART=f32, LPART=f32, APART=f32),
-                constexprs=dict(base, HAS_SHIFT=has_shift, HAS_CROSS=has_cross),
+                constexprs=dict(base, HAS_SHIFT=has_shift, HAS_CROSS=has_cross,
+                                FP32_PRECISION=fp32p),
                 tensor_cores=True, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
                 tag=f"shift{int(has_shift)}cross{int(has_cross)}"))
         for has_lse in (False, True):
@@ -566,9 +573,9 @@ def _aot_entries() -> list:
             entries.append(_aot.aot_entry(
                 _dino_bwd_cols_kernel, op="dino_loss", dtype=dtype, D=None,
                 pointers=dict(A=dtype, V=dtype, RA=f32, RV=f32, SCALE=f32, SHIFT=f32, LSE=f32,
-                              COEF=f32, Y=dtype, OUT=f32),
+                              COEF=f32, Y=f32, OUT=f32),
                 constexprs=dict(base, HAS_SHIFT=has_shift, ACCUMULATE=has_shift,
-                                OUT_DTYPE=TL_DTYPE[dtype]),
+                                FP32_PRECISION=fp32p),
                 tensor_cores=True, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
                 tag=f"shift{int(has_shift)}"))
     return entries

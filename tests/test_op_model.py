@@ -28,7 +28,7 @@ from helpers import spawn_or_fail, kernels
 
 needs_cpp = pytest.mark.skipif(not _ext.available(), reason=f"no _C: {_ext.why_unavailable()}")
 BACKENDS = [pytest.param("cpp", marks=needs_cpp), "triton"]
-LOSS_OPS = ["ntxent", "xent", "info_nce_queue", "clip", "supcon"]
+LOSS_OPS = ["ntxent", "xent", "info_nce_queue", "clip", "supcon", "dino_loss"]
 
 
 def _loss_calls():
@@ -49,6 +49,15 @@ def _loss_calls():
         "supcon": (lambda: (emb(6), torch.tensor([0, 1, 0, 2, 1, 0]),
                             torch.tensor(0.1, requires_grad=True)),
                    lambda z, y, t, be: fastssl.supcon(z, y, t, backend=be)),
+        "dino_loss": (lambda: (emb(9), torch.randn(6, 7), emb(11), torch.randn(11, 7),
+                               torch.zeros(11)),
+                      lambda s, t, w, u, c, be: fastssl.dino_loss(s, t, w, u, c, n_global=2,
+                                                                  backend=be)[0]),
+        "dino_loss_sinkhorn": (lambda: (emb(9), torch.randn(6, 7), emb(11), torch.randn(11, 7),
+                                        torch.zeros(11)),
+                               lambda s, t, w, u, c, be: fastssl.dino_loss(
+                                   s, t, w, u, c, n_global=2, teacher="sinkhorn",
+                                   backend=be)[0]),
     }
 
 
@@ -192,6 +201,11 @@ def _op_cases():
         "info_nce_queue_fwd": (f(3, 6), f(3, 6), torch.randn(9, 6), t(5.0), True),
         "clip_fwd": (f(4, 6), f(4, 6), t(8.0), True),
         "supcon_fwd": (f(5, 6), torch.tensor([0, 1, 0, 1, 2]), t(10.0), True),
+        "dino_loss_fwd": (f(9, 6), torch.randn(6, 6), f(13, 6), torch.randn(13, 6),
+                          torch.randn(13), torch.tensor(10.0), torch.tensor(25.0),
+                          torch.full((6,), 1 / 12), 2, True),
+        "dino_teacher_lse": (torch.randn(6, 6), torch.randn(13, 6), torch.tensor(25.0),
+                             torch.randn(6), torch.randn(13)),
     }
 
 

@@ -9,6 +9,8 @@ from .functional import clip_loss, info_nce, nt_xent, supcon
 from .functional import masked_token_loss, negative_cosine, symmetric_negative_cosine
 
 from .functional import barlow_twins, vicreg
+
+from .functional import dino_loss, ibot_patch_loss
 from .losses import CLIPLoss, InfoNCELoss, NTXentLoss, SupConLoss
 from .moco import MoCoQueue, MomentumEncoder, ema_update_, momentum_schedule
 
@@ -18,4 +20,5 @@ __all__ = ["nt_xent", "NTXentLoss", "info_nce", "InfoNCELoss", "clip_loss", "CLI
            "supcon", "SupConLoss", "ema_update_", "momentum_schedule", "MomentumEncoder",
            "MoCoQueue", "augment", "SSLAugment", "reference", "__version__",
            "negative_cosine", "symmetric_negative_cosine", "masked_token_loss",
-           "barlow_twins", "vicreg"]
+           "barlow_twins", "vicreg",
+           "dino_loss", "ibot_patch_loss"]

@@ -383,3 +383,61 @@ def two_views(z1, z2, op: str, *, min_rows: int = 2) -> None:
     if z1.shape[0] < min_rows:
         raise ValueError(f"{op} needs N >= {min_rows} rows (the unbiased std/variance over the "
                          f"batch divides by N - 1), got shape {tuple(z1.shape)}")
+
+# --- DINO / iBOT prototype head -------------------------------------------------------------
+
+TEACHERS = ("centering", "sinkhorn")
+
+
+def prototype_head(student_h, teacher_h, weight_student, weight_teacher, center) -> int:
+    """Checks the inputs of ``dino_loss`` / ``ibot_patch_loss``; returns K."""
+    embeddings("student_h", student_h)
+    embeddings("teacher_h", teacher_h)
+    embeddings("weight_student", weight_student)
+    embeddings("weight_teacher", weight_teacher)
+    d = student_h.shape[1]
+    for name, t in (("teacher_h", teacher_h), ("weight_student", weight_student),
+                    ("weight_teacher", weight_teacher)):
+        if t.shape[1] != d:
+            raise ValueError(f"{name} must have d = {d} columns like student_h, got shape "
+                             f"{tuple(t.shape)}")
+    same_device_dtype(("student_h", "teacher_h", "weight_student", "weight_teacher"),
+                      (student_h, teacher_h, weight_student, weight_teacher))
+    k = weight_student.shape[0]
+    if weight_teacher.shape[0] != k:
+        raise ValueError(f"weight_student and weight_teacher must have the same K prototypes, "
+                         f"got {tuple(weight_student.shape)} and {tuple(weight_teacher.shape)}")
+    tensor("center", center)
+    if center.numel() != k or center.dim() not in (1, 2) or center.shape[-1] != k:
+        raise ValueError(f"center must have shape ({k},) or (1, {k}), got "
+                         f"{tuple(center.shape)}")
+    if center.device != student_h.device:
+        raise ValueError(f"center must be on {student_h.device} like student_h, got "
+                         f"{center.device}")
+    return k
+
+
+def teacher_kind(teacher: str, sinkhorn_iters) -> None:
+    if teacher not in TEACHERS:
+        raise ValueError(f"teacher must be one of {TEACHERS}, got {teacher!r}")
+    positive_int("sinkhorn_iters", sinkhorn_iters)
+
+
+def crops(student_rows: int, teacher_rows: int, n_global) -> tuple[int, int]:
+    """(B, n_crops) of crop-major DINO rows; at least one (teacher, other student crop) pair."""
+    positive_int("n_global", n_global)
+    if teacher_rows % n_global:
+        raise ValueError(f"teacher_h must have n_global * B rows (n_global = {n_global}), got "
+                         f"{teacher_rows} rows")
+    b = teacher_rows // n_global
+    if student_rows % b:
+        raise ValueError(f"student_h must have n_crops * B rows with B = {b} (teacher rows / "
+                         f"n_global), got {student_rows} rows")
+    n_crops = student_rows // b
+    if n_crops < n_global:
+        raise ValueError(f"student_h must hold at least the n_global = {n_global} global crops "
+                         f"(n_crops * B rows, B = {b}), got {n_crops} crops")
+    if n_crops < 2:
+        raise ValueError("dino_loss needs at least one (teacher crop, other student crop) pair: "
+                         f"got n_global = {n_global} and n_crops = {n_crops}")
+    return b, n_crops

@@ -8,6 +8,8 @@ loss's path.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _dispatch, _validate, distributed, ops, reference
@@ -693,3 +695,220 @@ def vicreg(z1: torch.Tensor, z2: torch.Tensor, sim: float = 25.0, var: float = 2
     if invariance is not None:
         loss = loss + invariance.float()
     return loss.to(z1.dtype)
+
+def _sinkhorn_shift(teacher_h, weight_teacher, teacher_scale, iters: int, gather: bool):
+    """The column log-scalings c of DINOv2's Sinkhorn-Knopp teacher, as the teacher shift -c
+    (its distribution is softmax(s_t t + c)): ``iters`` column passes and ``iters - 1`` row
+    passes of ``dino_teacher_lse``, each one streamed pass over K (reference.py derives the
+    log-domain form). Under ``gather`` the column sums run over every rank's rows."""
+    t, k = teacher_h.shape[0], weight_teacher.shape[0]
+    world = distributed.world_size() if gather else 1
+    f32 = dict(dtype=torch.float32, device=teacher_h.device)
+    zero_rows, zero_cols = torch.zeros(t, **f32), torch.zeros(k, **f32)
+    a = zero_rows
+    c = zero_cols
+    for it in range(iters):
+        _, col = torch.ops.fastssl.dino_teacher_lse(teacher_h, weight_teacher, teacher_scale,
+                                                    a, zero_cols)
+        if gather and world > 1:
+            col = torch.logsumexp(distributed.gather_no_grad(col[None], what="dino_loss"), 0)
+        c = -col - math.log(k)
+        if it + 1 < iters:
+            row, _ = torch.ops.fastssl.dino_teacher_lse(teacher_h, weight_teacher,
+                                                        teacher_scale, zero_rows, c)
+            a = -row - math.log(t * world)
+    return -c
+
+
+def _prototype_head(student_h, teacher_h, weight_student, weight_teacher, center, pair_weight,
+                    n_global, cross_view, student_temp, teacher_temp, center_momentum, teacher,
+                    sinkhorn_iters, gather):
+    """The fused path of dino_loss / ibot_patch_loss: (loss in the input dtype, new centre)."""
+    dev = student_h.device
+    ss = _validate.scale_tensor(student_temp, dev, invert=True)
+    ts = _validate.scale_tensor(teacher_temp, dev, invert=True)
+    k = weight_student.shape[0]
+    with torch.no_grad():
+        if teacher == "sinkhorn":
+            shift = _sinkhorn_shift(teacher_h, weight_teacher, ts, sinkhorn_iters, gather)
+        else:
+            shift = center.detach().reshape(k).to(torch.float32) * ts
+    loss, _slse, _tlse, logit_sum = torch.ops.fastssl.dino_loss_fwd(
+        student_h, teacher_h.detach(), weight_student, weight_teacher.detach(), shift, ss, ts,
+        pair_weight, n_global, cross_view)
+    with torch.no_grad():
+        rows = teacher_h.shape[0]
+        if gather and distributed.world_size() > 1:
+            logit_sum = distributed.gather_no_grad(logit_sum[None], what="dino_loss").sum(0)
+            rows *= distributed.world_size()
+        batch_center = (logit_sum / rows).reshape(center.shape)
+        new_center = (center * center_momentum
+                      + batch_center.to(center.dtype) * (1 - center_momentum))
+    return loss.to(student_h.dtype), new_center
+
+
+def dino_loss(student_h: torch.Tensor, teacher_h: torch.Tensor, weight_student: torch.Tensor,
+              weight_teacher: torch.Tensor, center: torch.Tensor, *, n_global: int = 2,
+              student_temp=0.1, teacher_temp=0.04, center_momentum: float = 0.9,
+              teacher: str = "centering", sinkhorn_iters: int = 3, gather: bool = False,
+              backend: str = "auto"):
+    r"""DINO's self-distillation loss through the prototype head, streamed over the K
+    prototypes (the [rows, K] logits are never stored). Returns ``(loss, new_center)``.
+
+    Caron et al., *Emerging Properties in Self-Supervised Vision Transformers*, 2021
+    (https://arxiv.org/abs/2104.14294); the Sinkhorn-Knopp teacher of SwAV / DINOv2
+    (Oquab et al. 2023, https://arxiv.org/abs/2304.07193).
+
+    The head's last layer is fused in: with :math:`\hat h` the L2-normalised bottleneck rows
+    and :math:`\hat V_k = V_k / \lVert V_k \rVert` the weight-normalised prototypes
+    (``DINOHead(norm_last_layer=True)``: ``weight_norm`` with g = 1), the logits are
+    :math:`\hat h \hat V^\top`. Teacher: :math:`P_t = \mathrm{softmax}((t - c) / \tau_t)`
+    (``teacher="centering"``) or DINOv2's Sinkhorn-Knopp (``"sinkhorn"``: computed in the log
+    domain, so it does not overflow at small temperatures; ``sinkhorn_iters`` iterations, each
+    a column then a row normalisation, Q summing to 1 overall with columns to 1/K and rows to
+    1/B, the rows finally scaled by B to distributions), without gradient. Student:
+    :math:`\log P_s = \mathrm{log\_softmax}(s / \tau_s)`. Exactly DINO's ``DINOLoss``:
+
+    .. math:: \mathcal L = \frac{1}{n_{global}(n_{crops} - 1)} \sum_{i < n_{global}}
+              \sum_{v \ne i} \frac{1}{B} \sum_b -\sum_k P_t^{(i, b)}{}_k
+              \log P_s^{(v, b)}{}_k
+
+    and the centre's EMA: ``new_center = m * center + (1 - m) * mean`` of the teacher logits
+    over its rows (over every rank's rows with ``gather=True``, as DINO's ``update_center``).
+    ``center`` is not modified: assign ``new_center`` yourself, once per optimizer step (with
+    gradient accumulation, pass the same centre to every micro-batch; the mean of equal
+    micro-batches' new centres is the centre of the whole batch).
+
+    Args:
+        student_h: (n_crops * B, d) student bottleneck outputs, crop-major (crop c, sample b at
+            row c * B + b); the first ``n_global`` crops are the global crops.
+        teacher_h: (n_global * B, d) teacher bottleneck outputs of the global crops (no
+            gradient flows to it).
+        weight_student: (K, d) the student's last-layer weight (``weight_v``; the rows are
+            normalised here). Receives a gradient through the weight-norm chain rule.
+        weight_teacher: (K, d) the teacher's (no gradient). May be the same tensor.
+        center: (K,) or (1, K) the teacher centre (ignored by the Sinkhorn teacher, but
+            ``new_center`` is still returned).
+        n_global: global crops (teacher views).
+        student_temp, teacher_temp: temperatures > 0 (floats or 0-dim tensors).
+        center_momentum: m in [0, 1].
+        teacher: ``"centering"`` or ``"sinkhorn"``.
+        sinkhorn_iters: Sinkhorn-Knopp iterations (DINOv2: 3).
+        gather: centre mean (and Sinkhorn column sums) over all ranks
+            (``fastssl.distributed``); the loss itself stays per rank, as in DINO.
+        backend: ``"auto"``, ``"cpp"``, ``"triton"`` or ``"reference"`` (float64 inputs run the
+            reference).
+
+    Returns:
+        ``(loss, new_center)``: a scalar in the input dtype, and a tensor like ``center``.
+
+    Raises:
+        TypeError: non-tensor or non-float inputs, mismatched dtypes.
+        ValueError: shapes that do not fit (d, K, n_global * B teacher rows, n_crops * B
+            student rows, fewer than two crops), temperatures <= 0, momentum outside [0, 1],
+            unknown teacher or backend.
+
+    Example:
+        >>> import torch, fastssl
+        >>> B, d, K = 4, 16, 100
+        >>> hs = torch.randn(6 * B, d, requires_grad=True)  # 2 global + 4 local crops
+        >>> ht = torch.randn(2 * B, d)
+        >>> w = torch.randn(K, d, requires_grad=True)
+        >>> center = torch.zeros(1, K)
+        >>> loss, center_next = fastssl.dino_loss(hs, ht, w, w.detach(), center)
+        >>> ref, ref_center = fastssl.reference.dino_loss(hs, ht, w, w.detach(), center)
+        >>> bool(torch.allclose(loss, ref, atol=1e-5)), bool(torch.allclose(center_next, ref_center))
+        (True, True)
+    """
+    k = _validate.prototype_head(student_h, teacher_h, weight_student, weight_teacher, center)
+    b, n_crops = _validate.crops(student_h.shape[0], teacher_h.shape[0], n_global)
+    _validate.teacher_kind(teacher, sinkhorn_iters)
+    m = _validate.momentum(center_momentum)
+    dev = student_h.device
+    st = _validate.positive_scalar("student_temp", student_temp, dev)
+    tt = _validate.positive_scalar("teacher_temp", teacher_temp, dev)
+    be = _dispatch.resolve(backend, dev, op="dino_loss", cpp_op="dino_loss_fwd",
+                           has_triton=_HAS_TRITON_DINO)
+    if be == "reference" or student_h.dtype == torch.float64:
+        if gather and distributed.world_size() > 1:
+            raise ValueError("dino_loss: gather=True across ranks runs on the fused backends "
+                             "only (float32/bfloat16/float16 inputs)")
+        return reference.dino_loss(student_h, teacher_h, weight_student, weight_teacher, center,
+                                   n_global=n_global, student_temp=st, teacher_temp=tt,
+                                   center_momentum=m, teacher=teacher,
+                                   sinkhorn_iters=sinkhorn_iters)
+    n_pairs = n_global * (n_crops - 1)
+    pair_weight = torch.full((teacher_h.shape[0],), 1.0 / (n_pairs * b), dtype=torch.float32,
+                             device=dev)
+    del k
+    return _prototype_head(student_h, teacher_h, weight_student, weight_teacher, center,
+                           pair_weight, n_global, True, st, tt, m, teacher, sinkhorn_iters,
+                           gather)
+
+
+def ibot_patch_loss(student_h: torch.Tensor, teacher_h: torch.Tensor,
+                    weight_student: torch.Tensor, weight_teacher: torch.Tensor,
+                    center: torch.Tensor, *, weights: torch.Tensor | None = None,
+                    student_temp=0.1, teacher_temp=0.04, center_momentum: float = 0.9,
+                    teacher: str = "centering", sinkhorn_iters: int = 3, gather: bool = False,
+                    backend: str = "auto"):
+    r"""iBOT's masked-patch loss (Zhou et al. 2022, https://arxiv.org/abs/2111.07832): the
+    kernel of :func:`dino_loss` with each student row paired with the same teacher row.
+    Returns ``(loss, new_center)``.
+
+    Row r of ``student_h`` is the student's output at a masked patch, row r of ``teacher_h``
+    the teacher's at the same patch (unmasked view); same head, teacher and centre as
+    :func:`dino_loss` (use the patch head's own centre):
+
+    .. math:: \mathcal L = \sum_r w_r \Big(-\sum_k P_t^{(r)}{}_k \log P_s^{(r)}{}_k\Big)
+
+    with ``weights`` w (M,) (default 1/M: the mean over masked patches; DINOv2 passes
+    1 / (masked patches of the patch's image) / images).
+
+    Args:
+        student_h, teacher_h: (M, d) masked-patch bottleneck outputs.
+        weight_student, weight_teacher, center: as in :func:`dino_loss`.
+        weights: (M,) non-negative per-patch weights, or None.
+        other keywords: as in :func:`dino_loss`.
+
+    Example:
+        >>> import torch, fastssl
+        >>> hs, ht = torch.randn(37, 24, requires_grad=True), torch.randn(37, 24)
+        >>> w = torch.randn(50, 24, requires_grad=True)
+        >>> loss, _ = fastssl.ibot_patch_loss(hs, ht, w, w.detach(), torch.zeros(50))
+        >>> ref, _ = fastssl.reference.ibot_patch_loss(hs, ht, w, w.detach(), torch.zeros(50))
+        >>> bool(torch.allclose(loss, ref, atol=1e-5))
+        True
+    """
+    _validate.prototype_head(student_h, teacher_h, weight_student, weight_teacher, center)
+    if student_h.shape[0] != teacher_h.shape[0]:
+        raise ValueError(f"student_h and teacher_h must have the same masked-patch rows, got "
+                         f"{tuple(student_h.shape)} and {tuple(teacher_h.shape)}")
+    rows = student_h.shape[0]
+    if weights is not None:
+        _validate.tensor("weights", weights, ndim=1)
+        if weights.shape[0] != rows or weights.device != student_h.device:
+            raise ValueError(f"weights must be ({rows},) on {student_h.device}, got "
+                             f"{tuple(weights.shape)} on {weights.device}")
+    _validate.teacher_kind(teacher, sinkhorn_iters)
+    m = _validate.momentum(center_momentum)
+    dev = student_h.device
+    st = _validate.positive_scalar("student_temp", student_temp, dev)
+    tt = _validate.positive_scalar("teacher_temp", teacher_temp, dev)
+    be = _dispatch.resolve(backend, dev, op="ibot_patch_loss", cpp_op="dino_loss_fwd",
+                           has_triton=_HAS_TRITON_DINO)
+    if be == "reference" or student_h.dtype == torch.float64:
+        if gather and distributed.world_size() > 1:
+            raise ValueError("ibot_patch_loss: gather=True across ranks runs on the fused "
+                             "backends only (float32/bfloat16/float16 inputs)")
+        return reference.ibot_patch_loss(student_h, teacher_h, weight_student, weight_teacher,
+                                         center, weights=weights, student_temp=st,
+                                         teacher_temp=tt, center_momentum=m, teacher=teacher,
+                                         sinkhorn_iters=sinkhorn_iters)
+    pair_weight = (torch.full((rows,), 1.0 / rows, dtype=torch.float32, device=dev)
+                   if weights is None else weights.detach().to(torch.float32))
+    return _prototype_head(student_h, teacher_h, weight_student, weight_teacher, center,
+                           pair_weight, 1, False, st, tt, m, teacher, sinkhorn_iters, gather)
+
+
+_HAS_TRITON_DINO = True  # fastssl/ops/dino_loss.py registers Triton launchers for its ops

@@ -8,6 +8,8 @@ Sections are per op, in the order of ``fastssl/__init__.py``.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -514,3 +516,102 @@ def vicreg(z1: torch.Tensor, z2: torch.Tensor, sim: float = 25.0, var: float = 2
     variance = (_vicreg_variance(z1, eps) + _vicreg_variance(z2, eps)) / 2
     covariance = _vicreg_covariance(z1) + _vicreg_covariance(z2)
     return sim * invariance + var * variance + cov * covariance
+
+# DINO / iBOT prototype head (self-distillation over K prototypes)
+# ---------------------------------------------------------------------------------------
+
+
+def dino_head_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The last layer of DINO's head (``DINOHead`` with ``norm_last_layer=True``): the
+    bottleneck output L2-normalised (``F.normalize``, eps = 1e-12), then a weight-normalised
+    linear layer with g = 1, i.e. cosines with the prototypes V_k / ||V_k||: [rows, K]."""
+    return F.normalize(h, dim=-1) @ (weight / weight.norm(dim=1, keepdim=True)).t()
+
+
+def sinkhorn_knopp_teacher(teacher_logits: torch.Tensor, teacher_temp, iterations: int = 3
+                           ) -> torch.Tensor:
+    """DINOv2's ``SinkhornKnopp`` teacher, in the log domain (the exponent form overflows at
+    small temperatures: exp(1 / 0.01) = inf in fp32, dinov2 PR #583).
+
+    With L = logits / temp ([B, K]): Q = exp(L), normalised to sum 1; then ``iterations``
+    times: each prototype column k is normalised to sum 1/K, then each sample row to sum 1/B;
+    finally Q * B (each row a distribution over K). In logs, with column log-scalings c and
+    row log-scalings a:  c_k = -log K - LSE_b(L_bk + a_b),  a_b = -log B - LSE_k(L_bk + c_k),
+    and the result is softmax_k(L_bk + c_k) for the last c (the last row step only
+    normalises the rows, which the softmax does). Returns [B, K] probabilities."""
+    logits = teacher_logits / teacher_temp
+    rows, k = logits.shape
+    a = logits.new_zeros(rows, 1)
+    c = logits.new_zeros(1, k)
+    for _ in range(iterations):
+        c = -torch.logsumexp(logits + a, dim=0, keepdim=True) - math.log(k)
+        a = -torch.logsumexp(logits + c, dim=1, keepdim=True) - math.log(rows)
+    return torch.softmax(logits + c, dim=1)
+
+
+def dino_loss(student_h: torch.Tensor, teacher_h: torch.Tensor, weight_student: torch.Tensor,
+              weight_teacher: torch.Tensor, center: torch.Tensor, *, n_global: int = 2,
+              student_temp=0.1, teacher_temp=0.04, center_momentum: float = 0.9,
+              teacher: str = "centering", sinkhorn_iters: int = 3):
+    """DINO's loss (Caron et al. 2021, https://arxiv.org/abs/2104.14294), materialising every
+    [rows, K] matrix, as ``DINOLoss.forward`` + ``update_center`` of facebookresearch/dino.
+
+    student_h [n_crops * B, d] and teacher_h [n_global * B, d] are crop-major bottleneck
+    outputs (crop c, sample b at row c * B + b; the first n_global student crops are the
+    global crops the teacher saw). Logits: :func:`dino_head_logits`. Teacher:
+    softmax((t - center) / teacher_temp) ("centering") or :func:`sinkhorn_knopp_teacher`
+    ("sinkhorn"), without gradient. Loss: the mean over the pairs (teacher crop i, student crop
+    v != i) of the batch mean of -sum_k P_t log_softmax(s / student_temp). New centre:
+    m * center + (1 - m) * (mean over teacher rows of t). Returns (loss, new_center)."""
+    b = teacher_h.shape[0] // n_global
+    n_crops = student_h.shape[0] // b
+    student_out = dino_head_logits(student_h, weight_student) / student_temp
+    with torch.no_grad():
+        teacher_out = dino_head_logits(teacher_h, weight_teacher)
+        if teacher == "sinkhorn":
+            q_all = sinkhorn_knopp_teacher(teacher_out, teacher_temp, sinkhorn_iters)
+        else:
+            q_all = torch.softmax((teacher_out - center) / teacher_temp, dim=-1)
+    student_chunks = student_out.chunk(n_crops)
+    teacher_chunks = q_all.chunk(n_global)
+    total_loss = 0
+    n_loss_terms = 0
+    for iq, q in enumerate(teacher_chunks):
+        for v in range(n_crops):
+            if v == iq:
+                continue
+            loss = torch.sum(-q * F.log_softmax(student_chunks[v], dim=-1), dim=-1)
+            total_loss = total_loss + loss.mean()
+            n_loss_terms += 1
+    total_loss = total_loss / n_loss_terms
+    with torch.no_grad():
+        batch_center = teacher_out.sum(dim=0, keepdim=True) / teacher_out.shape[0]
+        new_center = (center * center_momentum
+                      + batch_center.reshape(center.shape) * (1 - center_momentum))
+    return total_loss, new_center
+
+
+def ibot_patch_loss(student_h: torch.Tensor, teacher_h: torch.Tensor,
+                    weight_student: torch.Tensor, weight_teacher: torch.Tensor,
+                    center: torch.Tensor, *, weights: torch.Tensor | None = None,
+                    student_temp=0.1, teacher_temp=0.04, center_momentum: float = 0.9,
+                    teacher: str = "centering", sinkhorn_iters: int = 3):
+    """iBOT's masked-patch loss (Zhou et al. 2022, https://arxiv.org/abs/2111.07832): row r of
+    student_h and row r of teacher_h are the same masked patch (student sees it masked);
+    loss = sum_r w_r * (-sum_k P_t,r log P_s,r), with w_r = ``weights`` (default 1/M: the mean
+    over the M patch rows; DINOv2 passes 1/(masked patches of the image) / images). Same head
+    and teacher as :func:`dino_loss`. Returns (loss, new_center)."""
+    student_out = dino_head_logits(student_h, weight_student) / student_temp
+    with torch.no_grad():
+        teacher_out = dino_head_logits(teacher_h, weight_teacher)
+        if teacher == "sinkhorn":
+            q = sinkhorn_knopp_teacher(teacher_out, teacher_temp, sinkhorn_iters)
+        else:
+            q = torch.softmax((teacher_out - center) / teacher_temp, dim=-1)
+    rows = torch.sum(-q * F.log_softmax(student_out, dim=-1), dim=-1)
+    loss = rows.mean() if weights is None else (rows * weights.to(rows.dtype)).sum()
+    with torch.no_grad():
+        batch_center = teacher_out.sum(dim=0, keepdim=True) / teacher_out.shape[0]
+        new_center = (center * center_momentum
+                      + batch_center.reshape(center.shape) * (1 - center_momentum))
+    return loss, new_center

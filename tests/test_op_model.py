@@ -29,7 +29,8 @@ from helpers import spawn_or_fail, kernels
 needs_cpp = pytest.mark.skipif(not _ext.available(), reason=f"no _C: {_ext.why_unavailable()}")
 BACKENDS = [pytest.param("cpp", marks=needs_cpp), "triton"]
 LOSS_OPS = ["ntxent", "xent", "info_nce_queue", "clip", "supcon", "negative_cosine",
-            "masked_token_loss"]
+            "masked_token_loss",
+LOSS_OPS = ["ntxent", "xent", "info_nce_queue", "clip", "supcon", "dino_loss"]
 
 
 def _loss_calls():
@@ -59,6 +60,16 @@ def _loss_calls():
                      torch.randn(11, 7, requires_grad=True), torch.randn(11, requires_grad=True),
                      torch.tensor([[1, -100, 10], [0, 4, -100]])),
             lambda h, w, b, y, be: fastssl.masked_token_loss(h, w, y, bias=b, backend=be)),
+
+        "dino_loss": (lambda: (emb(9), torch.randn(6, 7), emb(11), torch.randn(11, 7),
+                               torch.zeros(11)),
+                      lambda s, t, w, u, c, be: fastssl.dino_loss(s, t, w, u, c, n_global=2,
+                                                                  backend=be)[0]),
+        "dino_loss_sinkhorn": (lambda: (emb(9), torch.randn(6, 7), emb(11), torch.randn(11, 7),
+                                        torch.zeros(11)),
+                               lambda s, t, w, u, c, be: fastssl.dino_loss(
+                                   s, t, w, u, c, n_global=2, teacher="sinkhorn",
+                                   backend=be)[0]),
     }
 
 
@@ -204,6 +215,12 @@ def _op_cases():
         "supcon_fwd": (f(5, 6), torch.tensor([0, 1, 0, 1, 2]), t(10.0), True),
         "negative_cosine_fwd": (f(5, 6), torch.randn(5, 6)),
         "masked_token_loss_fwd": (f(5, 6), f(9, 6), f(9), torch.tensor([8, -100, 0, 3, 3]), -100),
+
+        "dino_loss_fwd": (f(9, 6), torch.randn(6, 6), f(13, 6), torch.randn(13, 6),
+                          torch.randn(13), torch.tensor(10.0), torch.tensor(25.0),
+                          torch.full((6,), 1 / 12), 2, True),
+        "dino_teacher_lse": (torch.randn(6, 6), torch.randn(13, 6), torch.tensor(25.0),
+                             torch.randn(6), torch.randn(13)),
     }
 
 

@@ -6,11 +6,14 @@ the pure-PyTorch specification of every op.
 from . import augment, reference
 from .augment import SSLAugment
 from .functional import clip_loss, info_nce, nt_xent, supcon
+from .functional import masked_patch_loss
 from .losses import CLIPLoss, InfoNCELoss, NTXentLoss, SupConLoss
+from .losses import MaskedPatchLoss
 from .moco import MoCoQueue, MomentumEncoder, ema_update_, momentum_schedule
 
 __version__ = "0.1.0"
 
 __all__ = ["nt_xent", "NTXentLoss", "info_nce", "InfoNCELoss", "clip_loss", "CLIPLoss",
            "supcon", "SupConLoss", "ema_update_", "momentum_schedule", "MomentumEncoder",
-           "MoCoQueue", "augment", "SSLAugment", "reference", "__version__"]
+           "MoCoQueue", "augment", "SSLAugment", "reference", "__version__",
+           "masked_patch_loss", "MaskedPatchLoss"]

@@ -28,7 +28,7 @@ from helpers import spawn_or_fail, kernels
 
 needs_cpp = pytest.mark.skipif(not _ext.available(), reason=f"no _C: {_ext.why_unavailable()}")
 BACKENDS = [pytest.param("cpp", marks=needs_cpp), "triton"]
-LOSS_OPS = ["ntxent", "xent", "info_nce_queue", "clip", "supcon"]
+LOSS_OPS = ["ntxent", "xent", "info_nce_queue", "clip", "supcon", "masked_patch_loss"]
 
 
 def _loss_calls():
@@ -49,6 +49,12 @@ def _loss_calls():
         "supcon": (lambda: (emb(6), torch.tensor([0, 1, 0, 2, 1, 0]),
                             torch.tensor(0.1, requires_grad=True)),
                    lambda z, y, t, be: fastssl.supcon(z, y, t, backend=be)),
+        "masked_patch_loss": (lambda: (torch.randn(2, 6, 48, requires_grad=True),
+                                       torch.randn(2, 3, 8, 12),
+                                       torch.tensor([[1, 0, 1, 1, 0, 0], [0, 1, 1, 0, 1, 0]],
+                                                    dtype=torch.bool)),
+                              lambda a, x, m, be: fastssl.masked_patch_loss(
+                                  a, x, m, patch_size=4, backend=be)),
     }
 
 
@@ -192,6 +198,9 @@ def _op_cases():
         "info_nce_queue_fwd": (f(3, 6), f(3, 6), torch.randn(9, 6), t(5.0), True),
         "clip_fwd": (f(4, 6), f(4, 6), t(8.0), True),
         "supcon_fwd": (f(5, 6), torch.tensor([0, 1, 0, 1, 2]), t(10.0), True),
+        "masked_patch_loss_fwd": (f(2, 6, 48), torch.randn(2, 3, 8, 12),
+                                  torch.tensor([[1.0, 0, 1, 1, 0, 0], [0, 1, 1, 0, 1, 0]]), 4,
+                                  True, 1e-6),
     }
 
 

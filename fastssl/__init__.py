@@ -11,7 +11,10 @@ from .functional import masked_token_loss, negative_cosine, symmetric_negative_c
 from .functional import barlow_twins, vicreg
 
 from .functional import dino_loss, ibot_patch_loss
+
+from .functional import masked_patch_loss
 from .losses import CLIPLoss, InfoNCELoss, NTXentLoss, SupConLoss
+from .losses import MaskedPatchLoss
 from .moco import MoCoQueue, MomentumEncoder, ema_update_, momentum_schedule
 
 __version__ = "0.1.0"
@@ -21,4 +24,5 @@ __all__ = ["nt_xent", "NTXentLoss", "info_nce", "InfoNCELoss", "clip_loss", "CLI
            "MoCoQueue", "augment", "SSLAugment", "reference", "__version__",
            "negative_cosine", "symmetric_negative_cosine", "masked_token_loss",
            "barlow_twins", "vicreg",
-           "dino_loss", "ibot_patch_loss"]
+           "dino_loss", "ibot_patch_loss",
+           "masked_patch_loss", "MaskedPatchLoss"]

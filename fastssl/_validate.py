@@ -441,3 +441,47 @@ def crops(student_rows: int, teacher_rows: int, n_global) -> tuple[int, int]:
         raise ValueError("dino_loss needs at least one (teacher crop, other student crop) pair: "
                          f"got n_global = {n_global} and n_crops = {n_crops}")
     return b, n_crops
+
+# --- masked_patch_loss (MAE) ---------------------------------------------------------------
+
+
+def masked_patch_inputs(pred, images, mask, patch_size, norm_pix, eps) -> int:
+    """Checks MAE loss inputs; returns L, the number of patches per image."""
+    tensor("images", images, ndim=4)
+    tensor("pred", pred, ndim=3)
+    positive_int("patch_size", patch_size)
+    if not isinstance(norm_pix, bool):
+        raise TypeError(f"norm_pix must be a bool, got {type(norm_pix).__name__}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be > 0 and finite, got {eps}")
+    b, c, h, w = images.shape
+    if min(b, c, h, w) < 1:
+        raise ValueError(f"images must be (B, C, H, W) with every size >= 1, got "
+                         f"{tuple(images.shape)}")
+    p = patch_size
+    if h % p or w % p:
+        raise ValueError(f"images' height and width must be multiples of patch_size = {p}, "
+                         f"got H = {h}, W = {w}")
+    n_patches, n_values = (h // p) * (w // p), p * p * c
+    if norm_pix and n_values < 2:
+        raise ValueError("norm_pix=True needs at least 2 values per patch (p·p·C >= 2): the "
+                         "unbiased variance of one value is undefined")
+    if tuple(pred.shape) != (b, n_patches, n_values):
+        raise ValueError(f"pred must have shape (B, L, p·p·C) = ({b}, {n_patches}, {n_values}) "
+                         f"for images of shape {tuple(images.shape)} and patch_size {p}, got "
+                         f"{tuple(pred.shape)}")
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and mask.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"mask must be a bool or floating-point tensor (1 = masked, "
+                        f"predicted), got {mask.dtype}")
+    if tuple(mask.shape) != (b, n_patches):
+        raise ValueError(f"mask must have shape (B, L) = ({b}, {n_patches}), got "
+                         f"{tuple(mask.shape)}")
+    for name, t in (("images", images), ("mask", mask)):
+        if t.device != pred.device:
+            raise ValueError(f"pred and {name} must be on the same device, got {pred.device} "
+                             f"and {t.device}")
+    return n_patches

@@ -912,3 +912,86 @@ def ibot_patch_loss(student_h: torch.Tensor, teacher_h: torch.Tensor,
 
 
 _HAS_TRITON_DINO = True  # fastssl/ops/dino_loss.py registers Triton launchers for its ops
+
+# Masked patch reconstruction loss (MAE)
+# ---------------------------------------------------------------------------------------
+
+
+def masked_patch_loss(pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, *,
+                      patch_size: int, norm_pix: bool = True, eps: float = 1e-6,
+                      backend: str = "auto") -> torch.Tensor:
+    r"""MAE's pixel reconstruction loss, fused: patchify, per-patch normalisation and the MSE
+    of the masked patches in one pass over the images (no patchified copy of them).
+
+    He et al., *Masked Autoencoders Are Scalable Vision Learners*, 2022
+    (https://arxiv.org/abs/2111.06377), ``norm_pix_loss``.
+
+    Patch order (``fastssl.reference.patchify``, MAE's ``'nchpwq->nhwpqc'``): patch
+    :math:`l = i \cdot (W/p) + j` covers rows :math:`ip \ldots ip+p-1`, columns
+    :math:`jp \ldots jp+p-1`; its value :math:`(u p + v) C + c` is pixel (u, v) of channel c.
+    With :math:`x` a patch's n = p·p·C image values,
+
+    .. math:: t = \frac{x - \bar x}{\sqrt{\operatorname{var}(x) + \epsilon}},\quad
+              \ell_{bl} = \frac1n \lVert \hat y_{bl} - t \rVert^2,\quad
+              \mathcal L = \frac{\sum_{bl} m_{bl}\, \ell_{bl}}{\sum_{bl} m_{bl}}
+
+    with the **unbiased** variance (divisor n - 1: MAE's ``target.var(dim=-1)``), and
+    :math:`t = x` when ``norm_pix=False``.
+
+    Args:
+        pred: (B, L, p·p·C) predicted patches (MAE's decoder output). float32, bfloat16 or
+            float16; float64 (in ``pred`` or ``images``) runs the reference. Receives the
+            gradient, in its own dtype.
+        images: (B, C, H, W) target images, float32/bfloat16/float16 (any of them, whatever
+            ``pred``'s dtype is), already normalised as the encoder saw them (MAE computes the
+            loss on the mean/std-normalised images). Integer images are refused: convert
+            them first (``norm_pix=True`` removes a scale and offset per patch, but ``eps``
+            does not scale with them). H and W must be multiples of ``patch_size``; H != W
+            is allowed. No gradient flows to ``images``.
+        mask: (B, L), bool or floating: 1 (True) = masked, i.e. predicted and scored; 0 =
+            visible. Floating values act as weights in :math:`\sum m\ell / \sum m`.
+        patch_size: p, an int >= 1.
+        norm_pix: normalise each target patch by its mean and unbiased variance.
+        eps: :math:`\epsilon` > 0 (MAE: 1e-6).
+        backend: ``"auto"``, ``"cpp"``, ``"triton"`` or ``"reference"``.
+
+    Returns:
+        A scalar in ``promote_types(pred.dtype, images.dtype)``. If the mask sums to 0 (no
+        patch is predicted) the loss is 0 and every gradient 0 (MAE's formula gives 0/0 =
+        NaN). Patches with mask 0 are never read: NaN/inf there does not reach the result.
+
+    Raises:
+        TypeError: non-tensor inputs, integer images or pred, a mask that is neither bool nor
+            floating, a non-int patch_size or non-float eps.
+        ValueError: images not 4-D, H or W not a multiple of patch_size, pred not
+            (B, L, p·p·C) or mask not (B, L) for these images, tensors on different devices,
+            eps <= 0, ``norm_pix`` with p·p·C = 1 (variance of one value), images or a float
+            mask that require grad on the fused path (it gives them no gradient).
+
+    Example:
+        >>> import torch, fastssl
+        >>> images = torch.randn(2, 3, 32, 32)
+        >>> pred = torch.randn(2, 4, 16 * 16 * 3, requires_grad=True)
+        >>> mask = torch.tensor([[1, 0, 1, 1], [0, 1, 1, 0]], dtype=torch.bool)
+        >>> loss = fastssl.masked_patch_loss(pred, images, mask, patch_size=16)
+        >>> ref = fastssl.reference.masked_patch_loss(pred, images, mask, patch_size=16)
+        >>> bool(torch.allclose(loss, ref, atol=1e-5))
+        True
+    """
+    _validate.masked_patch_inputs(pred, images, mask, patch_size, norm_pix, eps)
+    be = _dispatch.resolve(backend, pred.device, op="masked_patch_loss",
+                           cpp_op="masked_patch_loss_fwd")
+    out_dtype = torch.promote_types(pred.dtype, images.dtype)
+    if be == "reference" or out_dtype == torch.float64:
+        return reference.masked_patch_loss(pred, images, mask, patch_size=patch_size,
+                                           norm_pix=norm_pix, eps=eps)
+    for name, t in (("images", images), ("mask", mask)):
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"masked_patch_loss computes no gradient for {name}, which "
+                             "requires grad: detach it (MAE's target is data), or use "
+                             "backend='reference'")
+    weights = mask.to(torch.float32).contiguous()
+    loss = ops.masked_patch_loss.masked_patch_loss_op(pred.contiguous(), images.contiguous(),
+                                                      weights, patch_size, norm_pix,
+                                                      float(eps))
+    return loss.to(out_dtype)

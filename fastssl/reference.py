@@ -615,3 +615,47 @@ def ibot_patch_loss(student_h: torch.Tensor, teacher_h: torch.Tensor,
         new_center = (center * center_momentum
                       + batch_center.reshape(center.shape) * (1 - center_momentum))
     return loss, new_center
+
+# Masked patch reconstruction loss (MAE)
+# ---------------------------------------------------------------------------------------
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """MAE's ``patchify``: (B, C, H, W) -> (B, L, p·p·C), L = (H/p)(W/p).
+
+    Patch ``l = i·(W/p) + j`` covers rows ``i·p .. i·p+p-1`` and columns ``j·p .. j·p+p-1``
+    (row-major over the patch grid); inside a patch, value ``(u·p + v)·C + c`` is pixel
+    (row u, column v) of channel c (MAE's einsum ``'nchpwq->nhwpqc'``: channel fastest).
+    MAE asserts H == W; the same order holds for H != W."""
+    b, c, h, w = images.shape
+    p = patch_size
+    x = images.reshape(b, c, h // p, p, w // p, p)
+    x = torch.einsum("nchpwq->nhwpqc", x)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def masked_patch_loss(pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, *,
+                      patch_size: int, norm_pix: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """MAE's ``forward_loss`` (He et al. 2022), computed in ``promote_types(pred, images)``:
+
+    target = patchify(images); with ``norm_pix`` each patch becomes
+    (target - mean) / sqrt(var + eps), var the unbiased variance (``Tensor.var``'s default,
+    as MAE uses it); loss per patch = mean of (pred - target)^2 over its p·p·C values;
+    result = sum(loss · mask) / sum(mask).
+
+    Two documented departures from MAE's code, both where MAE's result is NaN: a mask summing
+    to 0 gives 0 (with zero gradients; MAE divides 0 by 0), and patches whose mask is 0 are
+    left out (``torch.where``) rather than multiplied by 0, so a NaN or inf in a patch that
+    is not predicted does not reach the loss value.
+    """
+    dtype = torch.promote_types(pred.dtype, images.dtype)
+    target = patchify(images.to(dtype), patch_size)
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + eps) ** 0.5
+    per_patch = ((pred.to(dtype) - target) ** 2).mean(dim=-1)
+    weight = mask.to(dtype)
+    weighted = torch.where(weight != 0, per_patch * weight, torch.zeros_like(per_patch))
+    total = weight.sum()
+    return weighted.sum() / torch.where(total != 0, total, torch.ones_like(total))

@@ -30,7 +30,8 @@ needs_cpp = pytest.mark.skipif(not _ext.available(), reason=f"no _C: {_ext.why_u
 BACKENDS = [pytest.param("cpp", marks=needs_cpp), "triton"]
 LOSS_OPS = ["ntxent", "xent", "info_nce_queue", "clip", "supcon", "negative_cosine",
             "masked_token_loss",
-LOSS_OPS = ["ntxent", "xent", "info_nce_queue", "clip", "supcon", "dino_loss"]
+LOSS_OPS = ["ntxent", "xent", "info_nce_queue", "clip", "supcon", "dino_loss",
+LOSS_OPS = ["ntxent", "xent", "info_nce_queue", "clip", "supcon", "masked_patch_loss"]
 
 
 def _loss_calls():
@@ -70,6 +71,13 @@ def _loss_calls():
                                lambda s, t, w, u, c, be: fastssl.dino_loss(
                                    s, t, w, u, c, n_global=2, teacher="sinkhorn",
                                    backend=be)[0]),
+
+        "masked_patch_loss": (lambda: (torch.randn(2, 6, 48, requires_grad=True),
+                                       torch.randn(2, 3, 8, 12),
+                                       torch.tensor([[1, 0, 1, 1, 0, 0], [0, 1, 1, 0, 1, 0]],
+                                                    dtype=torch.bool)),
+                              lambda a, x, m, be: fastssl.masked_patch_loss(
+                                  a, x, m, patch_size=4, backend=be)),
     }
 
 
@@ -221,6 +229,10 @@ def _op_cases():
                           torch.full((6,), 1 / 12), 2, True),
         "dino_teacher_lse": (torch.randn(6, 6), torch.randn(13, 6), torch.tensor(25.0),
                              torch.randn(6), torch.randn(13)),
+
+        "masked_patch_loss_fwd": (f(2, 6, 48), torch.randn(2, 3, 8, 12),
+                                  torch.tensor([[1.0, 0, 1, 1, 0, 0], [0, 1, 1, 0, 1, 0]]), 4,
+                                  True, 1e-6),
     }
 
 

@@ -8,9 +8,12 @@ from .augment import SSLAugment
 from .functional import clip_loss, info_nce, nt_xent, supcon
 from .losses import CLIPLoss, InfoNCELoss, NTXentLoss, SupConLoss
 from .moco import MoCoQueue, MomentumEncoder, ema_update_, momentum_schedule
+from . import pretext
+from .pretext import MultiCropAugment, PretextAugment, mae_mask
 
 __version__ = "0.1.0"
 
 __all__ = ["nt_xent", "NTXentLoss", "info_nce", "InfoNCELoss", "clip_loss", "CLIPLoss",
            "supcon", "SupConLoss", "ema_update_", "momentum_schedule", "MomentumEncoder",
-           "MoCoQueue", "augment", "SSLAugment", "reference", "__version__"]
+           "MoCoQueue", "augment", "SSLAugment", "reference", "__version__",
+           "pretext", "PretextAugment", "MultiCropAugment", "mae_mask"]

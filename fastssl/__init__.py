@@ -16,6 +16,8 @@ from .functional import masked_patch_loss
 from .losses import CLIPLoss, InfoNCELoss, NTXentLoss, SupConLoss
 from .losses import MaskedPatchLoss
 from .moco import MoCoQueue, MomentumEncoder, ema_update_, momentum_schedule
+from . import pretext
+from .pretext import MultiCropAugment, PretextAugment, mae_mask
 
 __version__ = "0.1.0"
 
@@ -25,4 +27,5 @@ __all__ = ["nt_xent", "NTXentLoss", "info_nce", "InfoNCELoss", "clip_loss", "CLI
            "negative_cosine", "symmetric_negative_cosine", "masked_token_loss",
            "barlow_twins", "vicreg",
            "dino_loss", "ibot_patch_loss",
-           "masked_patch_loss", "MaskedPatchLoss"]
+           "masked_patch_loss", "MaskedPatchLoss",
+           "pretext", "PretextAugment", "MultiCropAugment", "mae_mask"]

@@ -382,7 +382,7 @@ _COLOR_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
 def ssl_augment(images, params, out_size: int, mean: torch.Tensor, std: torch.Tensor,
-                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                out_dtype: torch.dtype = torch.float32, rot=None) -> torch.Tensor:
     """Applies per-sample parameters (``fastssl.augment.AugmentParams``) to B images.
 
     Per sample b: uint8 -> float32 ``x / 255`` (floats are used as they are) -> crop
@@ -390,7 +390,8 @@ def ssl_augment(images, params, out_size: int, mean: torch.Tensor, std: torch.Te
     if ``params.jitter[b]``: the ops ``params.order[b]`` (0 brightness, 1 contrast,
     2 saturation, 3 hue) with ``params.factors[b]``, each clamped to [0, 1] -> gray (3 equal
     channels) if ``params.gray[b]`` -> blur with ``params.taps[b]`` if ``params.blur[b]`` ->
-    solarize if ``params.solarize[b]`` -> ``(x - mean) / std`` -> ``out_dtype``.
+    solarize if ``params.solarize[b]`` -> ``(x - mean) / std`` -> ``out_dtype``, then
+    ``torch.rot90(x, rot[b])`` (counter-clockwise k x 90 degrees) if ``rot`` (B,) is given.
 
     Args:
         images: list (or batch) of B [3, H_i, W_i] uint8 or float images.
@@ -417,6 +418,8 @@ def ssl_augment(images, params, out_size: int, mean: torch.Tensor, std: torch.Te
         if bool(params.solarize[b]):
             x = solarize(x, params.solarize_threshold)
         x = (x - mean.to(x.device)) / std.to(x.device)
+        if rot is not None and int(rot[b]) % 4:
+            x = torch.rot90(x, int(rot[b]), dims=(-2, -1))
         out.append(x.to(out_dtype))
     return torch.stack(out, dim=0)
 
@@ -659,3 +662,67 @@ def masked_patch_loss(pred: torch.Tensor, images: torch.Tensor, mask: torch.Tens
     weighted = torch.where(weight != 0, per_patch * weight, torch.zeros_like(per_patch))
     total = weight.sum()
     return weighted.sum() / torch.where(total != 0, total, torch.ones_like(total))
+
+# Pretext tasks: MAE / SimMIM masking                               [issue: pretext tasks]
+# ---------------------------------------------------------------------------------------
+#
+# fastssl.mae_mask draws each row's permutation with a counter-based hash (no stateful RNG),
+# so the C++ kernel, the Triton kernel and this reference give the same permutation bit for
+# bit from the same seed. All arithmetic here is on int64 tensors holding uint32 values; a
+# 32-bit product is formed from 16-bit halves so that no int64 product overflows.
+
+_U32 = 0xFFFFFFFF
+MAE_ROW_MUL = 0x9E3779B9  # golden-ratio constant: spreads row indices before mixing
+MAE_STEP_MUL = 0x85EBCA6B
+
+
+def _mul32(h, c: int):
+    """``(h * c) mod 2**32`` for int64 tensors holding uint32 values ``h``."""
+    lo = (h & 0xFFFF) * c
+    hi = (((h >> 16) * c) & 0xFFFF) << 16
+    return (lo + hi) & _U32
+
+
+def fmix32(h):
+    """MurmurHash3's 32-bit finaliser (a bijection on uint32 with full avalanche)."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def mae_row_keys(seed: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B,) uint32 row keys: ``fmix32(b * 0x9E3779B9 + seed[1]) ^ seed[0]`` (mod 2**32)."""
+    s = seed.to(torch.int64).cpu()
+    b = torch.arange(batch, dtype=torch.int64)
+    return fmix32((_mul32(b, MAE_ROW_MUL) + (int(s[1]) & _U32)) & _U32) ^ (int(s[0]) & _U32)
+
+
+def mae_mask(seed: torch.Tensor, batch: int, num_patches: int, num_keep: int):
+    """MAE's random masking, the spec of ``fastssl::mae_mask``.
+
+    Row b's permutation ``ids_shuffle`` is Durstenfeld's Fisher-Yates shuffle of
+    ``0..L-1``: for i = L-1 down to 1, ``u = fmix32((key_b + i * 0x85EBCA6B) mod 2**32)``
+    (``key_b`` from :func:`mae_row_keys`), ``j = (u * (i + 1)) >> 32`` (in 0..i), swap
+    positions i and j. Then, as MAE uses them: ``ids_keep = ids_shuffle[:, :num_keep]``,
+    ``ids_restore = argsort(ids_shuffle)`` (the inverse permutation),
+    ``mask[b, n] = ids_restore[b, n] >= num_keep`` (True = masked: MAE's 1 = remove).
+
+    Vectorised over the rows (a loop over the L - 1 steps); no randperm.
+
+    Returns:
+        (mask [B, L] bool, ids_keep [B, num_keep] int64, ids_restore [B, L] int64), CPU.
+    """
+    key = mae_row_keys(seed, batch)
+    rows = torch.arange(batch)
+    perm = torch.arange(num_patches, dtype=torch.int64).repeat(batch, 1)
+    for i in range(num_patches - 1, 0, -1):
+        u = fmix32((key + ((i * MAE_STEP_MUL) & _U32)) & _U32)
+        j = (u * (i + 1)) >> 32
+        at_i = perm[:, i].clone()
+        perm[:, i] = perm[rows, j]
+        perm[rows, j] = at_i
+    ids_restore = torch.empty_like(perm)
+    ids_restore.scatter_(1, perm, torch.arange(num_patches, dtype=torch.int64).repeat(batch, 1))
+    return ids_restore >= num_keep, perm[:, :num_keep].contiguous(), ids_restore

@@ -14,6 +14,8 @@ from . import dino_loss  # noqa: F401,E402
 
 from . import masked_patch_loss  # noqa: F401,E402
 
+from . import pretext  # noqa: F401,E402
+
 from .. import _ext  # noqa: E402
 
 # The C++ CPU kernels register when fastssl._C loads: load it now (or keep why not), so that

@@ -29,9 +29,7 @@ from helpers import spawn_or_fail, kernels
 needs_cpp = pytest.mark.skipif(not _ext.available(), reason=f"no _C: {_ext.why_unavailable()}")
 BACKENDS = [pytest.param("cpp", marks=needs_cpp), "triton"]
 LOSS_OPS = ["ntxent", "xent", "info_nce_queue", "clip", "supcon", "negative_cosine",
-            "masked_token_loss",
-LOSS_OPS = ["ntxent", "xent", "info_nce_queue", "clip", "supcon", "dino_loss",
-LOSS_OPS = ["ntxent", "xent", "info_nce_queue", "clip", "supcon", "masked_patch_loss"]
+            "masked_token_loss", "dino_loss", "masked_patch_loss"]
 
 
 def _loss_calls():

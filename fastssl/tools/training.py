@@ -38,8 +38,10 @@ from torch import nn
 from .. import data as datasets
 from ._progress import Progress
 from ..augment import SSLAugment
-from ..functional import info_nce, nt_xent
+from ..functional import (barlow_twins, dino_loss, info_nce, masked_patch_loss, nt_xent,
+                          symmetric_negative_cosine, vicreg)
 from ..moco import MoCoQueue, ema_update_, momentum_schedule
+from ..pretext import MultiCropAugment, PretextAugment
 
 BACKENDS = ("fused", "reference")
 PHASES = ("augmentation", "encoder_forward", "loss_forward", "backward", "optimizer",
@@ -309,7 +311,7 @@ class MoCo(TwoViewMethod):
 @register
 class BYOL(TwoViewMethod):
     """Online encoder+projector+predictor on both views, momentum target on both, symmetric
-    2 - 2 cos, target momentum on BYOL's cosine schedule from ``momentum`` (0.99) to 1."""
+    2 - 2 cos (:func:`fastssl.symmetric_negative_cosine`), target momentum on BYOL's cosine schedule from ``momentum`` (0.99) to 1."""
     name = "byol"
     summary = "predictor regresses the momentum target's projection of the other view"
     recipe = "byol"
@@ -331,14 +333,410 @@ class BYOL(TwoViewMethod):
 
     def loss(self, outputs):
         (p0, p1), (t0, t1) = outputs
-        p0, p1, t0, t1 = (F.normalize(x, dim=1) for x in (p0, p1, t0, t1))
-        return (2 - 2 * (p0 * t1).sum(1)).mean() + (2 - 2 * (p1 * t0).sum(1)).mean()
+        # BYOL sums the two directions: twice the symmetric mean.
+        return 2 * symmetric_negative_cosine(p0, p1, t0, t1, backend=self.cfg.op_backend)
 
     def after_optimizer_step(self, step, total_steps):
         m = momentum_schedule(min(step, total_steps), total_steps, base=self.momentum)
         self._ema(self.target_encoder, self.encoder, m)
         self._ema(self.target_projector, self.projector, m)
 
+
+@register
+class SimSiam(TwoViewMethod):
+    """Encoder+projector (output BatchNorm) on both views, a predictor, no momentum target:
+    each view's prediction regresses the other view's projection under a stop-gradient
+    (:func:`fastssl.symmetric_negative_cosine`, which applies it)."""
+    name = "simsiam"
+    summary = "predictor regresses the other view's projection, stop-gradient, no target"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.projector = mlp(self.encoder.out_dim, cfg.hidden, cfg.proj_dim, out_norm=True)
+        # SimSiam's bottleneck predictor: hidden = dim / 4.
+        self.predictor = mlp(cfg.proj_dim, max(cfg.proj_dim // 4, 8), cfg.proj_dim)
+
+    def forward_views(self, views):
+        z = self.projector(self.encoder(torch.cat(views)))
+        p = self.predictor(z)
+        return p.chunk(2), z.chunk(2)
+
+    def loss(self, outputs):
+        (p0, p1), (z0, z1) = outputs
+        return symmetric_negative_cosine(p0, p1, z0, z1, backend=self.cfg.op_backend)
+
+
+@register
+class BarlowTwins(TwoViewMethod):
+    """Encoder+projector on both views; Barlow Twins' redundancy reduction
+    (:func:`fastssl.barlow_twins`, lightly's conventions, lambda 5e-3) on the projections."""
+    name = "barlow"
+    summary = "cross-correlation of the two views' projections driven to the identity"
+    recipe = "byol"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        # Barlow Twins wants a wide projector: 4x the representation here.
+        self.projector = mlp(self.encoder.out_dim, cfg.hidden, 4 * self.encoder.out_dim)
+
+    def forward_views(self, views):
+        return self.projector(self.encoder(torch.cat(views))).chunk(2)
+
+    def loss(self, outputs):
+        z0, z1 = outputs
+        return barlow_twins(z0, z1, backend=self.cfg.op_backend)
+
+
+@register
+class VICReg(TwoViewMethod):
+    """Encoder+projector on both views; VICReg's invariance + variance + covariance terms
+    (:func:`fastssl.vicreg`, weights 25 / 25 / 1)."""
+    name = "vicreg"
+    summary = "invariance, variance and covariance terms on the two views' projections"
+    recipe = "byol"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.projector = mlp(self.encoder.out_dim, cfg.hidden, 4 * self.encoder.out_dim)
+
+    def forward_views(self, views):
+        return self.projector(self.encoder(torch.cat(views))).chunk(2)
+
+    def loss(self, outputs):
+        z0, z1 = outputs
+        return vicreg(z0, z1, backend=self.cfg.op_backend)
+
+
+class DINOHead(nn.Module):
+    """DINO's projection head up to the bottleneck (3-layer MLP, GELU), and the prototype
+    weight V (K, bottleneck) of its weight-normalised last layer; :func:`fastssl.dino_loss`
+    normalises the bottleneck rows and V's rows itself (``norm_last_layer=True``)."""
+
+    def __init__(self, d_in: int, hidden: int, bottleneck: int, prototypes: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, hidden),
+                                 nn.GELU(), nn.Linear(hidden, bottleneck))
+        self.prototypes = nn.Parameter(torch.empty(prototypes, bottleneck))
+        nn.init.trunc_normal_(self.prototypes, std=0.02)
+
+    def forward(self, features):
+        return self.mlp(features)
+
+
+@register
+class DINO(SSLMethod):
+    """Self-distillation with multi-crop (:class:`fastssl.MultiCropAugment`: 2 global crops
+    at the image size, ``n_local`` local crops at half of it): the student (encoder + head)
+    sees every crop, the momentum teacher the global ones; :func:`fastssl.dino_loss` (teacher
+    centring + sharpening, streamed over the K prototypes) and the centre's EMA."""
+    name = "dino"
+    summary = "student matches the momentum teacher's centred, sharpened prototype scores"
+    n_local = 4
+    prototypes = 512
+    bottleneck = 64
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.augment = MultiCropAugment(cfg.image_size, max(cfg.image_size // 2, 8),
+                                        self.n_local, backend=cfg.op_backend,
+                                        generator=self.generator)
+        self.head = DINOHead(self.encoder.out_dim, cfg.hidden, self.bottleneck,
+                             self.prototypes)
+        self.momentum = cfg.momentum if cfg.momentum is not None else 0.99
+        self.target_encoder = self._momentum_copy(self.encoder)
+        self.target_head = self._momentum_copy(self.head)
+        self.register_buffer("center", torch.zeros(self.prototypes))
+        self._new_center = None
+
+    def make_views(self, images):
+        return tuple(self.augment(images))
+
+    def forward_views(self, views):
+        global_crops, local_crops = torch.cat(views[:2]), torch.cat(views[2:])
+        # Crop-major rows (crop c, sample b at c * B + b), the order dino_loss expects.
+        student = torch.cat([self.head(self.encoder(global_crops)),
+                             self.head(self.encoder(local_crops))])
+        with torch.no_grad():
+            teacher = self.target_head(self.target_encoder(global_crops))
+        return student, teacher
+
+    def loss(self, outputs):
+        student, teacher = outputs
+        loss, self._new_center = dino_loss(student, teacher, self.head.prototypes,
+                                           self.target_head.prototypes, self.center,
+                                           n_global=2, backend=self.cfg.op_backend)
+        return loss
+
+    def after_optimizer_step(self, step, total_steps):
+        m = momentum_schedule(min(step, total_steps), total_steps, base=self.momentum)
+        self._ema(self.target_encoder, self.encoder, m)
+        self._ema(self.target_head, self.head, m)
+        self.center.copy_(self._new_center.detach().reshape(self.center.shape))
+        self._new_center = None
+
+
+# -- pretext tasks (issue 11): one view with a label or a target -------------------------
+
+class PretextMethod(SSLMethod):
+    """A pretext task: ``(view, target) = PretextAugment(task)(images)`` and a head on the
+    encoder. ``task_options`` are :class:`fastssl.PretextAugment` keyword arguments."""
+
+    task = ""
+    task_options: dict = {}
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.augment = PretextAugment(cfg.image_size, self.task, backend=cfg.op_backend,
+                                      generator=self.generator, **self.task_options)
+
+    def make_views(self, images):
+        view, target = self.augment(images)
+        return (view, *(target if isinstance(target, tuple) else (target,)))
+
+
+class DenseDecoder(nn.Module):
+    """From the encoder's (B, 4w, S/8, S/8) map back to (B, out_channels, S, S): three
+    (upsample x2, conv 3x3, BN, ReLU) stages and a 1x1 conv to the output channels."""
+
+    def __init__(self, c_in: int, out_channels: int = 3):
+        super().__init__()
+        layers, c = [], c_in
+        for _ in range(3):
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"),
+                       nn.Conv2d(c, c // 2, 3, 1, 1, bias=False), nn.BatchNorm2d(c // 2),
+                       nn.ReLU(inplace=True)]
+            c //= 2
+        layers.append(nn.Conv2d(c, out_channels, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, feature_map):
+        return self.net(feature_map)
+
+
+@register
+class Rotation(PretextMethod):
+    """RotNet (Gidaris et al. 2018): predict which of 0/90/180/270 degrees the view was
+    turned by; a linear classifier on the encoder's pooled features."""
+    name = "rotation"
+    summary = "4-way classification of the view's k x 90 degree rotation"
+    task = "rotation"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.classifier = nn.Linear(self.encoder.out_dim, 4)
+
+    def forward_views(self, views):
+        view, label = views
+        return self.classifier(self.encoder(view)), label
+
+    def loss(self, outputs):
+        logits, label = outputs
+        return F.cross_entropy(logits, label)
+
+
+@register
+class Jigsaw(PretextMethod):
+    """Jigsaw puzzles (Noroozi & Favaro 2016) on a 2 x 2 grid (32-pixel images give 3 x 3
+    tiles of 9 pixels, too small for the encoder): every tile through the shared encoder,
+    the tiles' features concatenated in slot order, an MLP names the permutation (all 24)."""
+    name = "jigsaw"
+    summary = "which of 24 permutations shuffled the 2 x 2 tiles"
+    task = "jigsaw"
+    task_options = {"grid": 2, "num_permutations": 24}
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        tiles = self.task_options["grid"] ** 2
+        self.classifier = mlp(tiles * self.encoder.out_dim, cfg.hidden,
+                              self.task_options["num_permutations"])
+
+    def forward_views(self, views):
+        tiles, label = views
+        B, T = tiles.shape[:2]
+        features = self.encoder(tiles.flatten(0, 1)).view(B, T * self.encoder.out_dim)
+        return self.classifier(features), label
+
+    def loss(self, outputs):
+        logits, label = outputs
+        return F.cross_entropy(logits, label)
+
+
+@register
+class Colorization(PretextMethod):
+    """Colorization (Zhang et al. 2016, as regression): the encoder sees the luminance
+    (repeated over 3 channels and normalised like every input), a dense decoder predicts
+    the RGB view in [0, 1]; MSE."""
+    name = "colorization"
+    summary = "RGB regressed from the luminance (MSE)"
+    task = "colorization"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.decoder = DenseDecoder(self.encoder.out_dim, 3)
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1))
+
+    def forward_views(self, views):
+        luminance, rgb = views
+        x = (luminance.expand(-1, 3, -1, -1) - self.mean) / self.std
+        return torch.sigmoid(self.decoder(self.encoder.feature_map(x))), rgb
+
+    def loss(self, outputs):
+        pred, rgb = outputs
+        return F.mse_loss(pred, rgb)
+
+
+@register
+class Inpainting(PretextMethod):
+    """Context encoder (Pathak et al. 2016): a random box of the view erased to 0 (the mean
+    colour after normalisation); the dense decoder reconstructs the view, scored inside the
+    box (MSE, in the views' normalised units)."""
+    name = "inpainting"
+    summary = "the erased box reconstructed (MSE inside the box)"
+    task = "inpainting"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.decoder = DenseDecoder(self.encoder.out_dim, 3)
+
+    def forward_views(self, views):
+        erased, clean, box = views
+        return self.decoder(self.encoder.feature_map(erased)), clean, box
+
+    def loss(self, outputs):
+        pred, clean, box = outputs
+        inside = box.expand_as(clean).to(pred.dtype)
+        return ((pred - clean) ** 2 * inside).sum() / inside.sum().clamp(min=1)
+
+
+@register
+class Denoising(PretextMethod):
+    """Denoising autoencoder (Vincent et al. 2008): Gaussian noise of a per-sample level;
+    the dense decoder predicts the clean view (MSE, normalised units)."""
+    name = "denoising"
+    summary = "the clean view predicted from a noisy one (MSE)"
+    task = "denoising"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.decoder = DenseDecoder(self.encoder.out_dim, 3)
+
+    def forward_views(self, views):
+        noisy, clean = views
+        return self.decoder(self.encoder.feature_map(noisy)), clean
+
+    def loss(self, outputs):
+        pred, clean = outputs
+        return F.mse_loss(pred, clean)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(LN(x)), then x + MLP(LN(x)) (GELU, 4x)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        y = self.norm1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+def _sincos_positions(num_patches_side: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding (MAE's), (side * side, dim)."""
+    quarter = dim // 4
+    freq = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    pos = torch.arange(num_patches_side, dtype=torch.float64)
+    yy, xx = torch.meshgrid(pos, pos, indexing="ij")
+    parts = []
+    for coord in (yy.reshape(-1), xx.reshape(-1)):
+        angle = coord[:, None] * freq[None]
+        parts += [angle.sin(), angle.cos()]
+    emb = torch.cat(parts, dim=1)
+    return F.pad(emb, (0, dim - emb.shape[1])).float()
+
+
+class ViTEncoder(nn.Module):
+    """A small ViT written with ``torch.nn`` only: p x p patch embedding (a strided conv),
+    fixed sine-cosine positions, ``depth`` pre-norm transformer blocks, a final LayerNorm.
+    ``forward`` mean-pools the tokens of the whole image, (B, dim) (what the probes use);
+    :meth:`forward_tokens` runs the blocks on the kept patches only (MAE)."""
+
+    def __init__(self, image_size: int = 32, patch_size: int = 4, dim: int = 128,
+                 depth: int = 4, heads: int = 4):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch_size "
+                             f"{patch_size}")
+        self.patch_size, self.out_dim = patch_size, dim
+        self.patch_embed = nn.Conv2d(3, dim, patch_size, patch_size)
+        self.register_buffer("positions", _sincos_positions(image_size // patch_size, dim))
+        self.blocks = nn.Sequential(*[TransformerBlock(dim, heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+
+    def patch_tokens(self, images):
+        tokens = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, L, dim)
+        if tokens.shape[1] != self.positions.shape[0]:
+            raise ValueError(f"ViTEncoder was built for {self.positions.shape[0]} patches, got "
+                             f"{tokens.shape[1]} (image size differs)")
+        return tokens + self.positions
+
+    def forward_tokens(self, images, ids_keep=None):
+        tokens = self.patch_tokens(images)
+        if ids_keep is not None:
+            tokens = torch.gather(tokens, 1, ids_keep[..., None].expand(-1, -1, tokens.shape[2]))
+        return self.norm(self.blocks(tokens))
+
+    def forward(self, images):
+        return self.forward_tokens(images).mean(1)
+
+
+@register
+class MAE(PretextMethod):
+    """Masked autoencoder (He et al. 2022) with the small :class:`ViTEncoder` (4 x 4 patches,
+    75% masked by :func:`fastssl.mae_mask`): the encoder sees the kept patches, a 1-block
+    decoder fills mask tokens back in (``ids_restore``) and predicts every patch's pixels;
+    :func:`fastssl.masked_patch_loss` scores the masked ones (per-patch normalised target)."""
+    name = "mae"
+    summary = "masked 4 x 4 patches reconstructed by a small ViT (75% masked)"
+    task = "mae"
+    patch_size = 4
+    task_options = {"patch_size": 4, "mask_ratio": 0.75}
+    decoder_dim = 64
+
+    def build_encoder(self, cfg):
+        return ViTEncoder(cfg.image_size, self.patch_size, dim=4 * cfg.width, depth=4,
+                          heads=4)
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        enc = self.encoder
+        self.decoder_embed = nn.Linear(enc.out_dim, self.decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.decoder_dim))
+        nn.init.normal_(self.mask_token, std=0.02)
+        side = cfg.image_size // self.patch_size
+        self.register_buffer("decoder_positions", _sincos_positions(side, self.decoder_dim))
+        self.decoder = nn.Sequential(TransformerBlock(self.decoder_dim, 4),
+                                     nn.LayerNorm(self.decoder_dim))
+        self.decoder_pred = nn.Linear(self.decoder_dim, self.patch_size ** 2 * 3)
+
+    def forward_views(self, views):
+        images, mask, ids_keep, ids_restore = views
+        kept = self.decoder_embed(self.encoder.forward_tokens(images, ids_keep))
+        B, L = ids_restore.shape
+        tokens = torch.cat([kept, self.mask_token.expand(B, L - kept.shape[1], -1)], dim=1)
+        tokens = torch.gather(tokens, 1, ids_restore[..., None].expand(-1, -1, tokens.shape[2]))
+        pred = self.decoder_pred(self.decoder(tokens + self.decoder_positions))
+        return pred, images, mask
+
+    def loss(self, outputs):
+        pred, images, mask = outputs
+        return masked_patch_loss(pred, images, mask, patch_size=self.patch_size,
+                                 backend=self.cfg.op_backend)
 
 METHODS = tuple(SSL_METHODS)
 

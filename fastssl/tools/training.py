@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -37,11 +38,11 @@ from torch import nn
 
 from .. import data as datasets
 from ._progress import Progress
-from ..augment import SSLAugment
+from ..augment import AugmentRecipe, SSLAugment
 from ..functional import (barlow_twins, dino_loss, info_nce, masked_patch_loss, nt_xent,
                           symmetric_negative_cosine, vicreg)
 from ..moco import MoCoQueue, ema_update_, momentum_schedule
-from ..pretext import MultiCropAugment, PretextAugment
+from ..pretext import PRETEXT_RECIPE, MultiCropAugment, PretextAugment
 
 BACKENDS = ("fused", "reference")
 PHASES = ("augmentation", "encoder_forward", "loss_forward", "backward", "optimizer",
@@ -180,6 +181,9 @@ class MethodConfig:
     queue_size: int = 4096
     momentum: float | None = None
     seed: int = 0
+    # Replaces the crop / colour recipe of the method's views (None: the method's own):
+    # ``fastssl train`` passes one fitted to its 32x32 data (:data:`DATA_SETTINGS`).
+    recipe: AugmentRecipe | None = None
 
 
 SSL_METHODS: dict = {}  # name -> SSLMethod subclass, in registration order
@@ -240,8 +244,8 @@ class TwoViewMethod(SSLMethod):
 
     def __init__(self, cfg: MethodConfig):
         super().__init__(cfg)
-        self.augment = SSLAugment(cfg.image_size, recipe=self.recipe, backend=cfg.op_backend,
-                                  generator=self.generator)
+        self.augment = SSLAugment(cfg.image_size, recipe=cfg.recipe or self.recipe,
+                                  backend=cfg.op_backend, generator=self.generator)
 
     def make_views(self, images):
         return self.augment(images)
@@ -437,9 +441,11 @@ class DINO(SSLMethod):
 
     def __init__(self, cfg):
         super().__init__(cfg)
+        recipes = {} if cfg.recipe is None else dict(global_recipes=(cfg.recipe, cfg.recipe),
+                                                     local_recipe=cfg.recipe)
         self.augment = MultiCropAugment(cfg.image_size, max(cfg.image_size // 2, 8),
                                         self.n_local, backend=cfg.op_backend,
-                                        generator=self.generator)
+                                        generator=self.generator, **recipes)
         self.head = DINOHead(self.encoder.out_dim, cfg.hidden, self.bottleneck,
                              self.prototypes)
         self.momentum = cfg.momentum if cfg.momentum is not None else 0.99
@@ -486,8 +492,13 @@ class PretextMethod(SSLMethod):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.augment = PretextAugment(cfg.image_size, self.task, backend=cfg.op_backend,
-                                      generator=self.generator, **self.task_options)
+        # The pretext views take only the crop and flip of a given recipe (no colour ops:
+        # MAE's and RotNet's pipeline).
+        recipe = None if cfg.recipe is None else dataclasses.replace(
+            PRETEXT_RECIPE, crop_scale=cfg.recipe.crop_scale, flip_p=cfg.recipe.flip_p)
+        self.augment = PretextAugment(cfg.image_size, self.task, recipe,
+                                      backend=cfg.op_backend, generator=self.generator,
+                                      **self.task_options)
 
     def make_views(self, images):
         view, target = self.augment(images)
@@ -759,7 +770,7 @@ class SSLModel(nn.Module):
                  proj_dim: int = 64, hidden: int = 256, image_size: int = 32,
                  queue_size: int = 4096, momentum: float | None = None, lr: float = 2e-3,
                  weight_decay: float = 1e-5, total_steps: int = 1000, warmup_steps: int = 0,
-                 device="cpu", seed: int = 0):
+                 device="cpu", seed: int = 0, recipe: AugmentRecipe | None = None):
         super().__init__()
         if method not in SSL_METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -771,7 +782,7 @@ class SSLModel(nn.Module):
         cfg = MethodConfig(op_backend="auto" if backend == "fused" else "reference",
                            width=width, proj_dim=proj_dim, hidden=hidden,
                            image_size=image_size, queue_size=queue_size, momentum=momentum,
-                           seed=seed)
+                           seed=seed, recipe=recipe)
         self.method = SSL_METHODS[method](cfg)
         self.initial_encoder = copy.deepcopy(self.method.encoder).requires_grad_(False)
         self.to(self.device)
@@ -896,22 +907,38 @@ def linear_probe(x_train, y_train, x_test, y_test, *, l2_grid=(1e-1, 1e-2, 1e-3,
 # The command
 # ---------------------------------------------------------------------------------------
 
-DEFAULTS = {  # per dataset: epochs, batch
-    "shapes": dict(epochs=40, batch=128),
-    "digits": dict(epochs=30, batch=128),
+# Per dataset: SSL epochs, batch, and the crop / colour recipe of every method's views
+# (32x32 images: ImageNet's recipes crop down to 8% of the area and blur with sigma up to 2
+# pixels, which leaves too little of a 32x32 image; digits are not mirror-symmetric, so no
+# flip; the shapes' colours are uniformly random, so hue is fully randomised and gray more
+# often).
+DATA_SETTINGS = {
+    "digits": dict(epochs=15, batch=128,
+                   recipe=AugmentRecipe(crop_scale=(0.3, 1.0), flip_p=0.0, blur_p=0.0)),
+    "shapes": dict(epochs=40, batch=128,
+                   recipe=AugmentRecipe(crop_scale=(0.25, 1.0), hue=0.5, gray_p=0.5,
+                                        blur_p=0.0)),
 }
+DEFAULT_DATA = "digits"
+DEFAULT_WIDTH = 16
+DEFAULT_LR = 5e-3
 
 
 def add_arguments(p) -> None:
     p.add_argument("--method", choices=METHODS, default="simclr", help="the SSL method")
-    p.add_argument("--data", choices=datasets.DATASETS, default="shapes",
-                   help="built-in dataset: procedural shapes, or the 8x8 digits")
+    p.add_argument("--data", choices=datasets.DATASETS, default=DEFAULT_DATA,
+                   help="built-in dataset: scikit-learn's 8x8 digits (default), or procedural "
+                        "shapes")
     p.add_argument("--epochs", type=int, default=None,
-                   help="SSL epochs (default: 40 on shapes, 30 on digits)")
+                   help=f"SSL epochs (default: {DATA_SETTINGS['digits']['epochs']} on digits, "
+                        f"{DATA_SETTINGS['shapes']['epochs']} on shapes)")
     p.add_argument("--batch", type=int, default=None, help="images per step (default: 128)")
-    p.add_argument("--width", type=int, default=32, help="encoder width w (features: 4w)")
-    p.add_argument("--lr", type=float, default=2e-3,
-                   help="AdamW peak learning rate (1-epoch warm-up, cosine decay)")
+    p.add_argument("--width", type=int, default=DEFAULT_WIDTH,
+                   help=f"encoder width w: features 4w; mae: the ViT's token width 4w "
+                        f"(default: {DEFAULT_WIDTH})")
+    p.add_argument("--lr", type=float, default=DEFAULT_LR,
+                   help=f"AdamW peak learning rate, 1-epoch warm-up, cosine decay "
+                        f"(default: {DEFAULT_LR:g})")
     p.add_argument("--n-train", type=int, default=None,
                    help="shapes only: training images (default 2048); the held-out split is "
                         "always 1024 class-balanced images")
@@ -959,9 +986,9 @@ def ci95(acc: float, n: int) -> float:
     return 1.96 * math.sqrt(max(acc * (1 - acc), 1e-12) / n)
 
 
-def train(method: str = "simclr", data: str = "shapes", *, epochs=None, batch=None,
-          width: int = 32, lr: float = 2e-3, n_train=None, seed: int = 0, device="cpu",
-          progress: bool = True) -> dict:
+def train(method: str = "simclr", data: str = DEFAULT_DATA, *, epochs=None, batch=None,
+          width: int = DEFAULT_WIDTH, lr: float = DEFAULT_LR, n_train=None, seed: int = 0,
+          device="cpu", progress: bool = True) -> dict:
     """Pre-trains, probes, and returns the summary dict (plus ``losses``).
 
     Progress goes to stderr from the first second (flushed): what is being built, a bar for
@@ -973,14 +1000,16 @@ def train(method: str = "simclr", data: str = "shapes", *, epochs=None, batch=No
         ds = datasets.shapes(n_train=n_train, n_test=SHAPES_HELD_OUT, seed=seed)
     else:
         ds = datasets.load(data, seed=seed)
-    epochs = epochs if epochs is not None else DEFAULTS[data]["epochs"]
-    batch = batch if batch is not None else DEFAULTS[data]["batch"]
+    settings = DATA_SETTINGS[data]
+    epochs = epochs if epochs is not None else settings["epochs"]
+    batch = batch if batch is not None else settings["batch"]
     x_train = ds.images[ds.train]
     batch = min(batch, x_train.shape[0])
     steps_per_epoch = x_train.shape[0] // batch
     total = epochs * steps_per_epoch
     model = SSLModel(method, width=width, lr=lr, total_steps=total,
-                     warmup_steps=min(steps_per_epoch, total // 10), device=device, seed=seed)
+                     warmup_steps=min(steps_per_epoch, total // 10), device=device, seed=seed,
+                     recipe=settings["recipe"])
     y_tr, y_te = ds.labels[ds.train], ds.labels[ds.test]
     _log(f"  {ds.train.numel()} training / {ds.test.numel()} held-out images, "
          f"{len(ds.classes)} classes; {epochs} epochs x {steps_per_epoch} steps of {batch}, "

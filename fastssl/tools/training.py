@@ -1007,9 +1007,13 @@ def train(method: str = "simclr", data: str = DEFAULT_DATA, *, epochs=None, batc
     batch = min(batch, x_train.shape[0])
     steps_per_epoch = x_train.shape[0] // batch
     total = epochs * steps_per_epoch
+    # MoCo's queue: at most half the training set, so that it never holds a stale key of
+    # the very image it serves as a negative for (4096 keys on 1,437 digits would hold each
+    # image ~3 times).
+    queue_size = max(batch, min(4096, x_train.shape[0] // 2 // batch * batch))
     model = SSLModel(method, width=width, lr=lr, total_steps=total,
                      warmup_steps=min(steps_per_epoch, total // 10), device=device, seed=seed,
-                     recipe=settings["recipe"])
+                     recipe=settings["recipe"], queue_size=queue_size)
     y_tr, y_te = ds.labels[ds.train], ds.labels[ds.test]
     _log(f"  {ds.train.numel()} training / {ds.test.numel()} held-out images, "
          f"{len(ds.classes)} classes; {epochs} epochs x {steps_per_epoch} steps of {batch}, "

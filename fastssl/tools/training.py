@@ -1,9 +1,22 @@
 """``fastssl train``: SSL pre-training on an embedded dataset with the fused parts, then
 three linear probes on the same held-out split.
 
-The pieces a user would copy live here too: a small ResNet-style encoder, the SimCLR / MoCo v2
-/ BYOL training step (:class:`SSLModel`, also what ``fastssl profile`` times), and a
-torch-only logistic-regression probe (no scikit-learn).
+The pieces a user would copy live here too: a small ResNet-style encoder (a small ViT for
+``mae``), one class per SSL method in a registry (:data:`SSL_METHODS`: its views, heads, loss
+and after-step updates -- EMA, queue, centre), the training step they share
+(:class:`SSLModel`, also what ``fastssl profile`` times), and a torch-only logistic-regression
+probe (no scikit-learn).
+
+Methods: contrastive ``simclr``, ``moco``; predictor / stop-gradient ``byol``, ``simsiam``;
+redundancy reduction ``barlow``, ``vicreg``; self-distillation ``dino`` (multi-crop); pretext
+tasks ``rotation``, ``jigsaw``, ``colorization``, ``inpainting``, ``denoising``; masked image
+modelling ``mae``.
+
+Default data: scikit-learn's 8x8 digits (upsampled to 32x32). The procedural ``shapes`` stay
+available (``--data shapes``) but are a poor default: their class is defined up to a uniformly
+random rotation, which no recipe here augments, and at the 2-3 minute budget SimCLR's loss
+barely leaves its starting value on them (SSL 20-26% vs random init 20-21%, chance 16.7%, in
+every recipe tried: README).
 
 Probes (identical procedure for all three; held-out split never seen by SSL or by the probe's
 fitting):

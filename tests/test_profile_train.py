@@ -78,8 +78,8 @@ def test_profile_both_backends_side_by_side(capsys):
 
 
 def test_train_tiny_cli(tmp_path, capsys):
-    assert cli.main(["train", "--method", "byol", "--epochs", "1", "--batch", "32",
-                     "--n-train", "96", "--width", "4", "--quiet", "--json",
+    assert cli.main(["train", "--method", "byol", "--data", "shapes", "--epochs", "1",
+                     "--batch", "32", "--n-train", "96", "--width", "4", "--quiet", "--json",
                      "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     res = _last_json(out)
@@ -114,6 +114,11 @@ def test_every_method_steps_and_learns(method):
         model.optimizer.step()
         model.optimizer.zero_grad(set_to_none=True)
     assert losses[-1] < losses[0], losses
+
+
+def test_train_n_train_is_for_shapes_only():
+    with pytest.raises(ValueError, match="shapes data only"):
+        cli.main(["train", "--data", "digits", "--n-train", "96", "--quiet"])
 
 
 def test_shapes_deterministic_and_balanced():

@@ -1009,6 +1009,10 @@ def train(method: str = "simclr", data: str = DEFAULT_DATA, *, epochs=None, batc
     encoder's saved initial weights, so the bar starts at once."""
     t0 = time.perf_counter()
     _log(f"fastssl train: {method} on {data}: building the data and the model ...", progress)
+    if data not in DATA_SETTINGS:
+        raise ValueError(f"data must be one of {tuple(DATA_SETTINGS)}, got {data!r}")
+    if n_train is not None and data != "shapes":
+        raise ValueError(f"--n-train applies to the shapes data only (got data={data!r})")
     if data == "shapes" and n_train is not None:
         ds = datasets.shapes(n_train=n_train, n_test=SHAPES_HELD_OUT, seed=seed)
     else:

@@ -1097,7 +1097,7 @@ def run(args) -> int:
                               ("random_probe_acc", "random", "same encoder, random init"),
                               ("pixel_probe_acc", "pixel", "raw pixels")):
         print(f"{label:<34}{100 * res[key]:>9.1f}%   +-{100 * res['ci95'][short]:.1f}")
-    print(f"{'chance (balanced classes)':<34}{100 * res['chance']:>9.1f}%")
+    print(f"{'chance (1 / classes)':<34}{100 * res['chance']:>9.1f}%")
     print(f"SSL loss: {res['losses'][0]:.3f} (first step) -> "
           f"{sum(res['losses'][-res['steps_per_epoch']:]) / res['steps_per_epoch']:.3f} "
           f"(last epoch mean)" + (f"; curve: {plot}" if plot else ""))

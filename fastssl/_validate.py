@@ -319,3 +319,169 @@ def scale_tensor(value: torch.Tensor, device: torch.device, *, invert: bool = Fa
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     v = value.to(device=device, dtype=compute).reshape(())
     return 1.0 / v if invert else v
+
+
+# --- masked-token head (issue 14) -----------------------------------------------------------
+
+
+def token_labels(name: str, t, shape: tuple, num_classes: int, ignore_index: int,
+                 device: torch.device) -> torch.Tensor:
+    """Integer labels of ``shape`` on ``device``, each in [0, num_classes) or ``ignore_index``.
+
+    The range is checked before any kernel runs, on every backend: read on the host for an
+    eager CPU tensor (``ValueError`` naming the first bad label); on CUDA and under
+    ``torch.compile`` a ``torch._assert_async`` (no host sync, no graph break; see
+    :func:`_value_check_async`): a CUDA stream runs it before the kernels queued after it,
+    and the kernels themselves never index memory with a label (they compare it with column
+    indices), so an out-of-range label cannot make them read out of bounds either."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in INT_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor (int64, int32, ...), got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} (one label per position of "
+                         f"hidden), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on the same device as hidden ({device}), got "
+                         f"{t.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if t.device.type == "meta" or t.numel() == 0:
+        return t
+    ok = (t == ignore_index) | ((t >= 0) & (t < num_classes))
+    if t.device.type == "cpu" and not _is_compiling():
+        if not bool(ok.all()):
+            bad = t.reshape(-1)[~ok.reshape(-1)][0].item()
+            raise ValueError(f"{name} must be in [0, {num_classes}) (the vocabulary size) or "
+                             f"ignore_index = {ignore_index}, got {bad}")
+    else:
+        torch._assert_async(ok.all(), f"{name} must be in [0, {num_classes}) (the vocabulary "
+                            f"size) or ignore_index = {ignore_index}")
+    return t
+
+# --- redundancy reduction (barlow_twins, vicreg) -----------------------------------------
+
+
+def finite_coefficient(name: str, value) -> float:
+    """A loss weight: a Python number (not a tensor: the kernels take it as a constant),
+    finite and >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    v = float(value)
+    if not (math.isfinite(v) and v >= 0):
+        raise ValueError(f"{name} must be finite and >= 0, got {v}")
+    return v
+
+
+def two_views(z1, z2, op: str, *, min_rows: int = 2) -> None:
+    """(N, D) embeddings of two views: same shape, device and dtype, N >= ``min_rows`` (the
+    unbiased batch statistics divide by N - 1)."""
+    embeddings("z1", z1)
+    embeddings("z2", z2)
+    same_shape(("z1", "z2"), (z1, z2))
+    same_device_dtype(("z1", "z2"), (z1, z2))
+    if z1.shape[0] < min_rows:
+        raise ValueError(f"{op} needs N >= {min_rows} rows (the unbiased std/variance over the "
+                         f"batch divides by N - 1), got shape {tuple(z1.shape)}")
+
+# --- DINO / iBOT prototype head -------------------------------------------------------------
+
+TEACHERS = ("centering", "sinkhorn")
+
+
+def prototype_head(student_h, teacher_h, weight_student, weight_teacher, center) -> int:
+    """Checks the inputs of ``dino_loss`` / ``ibot_patch_loss``; returns K."""
+    embeddings("student_h", student_h)
+    embeddings("teacher_h", teacher_h)
+    embeddings("weight_student", weight_student)
+    embeddings("weight_teacher", weight_teacher)
+    d = student_h.shape[1]
+    for name, t in (("teacher_h", teacher_h), ("weight_student", weight_student),
+                    ("weight_teacher", weight_teacher)):
+        if t.shape[1] != d:
+            raise ValueError(f"{name} must have d = {d} columns like student_h, got shape "
+                             f"{tuple(t.shape)}")
+    same_device_dtype(("student_h", "teacher_h", "weight_student", "weight_teacher"),
+                      (student_h, teacher_h, weight_student, weight_teacher))
+    k = weight_student.shape[0]
+    if weight_teacher.shape[0] != k:
+        raise ValueError(f"weight_student and weight_teacher must have the same K prototypes, "
+                         f"got {tuple(weight_student.shape)} and {tuple(weight_teacher.shape)}")
+    tensor("center", center)
+    if center.numel() != k or center.dim() not in (1, 2) or center.shape[-1] != k:
+        raise ValueError(f"center must have shape ({k},) or (1, {k}), got "
+                         f"{tuple(center.shape)}")
+    if center.device != student_h.device:
+        raise ValueError(f"center must be on {student_h.device} like student_h, got "
+                         f"{center.device}")
+    return k
+
+
+def teacher_kind(teacher: str, sinkhorn_iters) -> None:
+    if teacher not in TEACHERS:
+        raise ValueError(f"teacher must be one of {TEACHERS}, got {teacher!r}")
+    positive_int("sinkhorn_iters", sinkhorn_iters)
+
+
+def crops(student_rows: int, teacher_rows: int, n_global) -> tuple[int, int]:
+    """(B, n_crops) of crop-major DINO rows; at least one (teacher, other student crop) pair."""
+    positive_int("n_global", n_global)
+    if teacher_rows % n_global:
+        raise ValueError(f"teacher_h must have n_global * B rows (n_global = {n_global}), got "
+                         f"{teacher_rows} rows")
+    b = teacher_rows // n_global
+    if student_rows % b:
+        raise ValueError(f"student_h must have n_crops * B rows with B = {b} (teacher rows / "
+                         f"n_global), got {student_rows} rows")
+    n_crops = student_rows // b
+    if n_crops < n_global:
+        raise ValueError(f"student_h must hold at least the n_global = {n_global} global crops "
+                         f"(n_crops * B rows, B = {b}), got {n_crops} crops")
+    if n_crops < 2:
+        raise ValueError("dino_loss needs at least one (teacher crop, other student crop) pair: "
+                         f"got n_global = {n_global} and n_crops = {n_crops}")
+    return b, n_crops
+
+# --- masked_patch_loss (MAE) ---------------------------------------------------------------
+
+
+def masked_patch_inputs(pred, images, mask, patch_size, norm_pix, eps) -> int:
+    """Checks MAE loss inputs; returns L, the number of patches per image."""
+    tensor("images", images, ndim=4)
+    tensor("pred", pred, ndim=3)
+    positive_int("patch_size", patch_size)
+    if not isinstance(norm_pix, bool):
+        raise TypeError(f"norm_pix must be a bool, got {type(norm_pix).__name__}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be > 0 and finite, got {eps}")
+    b, c, h, w = images.shape
+    if min(b, c, h, w) < 1:
+        raise ValueError(f"images must be (B, C, H, W) with every size >= 1, got "
+                         f"{tuple(images.shape)}")
+    p = patch_size
+    if h % p or w % p:
+        raise ValueError(f"images' height and width must be multiples of patch_size = {p}, "
+                         f"got H = {h}, W = {w}")
+    n_patches, n_values = (h // p) * (w // p), p * p * c
+    if norm_pix and n_values < 2:
+        raise ValueError("norm_pix=True needs at least 2 values per patch (p·p·C >= 2): the "
+                         "unbiased variance of one value is undefined")
+    if tuple(pred.shape) != (b, n_patches, n_values):
+        raise ValueError(f"pred must have shape (B, L, p·p·C) = ({b}, {n_patches}, {n_values}) "
+                         f"for images of shape {tuple(images.shape)} and patch_size {p}, got "
+                         f"{tuple(pred.shape)}")
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and mask.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"mask must be a bool or floating-point tensor (1 = masked, "
+                        f"predicted), got {mask.dtype}")
+    if tuple(mask.shape) != (b, n_patches):
+        raise ValueError(f"mask must have shape (B, L) = ({b}, {n_patches}), got "
+                         f"{tuple(mask.shape)}")
+    for name, t in (("images", images), ("mask", mask)):
+        if t.device != pred.device:
+            raise ValueError(f"pred and {name} must be on the same device, got {pred.device} "
+                             f"and {t.device}")
+    return n_patches

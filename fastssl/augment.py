@@ -467,7 +467,8 @@ def _norm_vector(name: str, v) -> torch.Tensor:
 
 
 def apply(images, params: AugmentParams, out_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-          out_dtype: torch.dtype = torch.float32, backend: str = "auto") -> torch.Tensor:
+          out_dtype: torch.dtype = torch.float32, backend: str = "auto", *,
+          rot: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Applies per-sample augmentation parameters to a batch of images, in one fused pass.
 
     Args:
@@ -482,6 +483,9 @@ def apply(images, params: AugmentParams, out_size: int, mean=IMAGENET_MEAN, std=
         out_dtype: ``torch.float32``, ``torch.bfloat16`` or ``torch.float16``.
         backend: ``"auto"`` (C++ on CPU, Triton on CUDA), ``"cpp"``, ``"triton"`` or
             ``"reference"``.
+        rot: optional (B,) integer tensor of 0..3 (CPU): view b is ``torch.rot90(view, rot[b])``
+            (counter-clockwise), folded into the kernels' store index (the rotation pretext
+            task, :mod:`fastssl.pretext`).
 
     Returns:
         [B, 3, out_size, out_size] in ``out_dtype``, on the images' device.
@@ -509,15 +513,22 @@ def apply(images, params: AugmentParams, out_size: int, mean=IMAGENET_MEAN, std=
     mean_t, std_t = _norm_vector("mean", mean), _norm_vector("std", std)
     if bool((std_t == 0).any()):
         raise ValueError(f"std must be non-zero, got {std_t.tolist()}")
+    if rot is not None:
+        if not isinstance(rot, torch.Tensor) or rot.dtype.is_floating_point \
+                or rot.dtype == torch.bool or rot.shape != (len(items),):
+            raise ValueError(f"rot must be an integer tensor of shape ({len(items)},)")
+        rot = rot.to("cpu", torch.int64)
+        if bool(((rot < 0) | (rot > 3)).any()):
+            raise ValueError(f"rot must hold values in 0..3, got {rot.tolist()}")
     be = _dispatch.resolve(backend, device, op="augment", cpp_op="ssl_augment",
                            has_triton=True)
     if be == "reference":
-        return reference.ssl_augment(items, params, out_size, mean_t, std_t, out_dtype)
+        return reference.ssl_augment(items, params, out_size, mean_t, std_t, out_dtype, rot)
     if not is_u8:
         items = [im.float() for im in items]
     # C++ on CPU images, Triton on CUDA images: the op's dispatcher picks.
     from .ops import augment as ops_augment
-    return ops_augment.ssl_augment(items, params, out_size, mean_t, std_t, out_dtype)
+    return ops_augment.ssl_augment(items, params, out_size, mean_t, std_t, out_dtype, rot)
 
 
 class SSLAugment:

@@ -204,3 +204,47 @@ class SupConLoss(nn.Module):
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return functional.supcon(features, labels, self.temperature, normalize=self.normalize,
                                  backend=self.backend)
+
+
+class MaskedPatchLoss(nn.Module):
+    r"""MAE's pixel reconstruction loss (``norm_pix_loss``), fused.
+
+    He et al. 2022, https://arxiv.org/abs/2111.06377. See :func:`fastssl.masked_patch_loss`
+    for the patch order, the formula and every argument.
+
+    Args:
+        patch_size, norm_pix, eps, backend: as in :func:`fastssl.masked_patch_loss`.
+
+    Raises:
+        TypeError, ValueError: at construction, for a patch_size that is not an int >= 1, an
+            eps that is not a finite float > 0, or an unknown backend.
+
+    Shapes:
+        ``forward(pred, images, mask)``: pred (B, L, p·p·C), images (B, C, H, W), mask (B, L)
+        bool or float (1 = masked) -> scalar.
+
+    Example:
+        >>> import torch, fastssl
+        >>> criterion = fastssl.MaskedPatchLoss(patch_size=8)
+        >>> images = torch.randn(2, 3, 16, 24)
+        >>> pred = torch.randn(2, 6, 8 * 8 * 3, requires_grad=True)
+        >>> mask = torch.rand(2, 6) < 0.75
+        >>> criterion(pred, images, mask).backward()
+        >>> pred.grad.shape
+        torch.Size([2, 6, 192])
+    """
+
+    def __init__(self, patch_size: int, *, norm_pix: bool = True, eps: float = 1e-6,
+                 backend: str = "auto"):
+        super().__init__()
+        _validate.positive_int("patch_size", patch_size)
+        _validate.positive_number("eps", eps)
+        if backend not in _dispatch.BACKENDS:
+            raise ValueError(f"backend must be one of {_dispatch.BACKENDS}, got {backend!r}")
+        self.patch_size, self.norm_pix, self.eps, self.backend = patch_size, norm_pix, eps, backend
+
+    def forward(self, pred: torch.Tensor, images: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        return functional.masked_patch_loss(pred, images, mask, patch_size=self.patch_size,
+                                            norm_pix=self.norm_pix, eps=self.eps,
+                                            backend=self.backend)

@@ -8,6 +8,8 @@ Sections are per op, in the order of ``fastssl/__init__.py``.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -380,7 +382,7 @@ _COLOR_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
 def ssl_augment(images, params, out_size: int, mean: torch.Tensor, std: torch.Tensor,
-                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                out_dtype: torch.dtype = torch.float32, rot=None) -> torch.Tensor:
     """Applies per-sample parameters (``fastssl.augment.AugmentParams``) to B images.
 
     Per sample b: uint8 -> float32 ``x / 255`` (floats are used as they are) -> crop
@@ -388,7 +390,8 @@ def ssl_augment(images, params, out_size: int, mean: torch.Tensor, std: torch.Te
     if ``params.jitter[b]``: the ops ``params.order[b]`` (0 brightness, 1 contrast,
     2 saturation, 3 hue) with ``params.factors[b]``, each clamped to [0, 1] -> gray (3 equal
     channels) if ``params.gray[b]`` -> blur with ``params.taps[b]`` if ``params.blur[b]`` ->
-    solarize if ``params.solarize[b]`` -> ``(x - mean) / std`` -> ``out_dtype``.
+    solarize if ``params.solarize[b]`` -> ``(x - mean) / std`` -> ``out_dtype``, then
+    ``torch.rot90(x, rot[b])`` (counter-clockwise k x 90 degrees) if ``rot`` (B,) is given.
 
     Args:
         images: list (or batch) of B [3, H_i, W_i] uint8 or float images.
@@ -415,5 +418,311 @@ def ssl_augment(images, params, out_size: int, mean: torch.Tensor, std: torch.Te
         if bool(params.solarize[b]):
             x = solarize(x, params.solarize_threshold)
         x = (x - mean.to(x.device)) / std.to(x.device)
+        if rot is not None and int(rot[b]) % 4:
+            x = torch.rot90(x, int(rot[b]), dims=(-2, -1))
         out.append(x.to(out_dtype))
     return torch.stack(out, dim=0)
+
+
+# ---------------------------------------------------------------------------------------
+# BYOL / SimSiam negative cosine                                                [issue 14]
+# ---------------------------------------------------------------------------------------
+
+
+def negative_cosine(p: torch.Tensor, z: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+    """BYOL / SimSiam loss per row: 2 - 2 cos(p_i, z_i) = |p_hat_i - z_hat_i|^2, with a
+    stop-gradient on z (``z.detach()``). p, z: (N, D); "mean" / "sum" over rows or "none"."""
+    cos = (_l2_normalize(p) * _l2_normalize(z.detach())).sum(dim=1)
+    loss = 2 - 2 * cos
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def symmetric_negative_cosine(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor,
+                              z2: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+    """(negative_cosine(p1, z2) + negative_cosine(p2, z1)) / 2, row-wise before the reduction."""
+    rows = (negative_cosine(p1, z2, reduction="none") +
+            negative_cosine(p2, z1, reduction="none")) / 2
+    if reduction == "mean":
+        return rows.mean()
+    if reduction == "sum":
+        return rows.sum()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# Masked-token prediction head (BERT MLM)                                       [issue 14]
+# ---------------------------------------------------------------------------------------
+
+
+def masked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                      bias: torch.Tensor | None = None, ignore_index: int = -100,
+                      reduction: str = "mean") -> torch.Tensor:
+    """Output projection + cross-entropy over the vocabulary at the positions whose label is
+    not ``ignore_index``: logits = hidden @ weight^T (+ bias), materialised in full.
+
+    hidden (*, H), weight (V, H), labels (*), bias (V,). "mean" over the non-ignored positions
+    (0 with a zero gradient when every position is ignored, where F.cross_entropy gives NaN),
+    "sum", or "none" (shape of labels, 0 at ignored positions)."""
+    logits = F.linear(hidden.reshape(-1, hidden.shape[-1]), weight, bias)
+    flat = labels.reshape(-1)
+    rows = F.cross_entropy(logits, flat, ignore_index=ignore_index, reduction="none")
+    if reduction == "none":
+        return rows.reshape(labels.shape)
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / (flat != ignore_index).sum().clamp(min=1)
+
+# Redundancy reduction: Barlow Twins and VICReg                     [issue 14, item 2]
+# ---------------------------------------------------------------------------------------
+
+
+def barlow_twins(z1: torch.Tensor, z2: torch.Tensor, lambda_: float = 5e-3, *,
+                 normalize: str = "batch") -> torch.Tensor:
+    """Barlow Twins (Zbontar et al. 2021, https://arxiv.org/abs/2103.03230), lightly's
+    conventions: each feature standardised over the batch (mean, unbiased std, no eps),
+    C = z1n^T z2n / N (D x D), loss = sum_i (1 - C_ii)^2 + lambda_ sum_{i != j} C_ij^2.
+    ``normalize="none"`` uses z1, z2 as they are (C = z1^T z2 / N)."""
+    n, d = z1.shape
+    if normalize == "batch":
+        z1 = (z1 - z1.mean(dim=0)) / z1.std(dim=0)
+        z2 = (z2 - z2.mean(dim=0)) / z2.std(dim=0)
+    c = z1.T @ z2 / n
+    eye = torch.eye(d, dtype=torch.bool, device=c.device)
+    on_diag = (1 - torch.diagonal(c)).pow(2).sum()
+    off_diag = c.masked_fill(eye, 0).pow(2).sum()
+    return on_diag + lambda_ * off_diag
+
+
+def _vicreg_variance(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.relu(1 - torch.sqrt(x.var(dim=0) + eps)).mean()
+
+
+def _vicreg_covariance(x: torch.Tensor) -> torch.Tensor:
+    n, d = x.shape
+    x = x - x.mean(dim=0)
+    cov = x.T @ x / (n - 1)
+    eye = torch.eye(d, dtype=torch.bool, device=cov.device)
+    return cov.masked_fill(eye, 0).pow(2).sum() / d
+
+
+def vicreg(z1: torch.Tensor, z2: torch.Tensor, sim: float = 25.0, var: float = 25.0,
+           cov: float = 1.0, *, eps: float = 1e-4) -> torch.Tensor:
+    """VICReg (Bardes et al. 2022, https://arxiv.org/abs/2105.04906), lightly's conventions:
+    sim * mean((z1 - z2)^2) (over N * D)
+    + var * (v(z1) + v(z2)) / 2, v(z) = mean_d relu(1 - sqrt(Var_d(z) + eps)) (unbiased Var)
+    + cov * (c(z1) + c(z2)), c(z) = sum_{i != j} K_ij^2 / D, K the unbiased covariance."""
+    invariance = (z1 - z2).pow(2).mean()
+    variance = (_vicreg_variance(z1, eps) + _vicreg_variance(z2, eps)) / 2
+    covariance = _vicreg_covariance(z1) + _vicreg_covariance(z2)
+    return sim * invariance + var * variance + cov * covariance
+
+# DINO / iBOT prototype head (self-distillation over K prototypes)
+# ---------------------------------------------------------------------------------------
+
+
+def dino_head_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The last layer of DINO's head (``DINOHead`` with ``norm_last_layer=True``): the
+    bottleneck output L2-normalised (``F.normalize``, eps = 1e-12), then a weight-normalised
+    linear layer with g = 1, i.e. cosines with the prototypes V_k / ||V_k||: [rows, K]."""
+    return F.normalize(h, dim=-1) @ (weight / weight.norm(dim=1, keepdim=True)).t()
+
+
+def sinkhorn_knopp_teacher(teacher_logits: torch.Tensor, teacher_temp, iterations: int = 3
+                           ) -> torch.Tensor:
+    """DINOv2's ``SinkhornKnopp`` teacher, in the log domain (the exponent form overflows at
+    small temperatures: exp(1 / 0.01) = inf in fp32, dinov2 PR #583).
+
+    With L = logits / temp ([B, K]): Q = exp(L), normalised to sum 1; then ``iterations``
+    times: each prototype column k is normalised to sum 1/K, then each sample row to sum 1/B;
+    finally Q * B (each row a distribution over K). In logs, with column log-scalings c and
+    row log-scalings a:  c_k = -log K - LSE_b(L_bk + a_b),  a_b = -log B - LSE_k(L_bk + c_k),
+    and the result is softmax_k(L_bk + c_k) for the last c (the last row step only
+    normalises the rows, which the softmax does). Returns [B, K] probabilities."""
+    logits = teacher_logits / teacher_temp
+    rows, k = logits.shape
+    a = logits.new_zeros(rows, 1)
+    c = logits.new_zeros(1, k)
+    for _ in range(iterations):
+        c = -torch.logsumexp(logits + a, dim=0, keepdim=True) - math.log(k)
+        a = -torch.logsumexp(logits + c, dim=1, keepdim=True) - math.log(rows)
+    return torch.softmax(logits + c, dim=1)
+
+
+def dino_loss(student_h: torch.Tensor, teacher_h: torch.Tensor, weight_student: torch.Tensor,
+              weight_teacher: torch.Tensor, center: torch.Tensor, *, n_global: int = 2,
+              student_temp=0.1, teacher_temp=0.04, center_momentum: float = 0.9,
+              teacher: str = "centering", sinkhorn_iters: int = 3):
+    """DINO's loss (Caron et al. 2021, https://arxiv.org/abs/2104.14294), materialising every
+    [rows, K] matrix, as ``DINOLoss.forward`` + ``update_center`` of facebookresearch/dino.
+
+    student_h [n_crops * B, d] and teacher_h [n_global * B, d] are crop-major bottleneck
+    outputs (crop c, sample b at row c * B + b; the first n_global student crops are the
+    global crops the teacher saw). Logits: :func:`dino_head_logits`. Teacher:
+    softmax((t - center) / teacher_temp) ("centering") or :func:`sinkhorn_knopp_teacher`
+    ("sinkhorn"), without gradient. Loss: the mean over the pairs (teacher crop i, student crop
+    v != i) of the batch mean of -sum_k P_t log_softmax(s / student_temp). New centre:
+    m * center + (1 - m) * (mean over teacher rows of t). Returns (loss, new_center)."""
+    b = teacher_h.shape[0] // n_global
+    n_crops = student_h.shape[0] // b
+    student_out = dino_head_logits(student_h, weight_student) / student_temp
+    with torch.no_grad():
+        teacher_out = dino_head_logits(teacher_h, weight_teacher)
+        if teacher == "sinkhorn":
+            q_all = sinkhorn_knopp_teacher(teacher_out, teacher_temp, sinkhorn_iters)
+        else:
+            q_all = torch.softmax((teacher_out - center) / teacher_temp, dim=-1)
+    student_chunks = student_out.chunk(n_crops)
+    teacher_chunks = q_all.chunk(n_global)
+    total_loss = 0
+    n_loss_terms = 0
+    for iq, q in enumerate(teacher_chunks):
+        for v in range(n_crops):
+            if v == iq:
+                continue
+            loss = torch.sum(-q * F.log_softmax(student_chunks[v], dim=-1), dim=-1)
+            total_loss = total_loss + loss.mean()
+            n_loss_terms += 1
+    total_loss = total_loss / n_loss_terms
+    with torch.no_grad():
+        batch_center = teacher_out.sum(dim=0, keepdim=True) / teacher_out.shape[0]
+        new_center = (center * center_momentum
+                      + batch_center.reshape(center.shape) * (1 - center_momentum))
+    return total_loss, new_center
+
+
+def ibot_patch_loss(student_h: torch.Tensor, teacher_h: torch.Tensor,
+                    weight_student: torch.Tensor, weight_teacher: torch.Tensor,
+                    center: torch.Tensor, *, weights: torch.Tensor | None = None,
+                    student_temp=0.1, teacher_temp=0.04, center_momentum: float = 0.9,
+                    teacher: str = "centering", sinkhorn_iters: int = 3):
+    """iBOT's masked-patch loss (Zhou et al. 2022, https://arxiv.org/abs/2111.07832): row r of
+    student_h and row r of teacher_h are the same masked patch (student sees it masked);
+    loss = sum_r w_r * (-sum_k P_t,r log P_s,r), with w_r = ``weights`` (default 1/M: the mean
+    over the M patch rows; DINOv2 passes 1/(masked patches of the image) / images). Same head
+    and teacher as :func:`dino_loss`. Returns (loss, new_center)."""
+    student_out = dino_head_logits(student_h, weight_student) / student_temp
+    with torch.no_grad():
+        teacher_out = dino_head_logits(teacher_h, weight_teacher)
+        if teacher == "sinkhorn":
+            q = sinkhorn_knopp_teacher(teacher_out, teacher_temp, sinkhorn_iters)
+        else:
+            q = torch.softmax((teacher_out - center) / teacher_temp, dim=-1)
+    rows = torch.sum(-q * F.log_softmax(student_out, dim=-1), dim=-1)
+    loss = rows.mean() if weights is None else (rows * weights.to(rows.dtype)).sum()
+    with torch.no_grad():
+        batch_center = teacher_out.sum(dim=0, keepdim=True) / teacher_out.shape[0]
+        new_center = (center * center_momentum
+                      + batch_center.reshape(center.shape) * (1 - center_momentum))
+    return loss, new_center
+
+# Masked patch reconstruction loss (MAE)
+# ---------------------------------------------------------------------------------------
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """MAE's ``patchify``: (B, C, H, W) -> (B, L, p·p·C), L = (H/p)(W/p).
+
+    Patch ``l = i·(W/p) + j`` covers rows ``i·p .. i·p+p-1`` and columns ``j·p .. j·p+p-1``
+    (row-major over the patch grid); inside a patch, value ``(u·p + v)·C + c`` is pixel
+    (row u, column v) of channel c (MAE's einsum ``'nchpwq->nhwpqc'``: channel fastest).
+    MAE asserts H == W; the same order holds for H != W."""
+    b, c, h, w = images.shape
+    p = patch_size
+    x = images.reshape(b, c, h // p, p, w // p, p)
+    x = torch.einsum("nchpwq->nhwpqc", x)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def masked_patch_loss(pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, *,
+                      patch_size: int, norm_pix: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """MAE's ``forward_loss`` (He et al. 2022), computed in ``promote_types(pred, images)``:
+
+    target = patchify(images); with ``norm_pix`` each patch becomes
+    (target - mean) / sqrt(var + eps), var the unbiased variance (``Tensor.var``'s default,
+    as MAE uses it); loss per patch = mean of (pred - target)^2 over its p·p·C values;
+    result = sum(loss · mask) / sum(mask).
+
+    Two documented departures from MAE's code, both where MAE's result is NaN: a mask summing
+    to 0 gives 0 (with zero gradients; MAE divides 0 by 0), and patches whose mask is 0 are
+    left out (``torch.where``) rather than multiplied by 0, so a NaN or inf in a patch that
+    is not predicted does not reach the loss value.
+    """
+    dtype = torch.promote_types(pred.dtype, images.dtype)
+    target = patchify(images.to(dtype), patch_size)
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + eps) ** 0.5
+    per_patch = ((pred.to(dtype) - target) ** 2).mean(dim=-1)
+    weight = mask.to(dtype)
+    weighted = torch.where(weight != 0, per_patch * weight, torch.zeros_like(per_patch))
+    total = weight.sum()
+    return weighted.sum() / torch.where(total != 0, total, torch.ones_like(total))
+
+# Pretext tasks: MAE / SimMIM masking                               [issue: pretext tasks]
+# ---------------------------------------------------------------------------------------
+#
+# fastssl.mae_mask draws each row's permutation with a counter-based hash (no stateful RNG),
+# so the C++ kernel, the Triton kernel and this reference give the same permutation bit for
+# bit from the same seed. All arithmetic here is on int64 tensors holding uint32 values; a
+# 32-bit product is formed from 16-bit halves so that no int64 product overflows.
+
+_U32 = 0xFFFFFFFF
+MAE_ROW_MUL = 0x9E3779B9  # golden-ratio constant: spreads row indices before mixing
+MAE_STEP_MUL = 0x85EBCA6B
+
+
+def _mul32(h, c: int):
+    """``(h * c) mod 2**32`` for int64 tensors holding uint32 values ``h``."""
+    lo = (h & 0xFFFF) * c
+    hi = (((h >> 16) * c) & 0xFFFF) << 16
+    return (lo + hi) & _U32
+
+
+def fmix32(h):
+    """MurmurHash3's 32-bit finaliser (a bijection on uint32 with full avalanche)."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def mae_row_keys(seed: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B,) uint32 row keys: ``fmix32(b * 0x9E3779B9 + seed[1]) ^ seed[0]`` (mod 2**32)."""
+    s = seed.to(torch.int64).cpu()
+    b = torch.arange(batch, dtype=torch.int64)
+    return fmix32((_mul32(b, MAE_ROW_MUL) + (int(s[1]) & _U32)) & _U32) ^ (int(s[0]) & _U32)
+
+
+def mae_mask(seed: torch.Tensor, batch: int, num_patches: int, num_keep: int):
+    """MAE's random masking, the spec of ``fastssl::mae_mask``.
+
+    Row b's permutation ``ids_shuffle`` is Durstenfeld's Fisher-Yates shuffle of
+    ``0..L-1``: for i = L-1 down to 1, ``u = fmix32((key_b + i * 0x85EBCA6B) mod 2**32)``
+    (``key_b`` from :func:`mae_row_keys`), ``j = (u * (i + 1)) >> 32`` (in 0..i), swap
+    positions i and j. Then, as MAE uses them: ``ids_keep = ids_shuffle[:, :num_keep]``,
+    ``ids_restore = argsort(ids_shuffle)`` (the inverse permutation),
+    ``mask[b, n] = ids_restore[b, n] >= num_keep`` (True = masked: MAE's 1 = remove).
+
+    Vectorised over the rows (a loop over the L - 1 steps); no randperm.
+
+    Returns:
+        (mask [B, L] bool, ids_keep [B, num_keep] int64, ids_restore [B, L] int64), CPU.
+    """
+    key = mae_row_keys(seed, batch)
+    rows = torch.arange(batch)
+    perm = torch.arange(num_patches, dtype=torch.int64).repeat(batch, 1)
+    for i in range(num_patches - 1, 0, -1):
+        u = fmix32((key + ((i * MAE_STEP_MUL) & _U32)) & _U32)
+        j = (u * (i + 1)) >> 32
+        at_i = perm[:, i].clone()
+        perm[:, i] = perm[rows, j]
+        perm[rows, j] = at_i
+    ids_restore = torch.empty_like(perm)
+    ids_restore.scatter_(1, perm, torch.arange(num_patches, dtype=torch.int64).repeat(batch, 1))
+    return ids_restore >= num_keep, perm[:, :num_keep].contiguous(), ids_restore

@@ -28,7 +28,8 @@ from helpers import spawn_or_fail, kernels
 
 needs_cpp = pytest.mark.skipif(not _ext.available(), reason=f"no _C: {_ext.why_unavailable()}")
 BACKENDS = [pytest.param("cpp", marks=needs_cpp), "triton"]
-LOSS_OPS = ["ntxent", "xent", "info_nce_queue", "clip", "supcon"]
+LOSS_OPS = ["ntxent", "xent", "info_nce_queue", "clip", "supcon", "negative_cosine",
+            "masked_token_loss", "dino_loss", "masked_patch_loss"]
 
 
 def _loss_calls():
@@ -49,6 +50,32 @@ def _loss_calls():
         "supcon": (lambda: (emb(6), torch.tensor([0, 1, 0, 2, 1, 0]),
                             torch.tensor(0.1, requires_grad=True)),
                    lambda z, y, t, be: fastssl.supcon(z, y, t, backend=be)),
+        "symmetric_negative_cosine": (
+            lambda: (emb(), emb(), torch.randn(5, 7), torch.randn(5, 7)),
+            lambda p1, p2, z1, z2, be: fastssl.symmetric_negative_cosine(p1, p2, z1, z2,
+                                                                         backend=be)),
+        "masked_token_loss": (
+            lambda: (torch.randn(2, 3, 7, requires_grad=True),
+                     torch.randn(11, 7, requires_grad=True), torch.randn(11, requires_grad=True),
+                     torch.tensor([[1, -100, 10], [0, 4, -100]])),
+            lambda h, w, b, y, be: fastssl.masked_token_loss(h, w, y, bias=b, backend=be)),
+
+        "dino_loss": (lambda: (emb(9), torch.randn(6, 7), emb(11), torch.randn(11, 7),
+                               torch.zeros(11)),
+                      lambda s, t, w, u, c, be: fastssl.dino_loss(s, t, w, u, c, n_global=2,
+                                                                  backend=be)[0]),
+        "dino_loss_sinkhorn": (lambda: (emb(9), torch.randn(6, 7), emb(11), torch.randn(11, 7),
+                                        torch.zeros(11)),
+                               lambda s, t, w, u, c, be: fastssl.dino_loss(
+                                   s, t, w, u, c, n_global=2, teacher="sinkhorn",
+                                   backend=be)[0]),
+
+        "masked_patch_loss": (lambda: (torch.randn(2, 6, 48, requires_grad=True),
+                                       torch.randn(2, 3, 8, 12),
+                                       torch.tensor([[1, 0, 1, 1, 0, 0], [0, 1, 1, 0, 1, 0]],
+                                                    dtype=torch.bool)),
+                              lambda a, x, m, be: fastssl.masked_patch_loss(
+                                  a, x, m, patch_size=4, backend=be)),
     }
 
 
@@ -192,6 +219,18 @@ def _op_cases():
         "info_nce_queue_fwd": (f(3, 6), f(3, 6), torch.randn(9, 6), t(5.0), True),
         "clip_fwd": (f(4, 6), f(4, 6), t(8.0), True),
         "supcon_fwd": (f(5, 6), torch.tensor([0, 1, 0, 1, 2]), t(10.0), True),
+        "negative_cosine_fwd": (f(5, 6), torch.randn(5, 6)),
+        "masked_token_loss_fwd": (f(5, 6), f(9, 6), f(9), torch.tensor([8, -100, 0, 3, 3]), -100),
+
+        "dino_loss_fwd": (f(9, 6), torch.randn(6, 6), f(13, 6), torch.randn(13, 6),
+                          torch.randn(13), torch.tensor(10.0), torch.tensor(25.0),
+                          torch.full((6,), 1 / 12), 2, True),
+        "dino_teacher_lse": (torch.randn(6, 6), torch.randn(13, 6), torch.tensor(25.0),
+                             torch.randn(6), torch.randn(13)),
+
+        "masked_patch_loss_fwd": (f(2, 6, 48), torch.randn(2, 3, 8, 12),
+                                  torch.tensor([[1.0, 0, 1, 1, 0, 0], [0, 1, 1, 0, 1, 0]]), 4,
+                                  True, 1e-6),
     }
 
 

@@ -346,6 +346,29 @@ void store_row(const float* src, out_t* dst, float* tmp, int64_t n, bool sol, fl
   }
 }
 
+// Row y of one channel of the unrotated view, stored where it lands in torch.rot90(view, rot)
+// (counter-clockwise rot x 90 degrees): the rotation of the pretext task is folded into the
+// store index, no pass of its own. rot 1 / 3 write a column (stride out): the plane (out^2
+// floats, 200 KiB at 224) stays in L2 while it is written.
+template <typename out_t>
+void store_row_rotated(const float* src, out_t* plane_dst, int64_t y, int64_t out, int64_t rot,
+                       float* tmp, bool sol, float thr, float mean, float std_) {
+  if (rot == 0) {
+    store_row<out_t>(src, plane_dst + y * out, tmp, out, sol, thr, mean, std_);
+    return;
+  }
+  finalize_row(src, tmp, out, sol, thr, mean, std_);
+  const int64_t n1 = out - 1;
+  if (rot == 1) {
+    for (int64_t x = 0; x < out; ++x) plane_dst[(n1 - x) * out + y] = static_cast<out_t>(tmp[x]);
+  } else if (rot == 2) {
+    out_t* d = plane_dst + (n1 - y) * out + n1;
+    for (int64_t x = 0; x < out; ++x) d[-x] = static_cast<out_t>(tmp[x]);
+  } else {
+    for (int64_t x = 0; x < out; ++x) plane_dst[x * out + n1 - y] = static_cast<out_t>(tmp[x]);
+  }
+}
+
 // Reflect (no edge repeat) index into [0, n), for |overshoot| < n.
 static inline int64_t reflect(int64_t i, int64_t n) {
   if (i < 0) return -i;
@@ -359,6 +382,7 @@ struct Sample {
   int64_t H, W;
   int64_t top, left, ch, cw;
   bool flip, jitter, gray, blur, solarize;
+  int64_t rot;  // 0..3: torch.rot90(view, rot)
   float factors[4];
   int64_t order[4];
   const float* taps;
@@ -456,8 +480,8 @@ void augment_sample(const Sample& s, int64_t out, int64_t k, float thr, const fl
       }
     } else {
       for (int c = 0; c < 3; ++c)
-        store_row<out_t>(ch[c], dst + c * plane + y * out, sc.tmp.data(), out, s.solarize, thr,
-                         mean[c], stdv[c]);
+        store_row_rotated<out_t>(ch[c], dst + c * plane, y, out, s.rot, sc.tmp.data(),
+                                 s.solarize, thr, mean[c], stdv[c]);
     }
   };
 
@@ -520,8 +544,8 @@ void augment_sample(const Sample& s, int64_t out, int64_t k, float thr, const fl
     for (int64_t y = 0; y < out; ++y) {
       for (int64_t j = 0; j < k; ++j) sc.taps_rows[j] = p + reflect(y + j - pad, out) * out;
       blur_1d(sc.taps_rows.data(), 0, s.taps, k, sc.acc.data(), out);
-      store_row<out_t>(sc.acc.data(), dst + c * plane + y * out, sc.tmp.data(), out,
-                       s.solarize, thr, mean[c], stdv[c]);
+      store_row_rotated<out_t>(sc.acc.data(), dst + c * plane, y, out, s.rot, sc.tmp.data(),
+                               s.solarize, thr, mean[c], stdv[c]);
     }
   }
 }
@@ -545,7 +569,8 @@ at::Tensor ssl_augment_cpu(at::TensorList images, const at::Tensor& crop,
                            const at::Tensor& flags, const at::Tensor& factors,
                            const at::Tensor& order, const at::Tensor& taps,
                            double solarize_threshold, const at::Tensor& mean,
-                           const at::Tensor& stdv, int64_t out_size, at::ScalarType out_dtype) {
+                           const at::Tensor& stdv, int64_t out_size, at::ScalarType out_dtype,
+                           const std::optional<at::Tensor>& rot) {
   const int64_t B = static_cast<int64_t>(images.size());
   TORCH_CHECK(B >= 1, "ssl_augment: empty batch");
   TORCH_CHECK(out_size >= 1, "ssl_augment: out_size must be >= 1, got ", out_size);
@@ -565,6 +590,11 @@ at::Tensor ssl_augment_cpu(at::TensorList images, const at::Tensor& crop,
               "ssl_augment: mean and std must be float32 with 3 values");
   TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
               "ssl_augment: out_dtype must be float32, bfloat16 or float16");
+  const bool has_rot = rot.has_value() && rot->defined();
+  TORCH_CHECK(!has_rot || (rot->dtype() == at::kLong && rot->sizes() == at::IntArrayRef({B}) &&
+                           rot->device().is_cpu()),
+              "ssl_augment: rot must be an int64 (B,) CPU tensor");
+  const at::Tensor rot_c = has_rot ? rot->contiguous() : at::Tensor();
   const int64_t k = taps.size(1);
   TORCH_CHECK(k / 2 < out_size || k == 1,
               "ssl_augment: blur kernel of ", k, " taps needs out_size > ", k / 2,
@@ -609,6 +639,8 @@ at::Tensor ssl_augment_cpu(at::TensorList images, const at::Tensor& crop,
     s.gray = fl[kGray];
     s.blur = fl[kBlur] && k > 1;
     s.solarize = fl[kSolarize];
+    s.rot = has_rot ? rot_c.data_ptr<int64_t>()[i] : 0;
+    TORCH_CHECK(s.rot >= 0 && s.rot < 4, "ssl_augment: rot must hold 0..3, got ", s.rot);
     for (int j = 0; j < 4; ++j) {
       s.factors[j] = factors_c.data_ptr<float>()[4 * i + j];
       s.order[j] = order_c.data_ptr<int64_t>()[4 * i + j];

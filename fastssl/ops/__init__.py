@@ -6,6 +6,15 @@ contrastive engine they share (``contrastive_core``). Importing this package def
 ``torch.ops.fastssl`` op. Each module lists its ahead-of-time configurations in
 ``AOT_KERNELS`` (see ``fastssl gpu-report``)."""
 from . import augment, clip_loss, ema, info_nce, nt_xent, queue, supcon, xent  # noqa: F401
+from . import masked_token_loss, negative_cosine  # noqa: F401  (issue 14)
+
+from . import barlow_twins, vicreg  # noqa: F401,E402  (issue 14: redundancy reduction)
+
+from . import dino_loss  # noqa: F401,E402
+
+from . import masked_patch_loss  # noqa: F401,E402
+
+from . import pretext  # noqa: F401,E402
 
 from .. import _ext  # noqa: E402
 

@@ -127,9 +127,22 @@ def _to_bf16_rne(y):
 
 
 @triton.jit
+def _rotated(offs, out_size, rot):
+    # Where pixel (y, x) of the unrotated view lands in torch.rot90(view, rot): the rotation
+    # is folded into the store index, so it costs no pass of its own.
+    y = offs // out_size
+    x = offs % out_size
+    n1 = out_size - 1
+    dy = tl.where(rot == 1, n1 - x, tl.where(rot == 2, n1 - y, tl.where(rot == 3, x, y)))
+    dx = tl.where(rot == 1, y, tl.where(rot == 2, n1 - x, tl.where(rot == 3, n1 - y, x)))
+    return dy * out_size + dx
+
+
+@triton.jit
 def _store_final(out_ptr, base, plane, offs, mask, r, g, b, solarize, thr, mean_ptr, std_ptr,
-                 MANUAL_BF16: tl.constexpr):
-    # solarize -> (x - mean) / std -> cast, per channel.
+                 rot, out_size, MANUAL_BF16: tl.constexpr):
+    # solarize -> (x - mean) / std -> cast, per channel, at the rotated position.
+    offs = _rotated(offs, out_size, rot)
     for c in tl.static_range(3):
         x = r if c == 0 else (g if c == 1 else b)
         if solarize:
@@ -163,7 +176,7 @@ def _load_px(img_ptr, off, mask, IS_U8: tl.constexpr):
 
 @triton.jit
 def _finish(r, g, bl, b, flags_ptr, work_ptr, out_ptr, out_base, plane, offs, mask, thr,
-            mean_ptr, std_ptr, MANUAL_BF16: tl.constexpr):
+            mean_ptr, std_ptr, rot_ptr, out_size, MANUAL_BF16: tl.constexpr):
     """Shared last step of both colour kernels: grayscale, then either the work buffer (the
     sample is blurred next) or solarize + normalize + cast into the output."""
     if tl.load(flags_ptr + 5 * b + 2) != 0:
@@ -176,13 +189,15 @@ def _finish(r, g, bl, b, flags_ptr, work_ptr, out_ptr, out_base, plane, offs, ma
         tl.store(work_ptr + out_base + 2 * plane + offs, bl, mask=mask)
     else:
         _store_final(out_ptr, out_base, plane, offs, mask, r, g, bl,
-                     tl.load(flags_ptr + 5 * b + 4) != 0, thr, mean_ptr, std_ptr, MANUAL_BF16)
+                     tl.load(flags_ptr + 5 * b + 4) != 0, thr, mean_ptr, std_ptr,
+                     tl.load(rot_ptr + b), out_size, MANUAL_BF16)
 
 
 @triton.jit
 def augment_resize_kernel(img_ptr, img_off_ptr, hw_ptr, crop_ptr, flags_ptr, factors_ptr,
                           order_ptr, work_ptr, partial_ptr, out_ptr, mean_ptr, std_ptr,
-                          thr, out_size, n_blocks, IS_U8: tl.constexpr, BLOCK: tl.constexpr,
+                          rot_ptr, thr, out_size, n_blocks, IS_U8: tl.constexpr,
+                          BLOCK: tl.constexpr,
                           MANUAL_BF16: tl.constexpr):
     b = tl.program_id(0)
     blk = tl.program_id(1)
@@ -241,12 +256,12 @@ def augment_resize_kernel(img_ptr, img_off_ptr, hw_ptr, crop_ptr, flags_ptr, fac
     else:
         # 3. [Finish] gray -> (blur: to the work buffer) or solarize + normalize + store.
         _finish(r, g, bl, b, flags_ptr, work_ptr, out_ptr, out_base, plane, offs, mask, thr,
-                mean_ptr, std_ptr, MANUAL_BF16)
+                mean_ptr, std_ptr, rot_ptr, out_size, MANUAL_BF16)
 
 
 @triton.jit
 def augment_contrast_kernel(work_ptr, partial_ptr, flags_ptr, factors_ptr, order_ptr, out_ptr,
-                            mean_ptr, std_ptr, thr, out_size, n_blocks,
+                            mean_ptr, std_ptr, rot_ptr, thr, out_size, n_blocks,
                             BLOCK: tl.constexpr, NB: tl.constexpr,
                             MANUAL_BF16: tl.constexpr):
     b = tl.program_id(0)
@@ -277,7 +292,7 @@ def augment_contrast_kernel(work_ptr, partial_ptr, flags_ptr, factors_ptr, order
             r, g, bl = _color_op(op, tl.load(factors_ptr + 4 * b + op), m1, r, g, bl)
     # 3. [Finish]
     _finish(r, g, bl, b, flags_ptr, work_ptr, out_ptr, out_base, plane, offs, mask, thr,
-            mean_ptr, std_ptr, MANUAL_BF16)
+            mean_ptr, std_ptr, rot_ptr, out_size, MANUAL_BF16)
 
 
 @triton.jit
@@ -311,8 +326,8 @@ def augment_blur_h_kernel(work_ptr, tmp_ptr, flags_ptr, taps_ptr, out_size, K,
 
 
 @triton.jit
-def augment_blur_v_kernel(tmp_ptr, flags_ptr, taps_ptr, out_ptr, mean_ptr, std_ptr, thr,
-                          out_size, K, BLOCK: tl.constexpr, MANUAL_BF16: tl.constexpr):
+def augment_blur_v_kernel(tmp_ptr, flags_ptr, taps_ptr, out_ptr, mean_ptr, std_ptr, rot_ptr,
+                          thr, out_size, K, BLOCK: tl.constexpr, MANUAL_BF16: tl.constexpr):
     b = tl.program_id(0)
     blk = tl.program_id(1)
     if tl.load(flags_ptr + 5 * b + 3) == 0:
@@ -343,7 +358,7 @@ def augment_blur_v_kernel(tmp_ptr, flags_ptr, taps_ptr, out_ptr, mean_ptr, std_p
             bl = acc
     _store_final(out_ptr, out_base, plane, offs, mask, r, g, bl,
                  tl.load(flags_ptr + 5 * b + 4) != 0, thr, mean_ptr, std_ptr,
-                         MANUAL_BF16)
+                 tl.load(rot_ptr + b), out_size, MANUAL_BF16)
 
 
 # ---------------------------------------------------------------------------------------
@@ -376,12 +391,12 @@ def _flat_view(images: list):
 
 _library.define("ssl_augment", "(Tensor[] images, Tensor crop, Tensor flags, Tensor factors, "
                 "Tensor order, Tensor taps, float solarize_threshold, Tensor mean, Tensor std, "
-                "int out_size, ScalarType out_dtype) -> Tensor")
+                "int out_size, ScalarType out_dtype, Tensor? rot=None) -> Tensor")
 
 
 @torch.library.register_fake("fastssl::ssl_augment")
 def _ssl_augment_fake(images, crop, flags, factors, order, taps, solarize_threshold, mean,
-                      std, out_size, out_dtype):
+                      std, out_size, out_dtype, rot=None):
     return images[0].new_empty((len(images), 3, out_size, out_size), dtype=out_dtype)
 
 
@@ -397,20 +412,21 @@ def pack_params(params) -> tuple:
 
 
 def ssl_augment(images: list, params, out_size: int, mean: torch.Tensor, std: torch.Tensor,
-                out_dtype: torch.dtype) -> torch.Tensor:
+                out_dtype: torch.dtype, rot=None) -> torch.Tensor:
     """Runs ``fastssl::ssl_augment`` (C++ on CPU images, Triton on CUDA images) on a list of B
     uint8 or float32 [3, H, W] images of one device."""
     crop, flags, factors, order, taps = pack_params(params)
     return torch.ops.fastssl.ssl_augment(
         [im.contiguous() for im in images], crop, flags, factors, order, taps,
         float(params.solarize_threshold), mean.to(torch.float32).contiguous(),
-        std.to(torch.float32).contiguous(), int(out_size), out_dtype)
+        std.to(torch.float32).contiguous(), int(out_size), out_dtype,
+        None if rot is None else rot.to(torch.int64).contiguous())
 
 
 @_library.triton_kernel("ssl_augment")
 def ssl_augment_triton(images: list, crop, flags, factors, order, taps,
                        solarize_threshold: float, mean, std, out_size: int,
-                       out_dtype: torch.dtype) -> torch.Tensor:
+                       out_dtype: torch.dtype, rot=None) -> torch.Tensor:
     """The CUDA kernel: the Triton passes on a list of B uint8 or fp32 [3, H, W] images (one
     device). A list of differently sized images is packed into one flat buffer (one copy); the
     images of a batch tensor are used in place. The parameter tensors live on the host (they
@@ -420,11 +436,20 @@ def ssl_augment_triton(images: list, crop, flags, factors, order, taps,
     B = len(images)
     is_u8 = images[0].dtype == torch.uint8
     sizes = [(int(im.shape[1]), int(im.shape[2])) for im in images]
-    flat = _flat_view(images)
+    # One image may serve several samples (multi-crop locals, jigsaw tiles): each distinct
+    # image is stored once and the samples index it.
+    slot, index, distinct = [], {}, []
+    for im in images:
+        key = (im.data_ptr(), tuple(im.shape), tuple(im.stride()))
+        if key not in index:
+            index[key] = len(distinct)
+            distinct.append(im)
+        slot.append(index[key])
+    flat = _flat_view(distinct)
     if flat is None:
-        flat = torch.cat([im.contiguous().reshape(-1) for im in images])
-    numels = torch.tensor([3 * h * w for h, w in sizes], dtype=torch.int64)
-    img_off = torch.cumsum(numels, 0) - numels
+        flat = torch.cat([im.contiguous().reshape(-1) for im in distinct])
+    numels = torch.tensor([im.numel() for im in distinct], dtype=torch.int64)
+    img_off = (torch.cumsum(numels, 0) - numels)[torch.tensor(slot, dtype=torch.int64)]
     K = int(taps.shape[1])
     if not (K // 2 < out_size or K == 1):
         raise ValueError(f"a blur kernel of {K} taps needs out_size > {K // 2}")
@@ -437,6 +462,12 @@ def ssl_augment_triton(images: list, crop, flags, factors, order, taps,
     factors, taps = dev(factors), dev(taps)
     flags, order = dev(flags.to(torch.int32)), dev(order.to(torch.int32))
     mean_d, std_d = dev(mean.float()), dev(std.float())
+    if rot is None:
+        rot_d = torch.zeros(B, dtype=torch.int32, device=device)
+    else:
+        if rot.shape != (B,) or bool(((rot < 0) | (rot > 3)).any()):
+            raise ValueError("ssl_augment: rot must be (B,) with values in 0..3")
+        rot_d = dev(rot.to(torch.int32))
     plane = out_size * out_size
     n_blocks = triton.cdiv(plane, BLOCK)
     out = torch.empty((B, 3, out_size, out_size), dtype=out_dtype, device=device)
@@ -445,18 +476,20 @@ def ssl_augment_triton(images: list, crop, flags, factors, order, taps,
     thr = float(solarize_threshold)
     grid = (B, n_blocks)
     augment_resize_kernel[grid](flat, img_off, hw, crop, flags, factors, order, work, partial,
-                                out, mean_d, std_d, thr, out_size, n_blocks, IS_U8=is_u8,
+                                out, mean_d, std_d, rot_d, thr, out_size, n_blocks,
+                                IS_U8=is_u8,
                                 BLOCK=BLOCK, **_launch_opts(out_dtype))
     if bool(flags[:, _JITTER].any()):
         augment_contrast_kernel[grid](work, partial, flags, factors, order, out, mean_d, std_d,
-                                      thr, out_size, n_blocks, BLOCK=BLOCK,
+                                      rot_d, thr, out_size, n_blocks, BLOCK=BLOCK,
                                       NB=triton.next_power_of_2(n_blocks),
                                       **_launch_opts(out_dtype))
     if bool(flags[:, _BLUR].any()):
         tmp = torch.empty_like(work)
         augment_blur_h_kernel[grid](work, tmp, flags, taps, out_size, K, BLOCK=BLOCK,
                                     num_warps=NUM_WARPS, enable_fp_fusion=False)
-        augment_blur_v_kernel[grid](tmp, flags, taps, out, mean_d, std_d, thr, out_size, K,
+        augment_blur_v_kernel[grid](tmp, flags, taps, out, mean_d, std_d, rot_d, thr, out_size,
+                                    K,
                                     BLOCK=BLOCK, **_launch_opts(out_dtype))
     return out
 
@@ -470,7 +503,8 @@ AOT_KERNELS = [
      "signature": {"img_ptr": "*u8" if u8 else "*fp32", "img_off_ptr": "*i64", "hw_ptr": "*i32",
                    "crop_ptr": "*i32", "flags_ptr": "*i32", "factors_ptr": "*fp32",
                    "order_ptr": "*i32", "work_ptr": "*fp32", "partial_ptr": "*fp64",
-                   "out_ptr": f"*{o}", "mean_ptr": "*fp32", "std_ptr": "*fp32", "thr": "fp32",
+                   "out_ptr": f"*{o}", "mean_ptr": "*fp32", "std_ptr": "*fp32",
+                   "rot_ptr": "*i32", "thr": "fp32",
                    "out_size": "i32", "n_blocks": "i32", "IS_U8": "constexpr",
                    "BLOCK": "constexpr", "MANUAL_BF16": "constexpr"},
      "constexprs": {"IS_U8": u8, "BLOCK": BLOCK, "MANUAL_BF16": False},
@@ -480,7 +514,8 @@ AOT_KERNELS = [
     {"name": "augment_contrast_kernel", "fn": augment_contrast_kernel,
      "signature": {"work_ptr": "*fp32", "partial_ptr": "*fp64", "flags_ptr": "*i32",
                    "factors_ptr": "*fp32", "order_ptr": "*i32", "out_ptr": "*fp32",
-                   "mean_ptr": "*fp32", "std_ptr": "*fp32", "thr": "fp32", "out_size": "i32",
+                   "mean_ptr": "*fp32", "std_ptr": "*fp32", "rot_ptr": "*i32", "thr": "fp32",
+                   "out_size": "i32",
                    "n_blocks": "i32", "BLOCK": "constexpr", "NB": "constexpr",
                    "MANUAL_BF16": "constexpr"},
      # NB: next power of two of the blocks per image: 64 at 224^2 with BLOCK = 1024.
@@ -492,8 +527,9 @@ AOT_KERNELS = [
      "constexprs": {"BLOCK": BLOCK}, "num_warps": NUM_WARPS, "tensor_cores": False},
     {"name": "augment_blur_v_kernel", "fn": augment_blur_v_kernel,
      "signature": {"tmp_ptr": "*fp32", "flags_ptr": "*i32", "taps_ptr": "*fp32",
-                   "out_ptr": "*fp32", "mean_ptr": "*fp32", "std_ptr": "*fp32", "thr": "fp32",
-                   "out_size": "i32", "K": "i32", "BLOCK": "constexpr",
+                   "out_ptr": "*fp32", "mean_ptr": "*fp32", "std_ptr": "*fp32",
+                   "rot_ptr": "*i32", "thr": "fp32", "out_size": "i32", "K": "i32",
+                   "BLOCK": "constexpr",
                    "MANUAL_BF16": "constexpr"},
      "constexprs": {"BLOCK": BLOCK, "MANUAL_BF16": False}, "num_warps": NUM_WARPS,
      "tensor_cores": False},

@@ -1,0 +1,246 @@
+// Masked-token prediction head (BERT MLM), streamed over vocabulary tiles
+// (fastssl/ops/masked_token_loss.py has the op's contract):
+//
+//   s_iv = h_i . w_v + b_v,   loss_i = LSE_v s_iv - s_i,y_i   for the P rows with y_i != ignore,
+//   ds_iv = g_i (exp(s_iv - lse_i) - [v = y_i]),  dH = ds W,  dW = ds^T H,  db = colsum(ds).
+//
+// The P valid rows are gathered first into an fp32 matrix A (P x H): the hot spot is three
+// P x V x H GEMMs (forward: s; backward: the recomputed s, then dH and dW from it), done with
+// gemm_rm on cache-sized tiles, each followed by its epilogue (online LSE, or the softmax
+// gradient) while the tile is in cache. The logits tile (rows x vocabulary columns) is the only
+// buffer that grows with V; the [P, V] logits are never formed (an fp32 copy is 500 MB at
+// P = 4,096, V = 30,522).
+//
+// Work units do not depend on the thread count, and every sum runs in a fixed order:
+//  * forward: a unit is a block of kFwdRows rows, which walks all vocabulary tiles in order
+//    with a running (max, sum) per row;
+//  * backward: a unit is one of NS vocabulary splits (NS from the shape only); it owns its
+//    rows of dW and db, and adds into its own partial dH (P x H); the NS partials are added in
+//    split order at the end. Within a unit the vocabulary tiles go outer (each W tile is read
+//    once, then reused by every row block) and the row blocks inner, in order.
+#include <torch/library.h>
+
+#include "common.h"
+
+namespace fastssl {
+namespace {
+
+constexpr int64_t kFwdRows = 256, kFwdCols = 256;  // forward tile: 256 KB of fp32 logits
+constexpr int64_t kBwdRows = 128, kBwdCols = 512;  // backward tile: 256 KB
+// Partial dH buffers of the backward: NS x P x H floats at most this many (64 MB), NS a power
+// of two <= 8 (2, 4 or 8 units balance 2, 4 or 8 threads).
+constexpr int64_t kPartialFloats = int64_t{16} << 20;
+
+FASTSSL_SIMD_CLONES
+void add_bias_rows(float* __restrict s, int64_t rows, int64_t cols, const float* __restrict b) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = s + i * cols;
+    for (int64_t j = 0; j < cols; ++j) row[j] += b[j];
+  }
+}
+
+// s <- g_i exp(s - lse_i) in place (the target's -g_i is subtracted by the caller, in fp32).
+FASTSSL_SIMD_CLONES
+void softmax_grad_rows(float* __restrict s, int64_t rows, int64_t cols,
+                       const float* __restrict lse, const float* __restrict g) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = s + i * cols;
+    const float l = lse[i], gi = g[i];
+    for (int64_t j = 0; j < cols; ++j) row[j] = gi * exp_f32(row[j] - l);
+  }
+}
+
+FASTSSL_SIMD_CLONES
+void add_column_sums(const float* __restrict s, int64_t rows, int64_t cols, float* __restrict out) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* row = s + i * cols;
+    for (int64_t j = 0; j < cols; ++j) out[j] += row[j];
+  }
+}
+
+struct Head {
+  std::vector<int64_t> rows;  // original indices of the valid rows, in order
+  std::vector<int64_t> target;  // their labels
+  at::Tensor a;                // P x H fp32 gathered rows
+  at::Tensor w;                // V x H fp32 contiguous
+  at::Tensor b;                // V fp32 or undefined
+};
+
+void check_inputs(const at::Tensor& hidden, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias, const at::Tensor& labels) {
+  TORCH_CHECK(hidden.dim() == 2 && hidden.size(1) >= 1,
+              "fastssl::masked_token_loss: hidden must be (R, H) with H >= 1");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) >= 1 && weight.size(1) == hidden.size(1),
+              "fastssl::masked_token_loss: weight must be (V, H) with V >= 1 and hidden's H");
+  TORCH_CHECK(weight.scalar_type() == hidden.scalar_type(),
+              "fastssl::masked_token_loss: hidden and weight must have the same dtype");
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == weight.size(0) &&
+                                    bias->scalar_type() == weight.scalar_type()),
+              "fastssl::masked_token_loss: bias must be (V,) in weight's dtype");
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == hidden.size(0) &&
+                  labels.scalar_type() == at::kLong,
+              "fastssl::masked_token_loss: labels must be an int64 (R,) tensor");
+}
+
+Head stage(const at::Tensor& hidden, const at::Tensor& weight,
+           const std::optional<at::Tensor>& bias, const at::Tensor& labels,
+           int64_t ignore_index) {
+  check_inputs(hidden, weight, bias, labels);
+  const int64_t v = weight.size(0);
+  Head head;
+  const at::Tensor lab = labels.contiguous();
+  const int64_t* y = lab.data_ptr<int64_t>();
+  for (int64_t i = 0; i < lab.numel(); ++i) {
+    if (y[i] == ignore_index) continue;
+    // The public function checks this before any kernel runs; this guards direct op calls.
+    TORCH_CHECK(y[i] >= 0 && y[i] < v, "fastssl::masked_token_loss: label ", y[i],
+                " at row ", i, " is outside [0, ", v, ") and is not ignore_index = ",
+                ignore_index);
+    head.rows.push_back(i);
+    head.target.push_back(y[i]);
+  }
+  const at::Tensor idx = at::tensor(head.rows, hidden.options().dtype(at::kLong));
+  head.a = hidden.index_select(0, idx).to(at::kFloat).contiguous();
+  head.w = weight.to(at::kFloat).contiguous();
+  if (bias.has_value()) head.b = bias->to(at::kFloat).contiguous();
+  return head;
+}
+
+}  // namespace
+
+// Returns (loss [R] fp32, lse [R] fp32), 0 at ignored rows.
+std::tuple<at::Tensor, at::Tensor> masked_token_loss_fwd_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& labels, int64_t ignore_index) {
+  const Head head = stage(hidden, weight, bias, labels, ignore_index);
+  const int64_t r = hidden.size(0), h = hidden.size(1), v = weight.size(0);
+  const int64_t p = static_cast<int64_t>(head.rows.size());
+  auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor loss = at::zeros({r}, f32), lse = at::zeros({r}, f32);
+  if (p == 0) return {loss, lse};
+  const float* a = head.a.data_ptr<float>();
+  const float* w = head.w.data_ptr<float>();
+  const float* b = head.b.defined() ? head.b.data_ptr<float>() : nullptr;
+  float* loss_out = loss.data_ptr<float>();
+  float* lse_out = lse.data_ptr<float>();
+  const int64_t nblocks = (p + kFwdRows - 1) / kFwdRows;
+  TileBuffers tiles(kFwdRows * kFwdCols);
+  at::parallel_for(0, nblocks, 1, [&](int64_t blk0, int64_t blk1) {
+    float* s = tiles.get();
+    std::vector<float> rmax(kFwdRows), rsum(kFwdRows), tgt(kFwdRows);
+    for (int64_t blk = blk0; blk < blk1; ++blk) {
+      const int64_t i0 = blk * kFwdRows, bp = std::min(kFwdRows, p - i0);
+      std::fill(rmax.begin(), rmax.end(), kNegInf);
+      std::fill(rsum.begin(), rsum.end(), 0.0f);
+      // 1. [Online softmax] over the vocabulary tiles: s = A_blk W_tile^T (+ b), then the
+      // running (max, sum) per row; the target's logit is read from the same tile.
+      for (int64_t v0 = 0; v0 < v; v0 += kFwdCols) {
+        const int64_t bv = std::min(kFwdCols, v - v0);
+        gemm_rm(false, true, bp, bv, h, 1.0f, a + i0 * h, h, w + v0 * h, h, 0.0f, s, bv);
+        if (b != nullptr) add_bias_rows(s, bp, bv, b + v0);
+        for (int64_t i = 0; i < bp; ++i) {
+          const int64_t t = head.target[i0 + i];
+          if (t >= v0 && t < v0 + bv) tgt[i] = s[i * bv + (t - v0)];
+        }
+        online_lse_tile(s, bp, bv, rmax.data(), rsum.data(), nullptr, nullptr, nullptr);
+      }
+      // 2. loss = (max - target) + log(sum): log_softmax's precision, not that of lse - target.
+      for (int64_t i = 0; i < bp; ++i) {
+        const int64_t row = head.rows[i0 + i];
+        const double log_sum = std::log(static_cast<double>(rsum[i]));
+        loss_out[row] = static_cast<float>((static_cast<double>(rmax[i]) - tgt[i]) + log_sum);
+        lse_out[row] = static_cast<float>(rmax[i] + log_sum);
+      }
+    }
+  });
+  return {loss, lse};
+}
+
+// Returns (dhidden [R, H], dweight [V, H], dbias [V] or [0]) in the inputs' dtypes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_token_loss_bwd_cpu(
+    const at::Tensor& grad, const at::Tensor& hidden, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& labels, const at::Tensor& lse,
+    int64_t ignore_index) {
+  const Head head = stage(hidden, weight, bias, labels, ignore_index);
+  TORCH_CHECK(grad.numel() == hidden.size(0) && lse.numel() == hidden.size(0),
+              "fastssl::masked_token_loss: grad and lse must be (R,)");
+  const int64_t r = hidden.size(0), h = hidden.size(1), v = weight.size(0);
+  const int64_t p = static_cast<int64_t>(head.rows.size());
+  auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor dw = at::zeros({v, h}, f32);
+  at::Tensor db = at::zeros({bias.has_value() ? v : 0}, f32);
+  at::Tensor dh = at::zeros({r, h}, f32);
+  const auto out_dtype = [&](const at::Tensor& t, at::ScalarType st) {
+    return t.scalar_type() == st ? t : t.to(st);
+  };
+  if (p == 0) {
+    return {out_dtype(dh, hidden.scalar_type()), out_dtype(dw, weight.scalar_type()),
+            out_dtype(db, bias.has_value() ? bias->scalar_type() : weight.scalar_type())};
+  }
+  // Per valid row: its incoming gradient and saved lse, in the gathered order.
+  const at::Tensor g_all = grad.to(at::kFloat).contiguous();
+  const at::Tensor lse_all = lse.to(at::kFloat).contiguous();
+  std::vector<float> g(p), l(p);
+  for (int64_t i = 0; i < p; ++i) {
+    g[i] = g_all.data_ptr<float>()[head.rows[i]];
+    l[i] = lse_all.data_ptr<float>()[head.rows[i]];
+  }
+  const float* a = head.a.data_ptr<float>();
+  const float* w = head.w.data_ptr<float>();
+  const float* b = head.b.defined() ? head.b.data_ptr<float>() : nullptr;
+  float* dwp = dw.data_ptr<float>();
+  float* dbp = bias.has_value() ? db.data_ptr<float>() : nullptr;
+  const int64_t ntiles = (v + kBwdCols - 1) / kBwdCols;
+  int64_t nsplit = 8;
+  while (nsplit > 1 && (nsplit > ntiles || nsplit * p * h > kPartialFloats)) nsplit /= 2;
+  at::Tensor partial = at::zeros({nsplit, p, h}, f32);
+  float* part = partial.data_ptr<float>();
+  TileBuffers tiles(kBwdRows * kBwdCols);
+  at::parallel_for(0, nsplit, 1, [&](int64_t s0, int64_t s1) {
+    float* s = tiles.get();
+    for (int64_t split = s0; split < s1; ++split) {
+      // Vocabulary tiles [t0, t1) of this split: contiguous, as even as integer division allows.
+      const int64_t t0 = split * ntiles / nsplit, t1 = (split + 1) * ntiles / nsplit;
+      float* dh_part = part + split * p * h;
+      for (int64_t tile = t0; tile < t1; ++tile) {
+        const int64_t v0 = tile * kBwdCols, bv = std::min(kBwdCols, v - v0);
+        for (int64_t i0 = 0; i0 < p; i0 += kBwdRows) {
+          const int64_t bp = std::min(kBwdRows, p - i0);
+          // 1. Recompute the tile, 2. ds = g (softmax - onehot) in place (fp32, the -g of the
+          // target folded here), 3. the three products read it while it is in cache.
+          gemm_rm(false, true, bp, bv, h, 1.0f, a + i0 * h, h, w + v0 * h, h, 0.0f, s, bv);
+          if (b != nullptr) add_bias_rows(s, bp, bv, b + v0);
+          softmax_grad_rows(s, bp, bv, l.data() + i0, g.data() + i0);
+          for (int64_t i = 0; i < bp; ++i) {
+            const int64_t t = head.target[i0 + i];
+            if (t >= v0 && t < v0 + bv) s[i * bv + (t - v0)] -= g[i0 + i];
+          }
+          if (dbp != nullptr) add_column_sums(s, bp, bv, dbp + v0);
+          gemm_rm(false, false, bp, h, bv, 1.0f, s, bv, w + v0 * h, h, 1.0f, dh_part + i0 * h,
+                  h);
+          gemm_rm(true, false, bv, h, bp, 1.0f, s, bv, a + i0 * h, h, 1.0f, dwp + v0 * h, h);
+        }
+      }
+    }
+  });
+  // 4. dH = sum of the split partials in split order, scattered to the valid rows.
+  float* dhp = dh.data_ptr<float>();
+  at::parallel_for(0, p, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      float* out = dhp + head.rows[i] * h;
+      for (int64_t split = 0; split < nsplit; ++split) {
+        const float* src = part + (split * p + i) * h;
+        for (int64_t k = 0; k < h; ++k) out[k] += src[k];
+      }
+    }
+  });
+  return {out_dtype(dh, hidden.scalar_type()), out_dtype(dw, weight.scalar_type()),
+          out_dtype(db, bias.has_value() ? bias->scalar_type() : weight.scalar_type())};
+}
+
+}  // namespace fastssl
+
+TORCH_LIBRARY_IMPL(fastssl, CPU, m) {
+  m.impl("masked_token_loss_fwd", &fastssl::masked_token_loss_fwd_cpu);
+  m.impl("masked_token_loss_bwd", &fastssl::masked_token_loss_bwd_cpu);
+}

@@ -1,0 +1,47 @@
+// The engine of the redundancy-reduction losses (barlow_twins.cpp, vicreg.cpp): column
+// statistics over the batch, standardised column blocks, N x N Grams and D x D tiles on the
+// BLAS torch ships (gemm_rm, single-threaded calls on fixed work units), so that no D x D
+// matrix is ever stored. The math and the cost model of the two paths: fastssl/ops/redundancy.py.
+//
+// Determinism: every parallel loop runs over fixed units (row strips of a Gram, column tiles,
+// fixed chunks of a sum), each unit sums in a fixed order, and partial sums are added in unit
+// order, so results do not depend on the thread count.
+#pragma once
+
+#include "common.h"
+
+namespace fastssl {
+namespace redundancy {
+
+constexpr int64_t kStrip = 64;   // rows of a Gram per work unit
+constexpr int64_t kBlock = 256;  // columns of a standardised block (Gram path)
+constexpr int64_t kTile = 128;   // side of a tile of C (tiled path)
+
+// fp32 contiguous view of z (a copy only when z is not already fp32 and contiguous).
+at::Tensor as_f32(const at::Tensor& z);
+
+// Per column: mean and unbiased variance (sum of squared deviations / (n - 1); NaN for n = 1),
+// accumulated in double, two passes.
+void column_stats(const float* z, int64_t n, int64_t d, float* mean, float* var);
+
+// out (n x kb, contiguous) = (z[:, k0:k0+kb] - shift) * scale (shift/scale: d-vectors, or
+// nullptr for 0 / 1).
+void load_block(const float* z, int64_t n, int64_t d, int64_t k0, int64_t kb,
+                const float* shift, const float* scale, float* out);
+
+// g (n x n) (= or +=) x x^T for x (n x kb): the lower triangle by row strips (the diagonal
+// strip blocks in full). Call mirror_lower() after the last block.
+void gram_lower(const float* x, int64_t n, int64_t kb, bool accumulate, float* g);
+void mirror_lower(float* g, int64_t n);
+
+// out (n x kb) = alpha g x, g (n x n) full.
+void gram_times(const float* g, const float* x, int64_t n, int64_t kb, float alpha, float* out);
+
+// sum_i a_i b_i in double, fixed chunks added in order.
+double dot(const float* a, const float* b, int64_t count);
+
+// sum_{d} (column d of x) . (column d of y) for x, y (n x kb): per-column dots into out (kb).
+void column_dots(const float* x, const float* y, int64_t n, int64_t kb, double* out);
+
+}  // namespace redundancy
+}  // namespace fastssl

@@ -1,0 +1,350 @@
+r"""``masked_token_loss``: the BERT masked-language-model head, output projection and
+cross-entropy over the vocabulary, streamed over vocabulary tiles (never the [P, V] logits).
+
+.. math:: s_{iv} = h_i \cdot w_v + b_v,\qquad
+          \ell_i = \operatorname{LSE}_v s_{iv} - s_{i,y_i} \quad (y_i \ne \text{ignore\_index})
+
+Ops (CPU kernel ``csrc/cpu/masked_token_loss.cpp``, CUDA kernels below):
+
+* ``masked_token_loss_fwd(hidden [R, H], weight [V, H], bias? [V], labels [R] int64,
+  ignore_index) -> (loss [R] fp32, lse [R] fp32)``, 0 at ignored rows in both;
+* ``masked_token_loss_bwd(grad [R], hidden, weight, bias?, labels, lse, ignore_index)
+  -> (dhidden [R, H], dweight [V, H], dbias [V] or [0] without a bias)``, in the inputs'
+  dtypes; ignored rows get a zero gradient.
+
+Saved-tensor contract (both devices): hidden, weight, bias, labels and ``lse`` (R floats):
+O(R + V H), never O(R V). The backward recomputes every logit tile once per kernel that
+needs it, with dlogits = g_i (softmax_i(v) - [v = y_i]) (the -1 folded in fp32 before any
+down-cast).
+
+Cost (GEMM-equivalents of 2 P V H FLOPs, P = non-ignored rows): forward 1 (logits) ; backward
+CPU 3 (recompute + dH + dW from one recompute per tile) ; backward Triton 4 (the dH kernel and
+the dW kernel each recompute their tiles: each program owns the rows, or the vocabulary
+columns, that it writes, so no two programs add into the same gradient -- deterministic, no
+atomics; Cut Cross-Entropy and Liger trade that for atomics or a [chunk, V] buffer). An
+eager PyTorch head costs 3 plus several passes over [P, V] fp32 buffers.
+
+Ignored rows cost nothing on the GPU without a host sync: the launcher orders the row indices
+valid-first with a stable device sort and passes the valid count as a device tensor; programs
+past it return at once (the grid is sized for all rows; the count is never read on the host).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _aot, _library
+from ._triton_utils import TL_DTYPE, dot_in_fp32, dot_precision, round_cast
+
+_library.define("masked_token_loss_fwd",
+                "(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, int ignore_index)"
+                " -> (Tensor loss, Tensor lse)")
+_library.define("masked_token_loss_bwd",
+                "(Tensor grad, Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, "
+                "Tensor lse, int ignore_index) -> (Tensor dhidden, Tensor dweight, "
+                "Tensor dbias)")
+
+
+@torch.library.register_fake("fastssl::masked_token_loss_fwd")
+def _fwd_fake(hidden, weight, bias, labels, ignore_index):
+    r = hidden.shape[0]
+    return (hidden.new_empty((r,), dtype=torch.float32),
+            hidden.new_empty((r,), dtype=torch.float32))
+
+
+def _dbias_shape(weight, bias):
+    return (weight.shape[0],) if bias is not None else (0,)
+
+
+@torch.library.register_fake("fastssl::masked_token_loss_bwd")
+def _bwd_fake(grad, hidden, weight, bias, labels, lse, ignore_index):
+    bdt = bias.dtype if bias is not None else weight.dtype
+    return (torch.empty_like(hidden), torch.empty_like(weight),
+            weight.new_empty(_dbias_shape(weight, bias), dtype=bdt))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, ignore_index = inputs
+    ctx.save_for_backward(hidden, weight, bias, labels, output[1])
+    ctx.ignore_index = ignore_index
+
+
+def _backward(ctx, grad_loss, _glse):
+    hidden, weight, bias, labels, lse = ctx.saved_tensors
+    dh, dw, db = torch.ops.fastssl.masked_token_loss_bwd(grad_loss, hidden, weight, bias, labels,
+                                                         lse, ctx.ignore_index)
+    need = ctx.needs_input_grad
+    return (dh if need[0] else None, dw if need[1] else None,
+            db if (bias is not None and need[2]) else None, None, None)
+
+
+torch.library.register_autograd("fastssl::masked_token_loss_fwd", _backward,
+                                setup_context=_setup_context)
+_library.no_double_backward("masked_token_loss_bwd", "masked_token_loss")
+
+
+# ---------------------------------------------------------------------------------------
+# CUDA kernels (Triton)
+# ---------------------------------------------------------------------------------------
+#
+# Rows are visited through ``order`` (valid rows first, original indices) up to ``n_valid``
+# (a device scalar). Tiles: BLOCK_P rows x BLOCK_V vocabulary columns, the logits a GEMM
+# K-loop over H in BLOCK_K chunks (fp32 accumulators); gradients are written in BLOCK_K-wide
+# panels of H, read-modify-written in fp32 by the one program that owns them.
+
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, b_ptr, src, rmask, v0, V, H, stride_h, stride_w,
+                 BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """s[BLOCK_P, BLOCK_V] fp32 of rows ``src`` (int64 row indices into hidden) and
+    vocabulary columns v0.., -inf beyond V."""
+    cols = v0 + tl.arange(0, BLOCK_V)
+    cmask = cols < V
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_P, BLOCK_V], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        kmask = (k0 + ks) < H
+        h = tl.load(h_ptr + src[:, None] * stride_h + (k0 + ks)[None, :],
+                    mask=rmask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_w + (k0 + ks)[None, :],
+                    mask=cmask[:, None] & kmask[None, :], other=0.0)
+        if DOT_FP32:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    return tl.where(cmask[None, :], acc, float("-inf"))
+
+
+@triton.jit
+def mtl_fwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, order_ptr, nvalid_ptr, loss_ptr, lse_ptr,
+                   V, H, stride_h, stride_w,
+                   BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    # 1. This program's rows (valid-first order); past the valid count: nothing to do.
+    start = tl.program_id(0) * BLOCK_P
+    n_valid = tl.load(nvalid_ptr)
+    if start < n_valid:
+        idx = start + tl.arange(0, BLOCK_P)
+        rmask = idx < n_valid
+        src = tl.load(order_ptr + idx, mask=rmask, other=0).to(tl.int64)
+        y = tl.load(y_ptr + src, mask=rmask, other=-1)
+        # 2. [Online softmax] running max and sum over the vocabulary tiles (read V H of
+        # the weight per row block; write nothing of size V).
+        m = tl.full([BLOCK_P], float("-inf"), dtype=tl.float32)
+        l = tl.zeros([BLOCK_P], dtype=tl.float32)
+        tgt = tl.zeros([BLOCK_P], dtype=tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            s = _logits_tile(h_ptr, w_ptr, b_ptr, src, rmask, v0, V, H, stride_h, stride_w,
+                             BLOCK_P, BLOCK_V, BLOCK_K, HAS_BIAS, DOT_FP32, PRECISION)
+            cols = v0 + tl.arange(0, BLOCK_V)
+            tgt += tl.sum(tl.where(cols[None, :] == y[:, None], s, 0.0), axis=1)
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+            m = m_new
+        lse = m + tl.log(l)
+        # (max - target) + log(sum): the precision of log_softmax, not of lse - target.
+        tl.store(loss_ptr + src, (m - tgt) + tl.log(l), mask=rmask)
+        tl.store(lse_ptr + src, lse, mask=rmask)
+
+
+@triton.jit
+def _dlogits(s, y, g, lse, cols):
+    """g_i (softmax - onehot) in fp32 (the target's -1 folded before any down-cast)."""
+    p = tl.exp(s - lse[:, None])
+    return g[:, None] * (p - tl.where(cols[None, :] == y[:, None], 1.0, 0.0))
+
+
+@triton.jit
+def mtl_bwd_dh_kernel(g_ptr, h_ptr, w_ptr, b_ptr, y_ptr, order_ptr, nvalid_ptr, lse_ptr,
+                      dh_ptr, V, H, stride_h, stride_w,
+                      BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+                      PRECISION: tl.constexpr, IN_DTYPE: tl.constexpr):
+    """dH[rows] = sum_v dlogits[rows, v] w_v: the program owns its rows of dh (fp32, zeroed),
+    so its read-modify-writes need no atomics."""
+    start = tl.program_id(0) * BLOCK_P
+    n_valid = tl.load(nvalid_ptr)
+    if start < n_valid:
+        idx = start + tl.arange(0, BLOCK_P)
+        rmask = idx < n_valid
+        src = tl.load(order_ptr + idx, mask=rmask, other=0).to(tl.int64)
+        y = tl.load(y_ptr + src, mask=rmask, other=-1)
+        g = tl.load(g_ptr + src, mask=rmask, other=0.0)
+        lse = tl.load(lse_ptr + src, mask=rmask, other=0.0)
+        ks = tl.arange(0, BLOCK_K)
+        for v0 in range(0, V, BLOCK_V):
+            s = _logits_tile(h_ptr, w_ptr, b_ptr, src, rmask, v0, V, H, stride_h, stride_w,
+                             BLOCK_P, BLOCK_V, BLOCK_K, HAS_BIAS, DOT_FP32, PRECISION)
+            cols = v0 + tl.arange(0, BLOCK_V)
+            cmask = cols < V
+            ds = _dlogits(s, y, g, lse, cols)
+            ds = tl.where(cmask[None, :], ds, 0.0)
+            # The GPU's dot operand is ds rounded to the input dtype (nearest-even); under
+            # the interpreter the same rounded values are multiplied in fp32.
+            ds_op = round_cast(ds, IN_DTYPE)
+            if DOT_FP32:
+                ds_op = ds_op.to(tl.float32)
+            for k0 in range(0, H, BLOCK_K):
+                kmask = (k0 + ks) < H
+                w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_w + (k0 + ks)[None, :],
+                            mask=cmask[:, None] & kmask[None, :], other=0.0)
+                if DOT_FP32:
+                    w = w.to(tl.float32)
+                ptrs = dh_ptr + src[:, None] * H + (k0 + ks)[None, :]
+                pmask = rmask[:, None] & kmask[None, :]
+                acc = tl.load(ptrs, mask=pmask, other=0.0)
+                acc = tl.dot(ds_op, w, acc, input_precision=PRECISION)
+                tl.store(ptrs, acc, mask=pmask)
+
+
+@triton.jit
+def mtl_bwd_dw_kernel(g_ptr, h_ptr, w_ptr, b_ptr, y_ptr, order_ptr, nvalid_ptr, lse_ptr,
+                      dw_ptr, db_ptr, V, H, stride_h, stride_w,
+                      BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+                      PRECISION: tl.constexpr, IN_DTYPE: tl.constexpr):
+    """dW[cols] = sum_i dlogits[i, cols]^T h_i and db[cols]: the program owns its vocabulary
+    columns of dw / db (fp32, zeroed) and visits the valid rows in a fixed order."""
+    v0 = tl.program_id(0) * BLOCK_V
+    n_valid = tl.load(nvalid_ptr)
+    cols = v0 + tl.arange(0, BLOCK_V)
+    cmask = cols < V
+    ks = tl.arange(0, BLOCK_K)
+    dbias = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for start in range(0, n_valid, BLOCK_P):
+        idx = start + tl.arange(0, BLOCK_P)
+        rmask = idx < n_valid
+        src = tl.load(order_ptr + idx, mask=rmask, other=0).to(tl.int64)
+        y = tl.load(y_ptr + src, mask=rmask, other=-1)
+        g = tl.load(g_ptr + src, mask=rmask, other=0.0)
+        lse = tl.load(lse_ptr + src, mask=rmask, other=0.0)
+        s = _logits_tile(h_ptr, w_ptr, b_ptr, src, rmask, v0, V, H, stride_h, stride_w,
+                         BLOCK_P, BLOCK_V, BLOCK_K, HAS_BIAS, DOT_FP32, PRECISION)
+        ds = _dlogits(s, y, g, lse, cols)
+        ds = tl.where(rmask[:, None] & cmask[None, :], ds, 0.0)
+        dbias += tl.sum(ds, axis=0)
+        ds_op = round_cast(ds, IN_DTYPE)
+        if DOT_FP32:
+            ds_op = ds_op.to(tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            kmask = (k0 + ks) < H
+            h = tl.load(h_ptr + src[:, None] * stride_h + (k0 + ks)[None, :],
+                        mask=rmask[:, None] & kmask[None, :], other=0.0)
+            if DOT_FP32:
+                h = h.to(tl.float32)
+            ptrs = dw_ptr + cols.to(tl.int64)[:, None] * H + (k0 + ks)[None, :]
+            pmask = cmask[:, None] & kmask[None, :]
+            acc = tl.load(ptrs, mask=pmask, other=0.0)
+            acc = tl.dot(tl.trans(ds_op), h, acc, input_precision=PRECISION)
+            tl.store(ptrs, acc, mask=pmask)
+    if HAS_BIAS:
+        tl.store(db_ptr + cols, dbias, mask=cmask)
+
+
+# (BLOCK_P, BLOCK_V, BLOCK_K, num_warps, num_stages) per kernel: accumulators of 64 x 64 fp32
+# (32 per thread at 4 warps) plus the H-chunk operands.
+TILES = {"fwd": (64, 64, 64, 4, 3), "dh": (64, 64, 64, 4, 2), "dw": (64, 64, 64, 4, 2)}
+
+
+def _prologue(hidden, labels, ignore_index):
+    """(order: valid rows first, stable; n_valid: 1-element int32 device tensor). No host
+    sync: a device sort and a device sum."""
+    valid = labels != ignore_index
+    order = torch.argsort((~valid).to(torch.int8), stable=True).to(torch.int32)
+    n_valid = valid.sum(dtype=torch.int32).reshape(1)
+    return order, n_valid
+
+
+def _flags(hidden):
+    return dict(DOT_FP32=dot_in_fp32(hidden.dtype), PRECISION=dot_precision(hidden.dtype))
+
+
+@_library.triton_kernel("masked_token_loss_fwd")
+def masked_token_loss_fwd_triton(hidden, weight, bias, labels, ignore_index: int):
+    hidden, weight = hidden.contiguous(), weight.contiguous()
+    labels = labels.contiguous()
+    r, h = hidden.shape
+    v = weight.shape[0]
+    loss = torch.zeros(r, dtype=torch.float32, device=hidden.device)
+    lse = torch.zeros(r, dtype=torch.float32, device=hidden.device)
+    order, n_valid = _prologue(hidden, labels, ignore_index)
+    bp, bv, bk, nw, ns = TILES["fwd"]
+    b = bias.contiguous() if bias is not None else hidden  # unread without HAS_BIAS
+    mtl_fwd_kernel[(triton.cdiv(r, bp),)](
+        hidden, weight, b, labels, order, n_valid, loss, lse, v, h, hidden.stride(0),
+        weight.stride(0), BLOCK_P=bp, BLOCK_V=bv, BLOCK_K=bk, HAS_BIAS=bias is not None,
+        num_warps=nw, num_stages=ns, **_flags(hidden))
+    return loss, lse
+
+
+@_library.triton_kernel("masked_token_loss_bwd")
+def masked_token_loss_bwd_triton(grad, hidden, weight, bias, labels, lse, ignore_index: int):
+    hidden, weight = hidden.contiguous(), weight.contiguous()
+    labels, lse = labels.contiguous(), lse.contiguous()
+    g = grad.to(torch.float32).contiguous()
+    r, h = hidden.shape
+    v = weight.shape[0]
+    order, n_valid = _prologue(hidden, labels, ignore_index)
+    b = bias.contiguous() if bias is not None else hidden
+    dh = torch.zeros(r, h, dtype=torch.float32, device=hidden.device)
+    dw = torch.zeros(v, h, dtype=torch.float32, device=hidden.device)
+    db = torch.zeros(v if bias is not None else 0, dtype=torch.float32, device=hidden.device)
+    common = dict(HAS_BIAS=bias is not None, IN_DTYPE=TL_DTYPE[hidden.dtype], **_flags(hidden))
+    bp, bv, bk, nw, ns = TILES["dh"]
+    mtl_bwd_dh_kernel[(triton.cdiv(r, bp),)](
+        g, hidden, weight, b, labels, order, n_valid, lse, dh, v, h, hidden.stride(0),
+        weight.stride(0), BLOCK_P=bp, BLOCK_V=bv, BLOCK_K=bk, num_warps=nw, num_stages=ns,
+        **common)
+    bp, bv, bk, nw, ns = TILES["dw"]
+    mtl_bwd_dw_kernel[(triton.cdiv(v, bv),)](
+        g, hidden, weight, b, labels, order, n_valid, lse, dw, db if bias is not None else dw,
+        v, h, hidden.stride(0), weight.stride(0), BLOCK_P=bp, BLOCK_V=bv, BLOCK_K=bk,
+        num_warps=nw, num_stages=ns, **common)
+    db = db.to(bias.dtype) if bias is not None else db.to(weight.dtype)
+    return dh.to(hidden.dtype), dw.to(weight.dtype), db
+
+
+def _aot_entries():
+    out = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        prec = "ieee" if dtype != torch.float32 else "bf16x3"
+        for has_bias in (True, False):
+            base = dict(BLOCK_K=64, HAS_BIAS=has_bias, DOT_FP32=False, PRECISION=prec)
+            tag = "bias" if has_bias else "nobias"
+            bp, bv, bk, nw, ns = TILES["fwd"]
+            out.append(_aot.aot_entry(
+                mtl_fwd_kernel, op="masked_token_loss", dtype=dtype, D=768, tag=tag,
+                pointers=dict(h_ptr=dtype, w_ptr=dtype, b_ptr=dtype, y_ptr=torch.int64,
+                              order_ptr=torch.int32, nvalid_ptr=torch.int32,
+                              loss_ptr=torch.float32, lse_ptr=torch.float32),
+                constexprs=dict(base, BLOCK_P=bp, BLOCK_V=bv, BLOCK_K=bk),
+                tensor_cores=True, num_warps=nw, num_stages=ns))
+            for kind, kernel, extra in (
+                    ("dh", mtl_bwd_dh_kernel, dict(dh_ptr=torch.float32)),
+                    ("dw", mtl_bwd_dw_kernel, dict(dw_ptr=torch.float32,
+                                                   db_ptr=torch.float32))):
+                bp, bv, bk, nw, ns = TILES[kind]
+                out.append(_aot.aot_entry(
+                    kernel, op="masked_token_loss", dtype=dtype, D=768, tag=tag,
+                    pointers=dict(g_ptr=torch.float32, h_ptr=dtype, w_ptr=dtype, b_ptr=dtype,
+                                  y_ptr=torch.int64, order_ptr=torch.int32,
+                                  nvalid_ptr=torch.int32, lse_ptr=torch.float32, **extra),
+                    constexprs=dict(base, BLOCK_P=bp, BLOCK_V=bv, BLOCK_K=bk,
+                                    IN_DTYPE=TL_DTYPE[dtype]),
+                    tensor_cores=True, num_warps=nw, num_stages=ns))
+    return out
+
+
+# Every kernel configuration the launchers use, for `fastssl gpu-report`.
+AOT_KERNELS = _aot_entries()
+
+
+def masked_token_rows(hidden, weight, bias, labels, ignore_index: int):
+    """Per-row losses (R,) fp32, 0 at ignored rows."""
+    loss, _lse = torch.ops.fastssl.masked_token_loss_fwd(hidden, weight, bias, labels,
+                                                          ignore_index)
+    return loss

@@ -29,6 +29,7 @@ from helpers import spawn_or_fail, kernels
 needs_cpp = pytest.mark.skipif(not _ext.available(), reason=f"no _C: {_ext.why_unavailable()}")
 BACKENDS = [pytest.param("cpp", marks=needs_cpp), "triton"]
 LOSS_OPS = ["ntxent", "xent", "info_nce_queue", "clip", "supcon"]
+LOSS_OPS += ["barlow_twins", "vicreg"]  # issue 14: redundancy reduction
 
 
 def _loss_calls():
@@ -49,6 +50,9 @@ def _loss_calls():
         "supcon": (lambda: (emb(6), torch.tensor([0, 1, 0, 2, 1, 0]),
                             torch.tensor(0.1, requires_grad=True)),
                    lambda z, y, t, be: fastssl.supcon(z, y, t, backend=be)),
+        "barlow_twins": (lambda: (emb(), emb()),
+                         lambda a, b, be: fastssl.barlow_twins(a, b, 0.01, backend=be)),
+        "vicreg": (lambda: (emb(), emb()), lambda a, b, be: fastssl.vicreg(a, b, backend=be)),
     }
 
 
@@ -192,6 +196,10 @@ def _op_cases():
         "info_nce_queue_fwd": (f(3, 6), f(3, 6), torch.randn(9, 6), t(5.0), True),
         "clip_fwd": (f(4, 6), f(4, 6), t(8.0), True),
         "supcon_fwd": (f(5, 6), torch.tensor([0, 1, 0, 1, 2]), t(10.0), True),
+        "barlow_twins_fwd": (f(5, 6), f(5, 6), 5e-3, True, 1),
+        "barlow_twins_fwd_tiled": (f(9, 4), f(9, 4), 0.3, False, 2),
+        "vicreg_fwd": (f(5, 6), f(5, 6), 25.0, 25.0, 1.0, 1e-4, 1),
+        "vicreg_fwd_tiled": (f(9, 4), f(9, 4), 25.0, 25.0, 1.0, 1e-4, 2),
     }
 
 
@@ -199,7 +207,8 @@ def _op_cases():
 @pytest.mark.parametrize("op", list(_op_cases()))
 def test_opcheck(op, backend):
     with kernels(backend):
-        torch.library.opcheck(getattr(torch.ops.fastssl, op), _op_cases()[op])
+        torch.library.opcheck(getattr(torch.ops.fastssl, op.removesuffix("_tiled")),
+                              _op_cases()[op])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -4,7 +4,7 @@
 //   A = (Z1 - mu1) r1, B = (Z2 - mu2) r2 (r = 1 / unbiased std; mu = 0, r = 1 unstandardised),
 //   C = A^T B / N, L = sum_d (1 - c_d)^2 + lambda (||C||^2 - sum_d c_d^2).
 //
-// Gram path: ||C||^2 = <A A^T, B B^T> / N^2 from 256-column blocks of A and B (never all of A in
+// Gram path: ||C||^2 = <A A^T, B B^T> / N^2 from 512-column blocks of A and B (never all of A in
 // memory), the Grams saved; backward dA = B diag(g) / N + (2 lambda / N^2) (B B^T) A per block,
 // then the per-column standardisation backward.
 // Tiled path: A, B standardised in full (N >= 5 D / 3 here, so they are no larger than the

@@ -14,7 +14,7 @@ namespace fastssl {
 namespace redundancy {
 
 constexpr int64_t kStrip = 64;   // rows of a Gram per work unit
-constexpr int64_t kBlock = 256;  // columns of a standardised block (Gram path)
+constexpr int64_t kBlock = 512;  // columns of a standardised block (Gram path)
 constexpr int64_t kTile = 128;   // side of a tile of C (tiled path)
 
 // fp32 contiguous view of z (a copy only when z is not already fp32 and contiguous).

@@ -5,7 +5,7 @@
 //   v_d the unbiased variance, s_d = sqrt(v_d + eps), V = mean_d relu(1 - s_d),
 //   Q = (||X^T X||^2 / (N - 1)^2 - sum_d v_d^2) / D.
 //
-// Gram path: ||X^T X||^2 = ||X X^T||^2 from 256-column blocks of X (the Gram saved); backward
+// Gram path: ||X^T X||^2 = ||X X^T||^2 from 512-column blocks of X (the Gram saved); backward
 // dX = 4 cov ((X X^T) X - X diag((N - 1) v)) / (D (N - 1)^2) per block.
 // Tiled path: X centred in full (N >= 5 D / 3: no larger than the input), K = X^T X in
 // 128 x 128 tiles, the upper triangle of tiles in the forward (K is symmetric), every tile

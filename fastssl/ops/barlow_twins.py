@@ -22,6 +22,9 @@ import torch
 from . import _library
 from . import redundancy as engine
 
+# The engine's kernel configurations this op launches, for `fastssl gpu-report`.
+AOT_KERNELS = engine.aot_entries("barlow_twins")
+
 _library.define("barlow_twins_fwd", "(Tensor z1, Tensor z2, float lambda_, bool standardize, "
                 "int path) -> (Tensor loss, Tensor stats, Tensor gram1, Tensor gram2)")
 _library.define("barlow_twins_bwd", "(Tensor grad, Tensor z1, Tensor z2, Tensor stats, "

@@ -277,3 +277,34 @@ def column_stats(z, standardize: bool = True):
 def standardize_backward(da, a_hat, r, n: int):
     """dZ from dA^ for A^ = (Z - mu) r (per column, unbiased std)."""
     return r * (da - da.mean(dim=0) - a_hat * ((da * a_hat).sum(dim=0) / (n - 1)))
+
+
+def aot_entries(op: str) -> list:
+    """``AOT_KERNELS`` of ``op`` ("barlow_twins" or "vicreg": both launch the same four kernels
+    with the same tiles) for ``fastssl gpu-report``: every kernel for fp32, bf16 and fp16
+    inputs (the z operands; statistics, Grams and outputs are fp32), at the fp32 dot
+    precision the launchers use on a GPU. The tiles do not depend on N or D."""
+    from ._aot import aot_entry
+    from ._triton_utils import fp32_dot_precision
+    prec = fp32_dot_precision()
+    f32 = torch.float32
+    entries = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        gram_c = dict(BLOCK=GRAM_BLOCK, BLOCK_K=GRAM_K, PREC=prec)
+        tile_c = dict(TILE=TILE, ROWS=TILE_ROWS, PREC=prec)
+        std = lambda *names: {n: (dtype if n in ("X", "Y", "A", "B") else f32)  # noqa: E731
+                              for n in names}
+        kw = dict(op=op, dtype=dtype, D=None, tensor_cores=prec != "ieee", num_warps=NUM_WARPS,
+                  num_stages=3)
+        entries += [
+            aot_entry(_gram_kernel, pointers=std("X", "MU", "R", "G"), constexprs=gram_c, **kw),
+            aot_entry(_gram_times_kernel,
+                      pointers=std("G", "X", "MUX", "RX", "Y", "MUY", "RY", "COEF", "SCALE",
+                                   "OUT"), constexprs=gram_c, **kw),
+            aot_entry(_tile_sq_kernel, pointers=std("A", "MUA", "RA", "B", "MUB", "RB", "PART"),
+                      constexprs=tile_c, **kw),
+            aot_entry(_tile_bwd_kernel,
+                      pointers=std("A", "MUA", "RA", "B", "MUB", "RB", "COEF", "SCALE", "OUT"),
+                      constexprs=tile_c, **kw),
+        ]
+    return entries

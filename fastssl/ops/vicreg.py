@@ -19,6 +19,9 @@ import torch
 from . import _library
 from . import redundancy as engine
 
+# The engine's kernel configurations this op launches, for `fastssl gpu-report`.
+AOT_KERNELS = engine.aot_entries("vicreg")
+
 _library.define("vicreg_fwd", "(Tensor z1, Tensor z2, float sim, float var, float cov, "
                 "float eps, int path) -> (Tensor loss, Tensor stats, Tensor gram1, "
                 "Tensor gram2)")

@@ -88,7 +88,8 @@ def barlow_twins_fwd_triton(z1, z2, lambda_: float, standardize: bool, path: int
         g1, g2 = engine.gram(z1, mu1, r1), engine.gram(z2, mu2, r2)
         off = (g1.double() * g2.double()).sum()
     else:
-        g1 = g2 = z1.new_empty((0, 0), dtype=torch.float32)
+        # Two tensors: outputs of an op must not alias each other.
+        g1, g2 = (z1.new_empty((0, 0), dtype=torch.float32) for _ in range(2))
         off = engine.tiles_sq(z1, mu1, r1, z2, mu2, r2).double()
     c64 = c.double()
     loss = ((1 - c64) ** 2).sum() + lambda_ * (off / (n * n) - (c64 ** 2).sum())

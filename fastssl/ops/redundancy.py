@@ -121,6 +121,14 @@ from ._triton_utils import dot_precision  # noqa: E402
 GRAM_BLOCK, GRAM_K = 64, 32       # Gram / Gram-times tiles (rows x reduction)
 TILE, TILE_ROWS = 64, 32          # a tile of C is TILE x TILE, reduced over TILE_ROWS rows
 NUM_WARPS = 4
+# The backward tile kernel holds C_uv (TILE x TILE fp32) beside its operands. gpu-report,
+# triton 3.9: fp32 inputs spilled at 4 warps x 32 rows (760 B sm_80, 440 B sm_90) and at
+# 8 x 32 (16 B sm_80); 8 x 16 holds them. 16-bit inputs: 0 spills at 8 x 32, 8 B (sm_80) at 8 x 16.
+TILE_BWD_WARPS = 8
+
+
+def _tile_bwd_rows(dtype: torch.dtype) -> int:
+    return 16 if dtype == torch.float32 else 32
 
 
 @triton.jit
@@ -259,8 +267,9 @@ def tiles_bwd(a, mua, ra, b, mub, rb, coef, scale):
     n, d = a.shape
     out = torch.zeros((n, d), dtype=torch.float32, device=a.device)
     _tile_bwd_kernel[(triton.cdiv(d, TILE),)](a, mua, ra, b, mub, rb, coef, scale, out, n, d,
-                                              a.stride(0), TILE=TILE, ROWS=TILE_ROWS,
-                                              PREC=_prec(), num_warps=NUM_WARPS)
+                                              a.stride(0), TILE=TILE,
+                                              ROWS=_tile_bwd_rows(a.dtype),
+                                              PREC=_prec(), num_warps=TILE_BWD_WARPS)
     return out
 
 
@@ -305,6 +314,7 @@ def aot_entries(op: str) -> list:
                       constexprs=tile_c, **kw),
             aot_entry(_tile_bwd_kernel,
                       pointers=std("A", "MUA", "RA", "B", "MUB", "RB", "COEF", "SCALE", "OUT"),
-                      constexprs=tile_c, **kw),
+                      constexprs={**tile_c, "ROWS": _tile_bwd_rows(dtype)},
+                      **{**kw, "num_warps": TILE_BWD_WARPS}),
         ]
     return entries

@@ -36,7 +36,9 @@ Two paths, neither stores a D x D matrix:
 
 * **Gram** (``PATH_GRAM``): the N x N Grams A A^T, B B^T (VICReg: X X^T per view) are formed
   from column blocks of the standardised operands (never all of A in memory on CPU), saved for
-  the backward, and the gradients are N x N by N x D products.
+  the backward -- both symmetric, so packed into one N x N buffer (the first's strictly-lower
+  triangle, the second's strictly-upper one) plus their (2, N) diagonals -- and the gradients
+  are N x N by N x D products (the CPU kernel expands one 64-row strip of a Gram at a time).
 * **tiled C** (``PATH_TILED``): C (VICReg: K) is computed tile by tile and reduced in the
   tile's epilogue; the backward recomputes each tile instead of reading a stored C.
 
@@ -46,9 +48,9 @@ both paths and left out):
 =================  ============================  ===============================================
 path               FLOPs (forward + backward)    extra memory (bytes)
 =================  ============================  ===============================================
-Barlow, Gram       2 N^2 D + 4 N^2 D = 6 N^2 D   8 N^2 (the two Grams, saved) + a column block
+Barlow, Gram       2 N^2 D + 4 N^2 D = 6 N^2 D   4 N^2 (the packed Grams, saved) + a column block
 Barlow, tiled C    2 N D^2 + 8 N D^2 = 10 N D^2  8 N D (standardised copies) + a tile / thread
-VICReg, Gram       2 (N^2 D + 2 N^2 D) = 6 N^2 D 8 N^2 + a column block
+VICReg, Gram       2 (N^2 D + 2 N^2 D) = 6 N^2 D 4 N^2 (packed) + a column block
 VICReg, tiled C    2 (N D^2 + 4 N D^2) = 10 N D^2  8 N D (centred copies) + a tile / thread
 =================  ============================  ===============================================
 
@@ -58,7 +60,7 @@ and once for dB, so that each output block has one writer and a fixed summation 
 tiled forward: K is symmetric, half its tiles.) Both ratios give the same rule: the Gram path
 when 6 N^2 D < 10 N D^2, i.e. **N < 5 D / 3**, else tiled C. At N = 2048, D = 8192 (the paper's
 projector): 2.1e11 FLOPs vs 6 N D^2 = 8.2e11 for the eager reference (C, then dA, dB from the
-stored D x D dC), and 32 MB of Grams instead of several 268 MB D x D matrices.
+stored D x D dC), and 16 MB of packed Grams instead of several 268 MB D x D matrices.
 
 Numerics: the kernels accumulate in fp32 (sums over the batch of the O(N D) statistics in
 fp64 on CPU); ``||C||^2 - sum c_d^2`` subtracts the diagonal from the Gram inner product, which
@@ -271,6 +273,20 @@ def tiles_bwd(a, mua, ra, b, mub, rb, coef, scale):
                                               ROWS=_tile_bwd_rows(a.dtype),
                                               PREC=_prec(), num_warps=TILE_BWD_WARPS)
     return out
+
+
+def pack_grams(g1, g2):
+    """The saved form of a pair of symmetric Grams, shared with the C++ kernels: (N, N) with
+    g1's strictly-lower and g2's strictly-upper triangle (zero diagonal), and the (2, N)
+    diagonals."""
+    return g1.tril(-1) + g2.triu(1), torch.stack([g1.diagonal(), g2.diagonal()])
+
+
+def unpack_grams(packed, diags):
+    """The two full Grams of :func:`pack_grams`'s form."""
+    lower, upper = packed.tril(-1), packed.triu(1)
+    return (lower + lower.T + torch.diag_embed(diags[0]),
+            upper + upper.T + torch.diag_embed(diags[1]))
 
 
 def column_stats(z, standardize: bool = True):

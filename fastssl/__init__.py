@@ -1,4 +1,4 @@
-"""fastssl: fused kernels for large-batch self-supervised contrastive training.
+"""fastssl: fused kernels for large-batch self-supervised training.
 
 Public API (see README.md): losses (functional and ``nn.Module``), and ``fastssl.reference``,
 the pure-PyTorch specification of every op.
@@ -7,12 +7,10 @@ from . import augment, reference
 from .augment import SSLAugment
 from .functional import clip_loss, info_nce, nt_xent, supcon
 from .functional import masked_token_loss, negative_cosine, symmetric_negative_cosine
-
 from .functional import barlow_twins, vicreg
-
 from .functional import dino_loss, ibot_patch_loss
-
 from .functional import masked_patch_loss
+from .losses import BarlowTwinsLoss, VICRegLoss
 from .losses import CLIPLoss, InfoNCELoss, NTXentLoss, SupConLoss
 from .losses import MaskedPatchLoss
 from .moco import MoCoQueue, MomentumEncoder, ema_update_, momentum_schedule
@@ -28,4 +26,5 @@ __all__ = ["nt_xent", "NTXentLoss", "info_nce", "InfoNCELoss", "clip_loss", "CLI
            "barlow_twins", "vicreg",
            "dino_loss", "ibot_patch_loss",
            "masked_patch_loss", "MaskedPatchLoss",
-           "pretext", "PretextAugment", "MultiCropAugment", "mae_mask"]
+           "pretext", "PretextAugment", "MultiCropAugment", "mae_mask",
+           "BarlowTwinsLoss", "VICRegLoss"]

@@ -248,3 +248,62 @@ class MaskedPatchLoss(nn.Module):
         return functional.masked_patch_loss(pred, images, mask, patch_size=self.patch_size,
                                             norm_pix=self.norm_pix, eps=self.eps,
                                             backend=self.backend)
+
+
+class BarlowTwinsLoss(nn.Module):
+    r"""Barlow Twins loss, fused (no D x D matrix). See :func:`fastssl.barlow_twins`.
+
+    Args:
+        lambda_, normalize, gather, backend: as in :func:`fastssl.barlow_twins`.
+
+    Shapes:
+        ``forward(z1, z2)``: (N, D) each, N >= 2 -> scalar.
+
+    Example:
+        >>> import torch, fastssl
+        >>> criterion = fastssl.BarlowTwinsLoss()
+        >>> z1, z2 = torch.randn(32, 64, requires_grad=True), torch.randn(32, 64)
+        >>> criterion(z1, z2).backward()
+    """
+
+    def __init__(self, lambda_: float = 5e-3, *, normalize: str = "batch", gather: bool = False,
+                 backend: str = "auto"):
+        super().__init__()
+        _validate.finite_coefficient("lambda_", lambda_)
+        if backend not in _dispatch.BACKENDS:
+            raise ValueError(f"backend must be one of {_dispatch.BACKENDS}, got {backend!r}")
+        self.lambda_, self.normalize, self.gather, self.backend = lambda_, normalize, gather, backend
+
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        return functional.barlow_twins(z1, z2, self.lambda_, normalize=self.normalize,
+                                       gather=self.gather, backend=self.backend)
+
+
+class VICRegLoss(nn.Module):
+    r"""VICReg loss, fused (no D x D matrix). See :func:`fastssl.vicreg`.
+
+    Args:
+        sim, var, cov, gather, backend: as in :func:`fastssl.vicreg`.
+
+    Shapes:
+        ``forward(z1, z2)``: (N, D) each, N >= 2 -> scalar.
+
+    Example:
+        >>> import torch, fastssl
+        >>> criterion = fastssl.VICRegLoss()
+        >>> z1, z2 = torch.randn(32, 64, requires_grad=True), torch.randn(32, 64)
+        >>> criterion(z1, z2).backward()
+    """
+
+    def __init__(self, sim: float = 25.0, var: float = 25.0, cov: float = 1.0, *,
+                 gather: bool = False, backend: str = "auto"):
+        super().__init__()
+        for name, value in (("sim", sim), ("var", var), ("cov", cov)):
+            _validate.finite_coefficient(name, value)
+        if backend not in _dispatch.BACKENDS:
+            raise ValueError(f"backend must be one of {_dispatch.BACKENDS}, got {backend!r}")
+        self.sim, self.var, self.cov, self.gather, self.backend = sim, var, cov, gather, backend
+
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        return functional.vicreg(z1, z2, self.sim, self.var, self.cov, gather=self.gather,
+                                 backend=self.backend)

@@ -281,3 +281,26 @@ def test_gather_without_process_group_is_the_plain_loss():
     z1, z2 = torch.randn(6, 9), torch.randn(6, 9)
     torch.testing.assert_close(fastssl.barlow_twins(z1, z2, gather=True),
                                reference.barlow_twins(z1, z2), rtol=1e-5, atol=1e-5)
+
+
+@needs_cpp
+@pytest.mark.parametrize("path", ["gram", "tiled"])
+@pytest.mark.parametrize("op", ["barlow_twins", "vicreg"])
+def test_cpp_results_do_not_depend_on_the_thread_count(op, path):
+    """Fixed work units and summation orders: bitwise equal at 1 and 3 threads (also for
+    vicreg, whose kernels share the engine)."""
+    z1, z2 = (t.detach().float() for t in _views(150, 300, seed=7))
+    prev = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+            with _path(path):
+                loss = getattr(fastssl, op)(a, b, backend="cpp")
+            loss.backward()
+            runs.append((loss.detach(), a.grad, b.grad))
+    finally:
+        torch.set_num_threads(prev)
+    for x, y in zip(*runs):
+        assert torch.equal(x, y)

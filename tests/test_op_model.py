@@ -30,6 +30,7 @@ needs_cpp = pytest.mark.skipif(not _ext.available(), reason=f"no _C: {_ext.why_u
 BACKENDS = [pytest.param("cpp", marks=needs_cpp), "triton"]
 LOSS_OPS = ["ntxent", "xent", "info_nce_queue", "clip", "supcon", "negative_cosine",
             "masked_token_loss", "dino_loss", "masked_patch_loss"]
+LOSS_OPS += ["barlow_twins", "vicreg"]  # issue 14: redundancy reduction
 
 
 def _loss_calls():
@@ -76,6 +77,9 @@ def _loss_calls():
                                                     dtype=torch.bool)),
                               lambda a, x, m, be: fastssl.masked_patch_loss(
                                   a, x, m, patch_size=4, backend=be)),
+        "barlow_twins": (lambda: (emb(), emb()),
+                         lambda a, b, be: fastssl.barlow_twins(a, b, 0.01, backend=be)),
+        "vicreg": (lambda: (emb(), emb()), lambda a, b, be: fastssl.vicreg(a, b, backend=be)),
     }
 
 
@@ -231,6 +235,10 @@ def _op_cases():
         "masked_patch_loss_fwd": (f(2, 6, 48), torch.randn(2, 3, 8, 12),
                                   torch.tensor([[1.0, 0, 1, 1, 0, 0], [0, 1, 1, 0, 1, 0]]), 4,
                                   True, 1e-6),
+        "barlow_twins_fwd": (f(5, 6), f(5, 6), 5e-3, True, 1),
+        "barlow_twins_fwd_tiled": (f(9, 4), f(9, 4), 0.3, False, 2),
+        "vicreg_fwd": (f(5, 6), f(5, 6), 25.0, 25.0, 1.0, 1e-4, 1),
+        "vicreg_fwd_tiled": (f(9, 4), f(9, 4), 25.0, 25.0, 1.0, 1e-4, 2),
     }
 
 
@@ -238,7 +246,8 @@ def _op_cases():
 @pytest.mark.parametrize("op", list(_op_cases()))
 def test_opcheck(op, backend):
     with kernels(backend):
-        torch.library.opcheck(getattr(torch.ops.fastssl, op), _op_cases()[op])
+        torch.library.opcheck(getattr(torch.ops.fastssl, op.removesuffix("_tiled")),
+                              _op_cases()[op])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -180,3 +180,15 @@ def test_gather_without_process_group_is_the_plain_loss():
     z1, z2 = torch.randn(6, 9), torch.randn(6, 9)
     torch.testing.assert_close(fastssl.vicreg(z1, z2, gather=True), reference.vicreg(z1, z2),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_modules():
+    z1, z2 = torch.randn(10, 7), torch.randn(10, 7)
+    torch.testing.assert_close(fastssl.VICRegLoss(1.0, 2.0, 3.0)(z1, z2),
+                               reference.vicreg(z1, z2, 1.0, 2.0, 3.0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fastssl.BarlowTwinsLoss(0.1)(z1, z2),
+                               reference.barlow_twins(z1, z2, 0.1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="lambda_"):
+        fastssl.BarlowTwinsLoss(float("nan"))
+    with pytest.raises(ValueError, match="cov"):
+        fastssl.VICRegLoss(cov=-1.0)

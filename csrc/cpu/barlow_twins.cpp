@@ -5,7 +5,7 @@
 //   C = A^T B / N, L = sum_d (1 - c_d)^2 + lambda (||C||^2 - sum_d c_d^2).
 //
 // Gram path: ||C||^2 = <A A^T, B B^T> / N^2 from 256-column blocks of A and B (never all of A in
-// memory), the Grams saved; backward dA = B diag(g) / N + (2 lambda / N^2) (B B^T) A per block,
+// memory), the two symmetric Grams saved packed in one N x N buffer (redundancy.h); backward dA = B diag(g) / N + (2 lambda / N^2) (B B^T) A per block,
 // then the per-column standardisation backward.
 // Tiled path: A, B standardised in full (N >= 5 D / 3 here, so they are no larger than the
 // inputs), C in 128 x 128 tiles reduced as computed; backward recomputes each tile, once for
@@ -79,8 +79,9 @@ void standardize_backward(const float* da, const float* a, int64_t n, int64_t d,
 
 }  // namespace
 
-// Returns (loss 0-dim fp32, stats (5, D) fp32, gram1, gram2 (N x N fp32 on the Gram path,
-// (0, 0) on the tiled path)).
+// Returns (loss 0-dim fp32, stats (5, D) fp32, grams, gram_diags: on the Gram path the packed
+// pair of Grams (N x N: A A^T strictly lower, B B^T strictly upper) and their diagonals (2 x N),
+// (0, 0) tensors on the tiled path).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> barlow_twins_fwd_cpu(
     const at::Tensor& z1_in, const at::Tensor& z2_in, double lambda, bool standardize,
     int64_t path) {
@@ -100,10 +101,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> barlow_twins_fwd_cpu(
   fill_stats(p2, n, d, standardize, mu2, r2);
   const double inv_n = 1.0 / static_cast<double>(n);
   double off = 0.0;  // ||A^T B||^2 (unscaled)
-  at::Tensor g1, g2;
+  at::Tensor g1, g2;  // Gram path: the packed pair (n x n) and its diagonals (2 x n)
   if (path == kGram) {
     g1 = at::empty({n, n}, f32);
-    g2 = at::empty({n, n}, f32);
+    g2 = at::empty({2, n}, f32);
+    float* packed = g1.data_ptr<float>();
+    float* diag = g2.data_ptr<float>();
     const int64_t kb_max = std::min(redundancy::kBlock, d);
     std::vector<float> a(n * kb_max), b(n * kb_max);
     std::vector<double> dots(kb_max);
@@ -113,12 +116,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> barlow_twins_fwd_cpu(
       redundancy::load_block(p2, n, d, k0, kb, mu2, r2, b.data());
       redundancy::column_dots(a.data(), b.data(), n, kb, dots.data());
       for (int64_t c = 0; c < kb; ++c) cdiag[k0 + c] = static_cast<float>(dots[c] * inv_n);
-      redundancy::gram_lower(a.data(), n, kb, k0 > 0, g1.data_ptr<float>());
-      redundancy::gram_lower(b.data(), n, kb, k0 > 0, g2.data_ptr<float>());
+      redundancy::packed_gram(a.data(), n, kb, k0 > 0, false, packed, diag);
+      redundancy::packed_gram(b.data(), n, kb, k0 > 0, true, packed, diag + n);
     }
-    redundancy::mirror_lower(g1.data_ptr<float>(), n);
-    redundancy::mirror_lower(g2.data_ptr<float>(), n);
-    off = redundancy::dot(g1.data_ptr<float>(), g2.data_ptr<float>(), n * n);
+    off = redundancy::packed_inner(packed, diag, n);
   } else {
     g1 = at::empty({0, 0}, f32);
     g2 = at::empty({0, 0}, f32);
@@ -192,11 +193,13 @@ std::tuple<at::Tensor, at::Tensor> barlow_twins_bwd_cpu(
       const int64_t kb = std::min(redundancy::kBlock, d - k0);
       redundancy::load_block(p1, n, d, k0, kb, mu1, r1, a.data());
       redundancy::load_block(p2, n, d, k0, kb, mu2, r2, b.data());
-      redundancy::gram_times(g2.data_ptr<float>(), a.data(), n, kb, s, da.data());
+      redundancy::packed_gram_times(g1.data_ptr<float>(), g2.data_ptr<float>(), n, true,
+                                    a.data(), kb, s, da.data());
       add_diag(da.data(), b.data(), kb, k0, kb);
       standardize_backward(da.data(), a.data(), n, d, k0, kb, r1, standardize,
                            dz1.data_ptr<float>());
-      redundancy::gram_times(g1.data_ptr<float>(), b.data(), n, kb, s, da.data());
+      redundancy::packed_gram_times(g1.data_ptr<float>(), g2.data_ptr<float>(), n, false,
+                                    b.data(), kb, s, da.data());
       add_diag(da.data(), a.data(), kb, k0, kb);
       standardize_backward(da.data(), b.data(), n, d, k0, kb, r2, standardize,
                            dz2.data_ptr<float>());

@@ -50,34 +50,103 @@ void load_block(const float* z, int64_t n, int64_t d, int64_t k0, int64_t kb,
   });
 }
 
-void gram_lower(const float* x, int64_t n, int64_t kb, bool accumulate, float* g) {
+void packed_gram(const float* x, int64_t n, int64_t kb, bool accumulate, bool second,
+                 float* packed, float* diag) {
   const int64_t strips = (n + kStrip - 1) / kStrip;
+  TileBuffers buf(kStrip * kStrip);
   at::parallel_for(0, strips, 1, [&](int64_t s0, int64_t s1) {
+    float* block = buf.get();
     for (int64_t s = s0; s < s1; ++s) {
-      const int64_t r0 = s * kStrip, rows = std::min(kStrip, n - r0);
-      const int64_t cols = r0 + rows;  // columns 0 .. end of the strip: lower triangle
-      gemm_rm(false, true, rows, cols, kb, 1.0f, x + r0 * kb, kb, x, kb,
-              accumulate ? 1.0f : 0.0f, g + r0 * n, n);
+      const int64_t r0 = s * kStrip, rows = std::min(kStrip, n - r0), r1 = r0 + rows;
+      const float beta = accumulate ? 1.0f : 0.0f;
+      // Off the diagonal block: straight into this Gram's triangle.
+      if (!second) {
+        gemm_rm(false, true, rows, r0, kb, 1.0f, x + r0 * kb, kb, x, kb, beta, packed + r0 * n, n);
+      } else {
+        gemm_rm(false, true, rows, n - r1, kb, 1.0f, x + r0 * kb, kb, x + r1 * kb, kb, beta,
+                packed + r0 * n + r1, n);
+      }
+      // The diagonal block shares its square with the other Gram: through scratch.
+      gemm_rm(false, true, rows, rows, kb, 1.0f, x + r0 * kb, kb, x + r0 * kb, kb, 0.0f, block,
+              kStrip);
+      for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t j = 0; j < rows; ++j) {
+          const float v = block[i * kStrip + j];
+          float* dst = i == j ? diag + r0 + i
+                       : ((i > j) != second) ? packed + (r0 + i) * n + r0 + j : nullptr;
+          if (dst != nullptr) *dst = accumulate ? *dst + v : v;
+          if (i == j) packed[(r0 + i) * n + r0 + i] = 0.0f;  // unused: defined, not garbage
+        }
+      }
     }
   });
 }
 
-void mirror_lower(float* g, int64_t n) {
-  // Row i holds columns [0, end of its strip); the rest is row j's entry i for j beyond it.
-  at::parallel_for(0, n, 64, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t end = std::min(n, (i / kStrip + 1) * kStrip);
-      for (int64_t j = end; j < n; ++j) g[i * n + j] = g[j * n + i];
+namespace {
+
+// sum over rows of f(i) in double, fixed 64-row chunks added in order.
+template <typename F>
+double row_sum(int64_t n, F f) {
+  const int64_t chunks = (n + 63) / 64;
+  std::vector<double> part(chunks, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      double acc = 0.0;
+      for (int64_t i = c * 64; i < std::min(n, (c + 1) * 64); ++i) acc += f(i);
+      part[c] = acc;
     }
+  });
+  double total = 0.0;
+  for (double p : part) total += p;
+  return total;
+}
+
+}  // namespace
+
+double packed_inner(const float* packed, const float* diag, int64_t n) {
+  return row_sum(n, [&](int64_t i) {
+    double acc = static_cast<double>(diag[i]) * diag[n + i];
+    for (int64_t j = 0; j < i; ++j)
+      acc += 2.0 * static_cast<double>(packed[i * n + j]) * packed[j * n + i];
+    return acc;
   });
 }
 
-void gram_times(const float* g, const float* x, int64_t n, int64_t kb, float alpha, float* out) {
+double packed_frob(const float* packed, const float* diag, int64_t n, bool second) {
+  const float* dg = diag + (second ? n : 0);
+  return row_sum(n, [&](int64_t i) {
+    double acc = static_cast<double>(dg[i]) * dg[i];
+    const int64_t j0 = second ? i + 1 : 0, j1 = second ? n : i;
+    for (int64_t j = j0; j < j1; ++j) acc += 2.0 * static_cast<double>(packed[i * n + j]) * packed[i * n + j];
+    return acc;
+  });
+}
+
+void packed_gram_times(const float* packed, const float* diag, int64_t n, bool second,
+                       const float* x, int64_t kb, float alpha, float* out) {
   const int64_t strips = (n + kStrip - 1) / kStrip;
+  const float* dg = diag + (second ? n : 0);
+  TileBuffers buf(kStrip * n);
   at::parallel_for(0, strips, 1, [&](int64_t s0, int64_t s1) {
+    float* g = buf.get();
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t r0 = s * kStrip, rows = std::min(kStrip, n - r0);
-      gemm_rm(false, false, rows, kb, n, alpha, g + r0 * n, n, x, kb, 0.0f, out + r0 * kb, kb);
+      // Expand rows [r0, r0 + rows) of the Gram: its own triangle row-wise, the rest from the
+      // mirrored entries (a column of the other side; its cache lines serve the strip's rows).
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t gi = r0 + i;
+        float* dst = g + i * n;
+        const float* row = packed + gi * n;
+        if (!second) {
+          for (int64_t j = 0; j < gi; ++j) dst[j] = row[j];
+          for (int64_t j = gi + 1; j < n; ++j) dst[j] = packed[j * n + gi];
+        } else {
+          for (int64_t j = 0; j < gi; ++j) dst[j] = packed[j * n + gi];
+          for (int64_t j = gi + 1; j < n; ++j) dst[j] = row[j];
+        }
+        dst[gi] = dg[gi];
+      }
+      gemm_rm(false, false, rows, kb, n, alpha, g, n, x, kb, 0.0f, out + r0 * kb, kb);
     }
   });
 }

@@ -29,13 +29,20 @@ void column_stats(const float* z, int64_t n, int64_t d, float* mean, float* var)
 void load_block(const float* z, int64_t n, int64_t d, int64_t k0, int64_t kb,
                 const float* shift, const float* scale, float* out);
 
-// g (n x n) (= or +=) x x^T for x (n x kb): the lower triangle by row strips (the diagonal
-// strip blocks in full). Call mirror_lower() after the last block.
-void gram_lower(const float* x, int64_t n, int64_t kb, bool accumulate, float* g);
-void mirror_lower(float* g, int64_t n);
-
-// out (n x kb) = alpha g x, g (n x n) full.
-void gram_times(const float* g, const float* x, int64_t n, int64_t kb, float alpha, float* out);
+// A pair of symmetric N x N Grams (the two views') in one n x n buffer: `packed` holds the
+// first's strictly-lower and the second's strictly-upper triangle, `diag` (2 x n) their
+// diagonals. Half the memory of two full Grams; the backward expands one row strip at a time.
+//
+// packed_gram: the Gram of x (n x kb) into its half (second = false: lower, true: upper) and
+// diag row, = for the first column block, += after (accumulate).
+void packed_gram(const float* x, int64_t n, int64_t kb, bool accumulate, bool second,
+                 float* packed, float* diag);
+// <G1, G2>_F and ||G||_F^2 of one of them, in double (fixed row chunks added in order).
+double packed_inner(const float* packed, const float* diag, int64_t n);
+double packed_frob(const float* packed, const float* diag, int64_t n, bool second);
+// out (n x kb) = alpha G x for G the first or second Gram of the pair.
+void packed_gram_times(const float* packed, const float* diag, int64_t n, bool second,
+                       const float* x, int64_t kb, float alpha, float* out);
 
 // sum_i a_i b_i in double, fixed chunks added in order.
 double dot(const float* a, const float* b, int64_t count);

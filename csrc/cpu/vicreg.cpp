@@ -5,7 +5,8 @@
 //   v_d the unbiased variance, s_d = sqrt(v_d + eps), V = mean_d relu(1 - s_d),
 //   Q = (||X^T X||^2 / (N - 1)^2 - sum_d v_d^2) / D.
 //
-// Gram path: ||X^T X||^2 = ||X X^T||^2 from 256-column blocks of X (the Gram saved); backward
+// Gram path: ||X^T X||^2 = ||X X^T||^2 from 256-column blocks of X (both views' Grams saved
+// packed in one N x N buffer, redundancy.h); backward
 // dX = 4 cov ((X X^T) X - X diag((N - 1) v)) / (D (N - 1)^2) per block.
 // Tiled path: X centred in full (N >= 5 D / 3: no larger than the input), K = X^T X in
 // 128 x 128 tiles, the upper triangle of tiles in the forward (K is symmetric), every tile
@@ -20,19 +21,19 @@ namespace {
 
 constexpr int64_t kGram = 1;  // ops/redundancy.py PATH_GRAM
 
-// ||X^T X||_F^2 of the centred view, in double; fills the Gram g (n x n) on the Gram path.
+// ||X^T X||_F^2 of the centred view, in double; on the Gram path it fills view `second`'s half
+// of the packed pair of Grams (redundancy.h).
 double gram_or_tiles_norm(const float* z, int64_t n, int64_t d, const float* mu, bool gram,
-                          float* g) {
+                          bool second, float* packed, float* diag) {
   if (gram) {
     const int64_t kb_max = std::min(redundancy::kBlock, d);
     std::vector<float> x(n * kb_max);
     for (int64_t k0 = 0; k0 < d; k0 += redundancy::kBlock) {
       const int64_t kb = std::min(redundancy::kBlock, d - k0);
       redundancy::load_block(z, n, d, k0, kb, mu, nullptr, x.data());
-      redundancy::gram_lower(x.data(), n, kb, k0 > 0, g);
+      redundancy::packed_gram(x.data(), n, kb, k0 > 0, second, packed, diag + (second ? n : 0));
     }
-    redundancy::mirror_lower(g, n);
-    return redundancy::dot(g, g, n * n);
+    return redundancy::packed_frob(packed, diag, n, second);
   }
   std::vector<float> x(n * d);
   redundancy::load_block(z, n, d, 0, d, mu, nullptr, x.data());
@@ -63,7 +64,8 @@ double gram_or_tiles_norm(const float* z, int64_t n, int64_t d, const float* mu,
 // go), minus their column means (the centring's backward), plus the invariance term
 // 2 sim (z - other) / (N D).
 void view_backward(const float* z, const float* other, int64_t n, int64_t d, const float* mu,
-                   const float* var, const float* g, bool gram, double go, double sim,
+                   const float* var, const float* packed, const float* diag, bool second,
+                   bool gram, double go, double sim,
                    double var_w, double cov_w, double eps, float* dz) {
   const double nm1 = static_cast<double>(n - 1);
   // Covariance: dX = a ((X X^T) X - X diag(ss)), ss_d = sum_n x_nd^2 = (N - 1) v_d.
@@ -113,7 +115,7 @@ void view_backward(const float* z, const float* other, int64_t n, int64_t d, con
     for (int64_t k0 = 0; k0 < d; k0 += redundancy::kBlock) {
       const int64_t kb = std::min(redundancy::kBlock, d - k0);
       redundancy::load_block(z, n, d, k0, kb, mu, nullptr, x.data());
-      redundancy::gram_times(g, x.data(), n, kb, a, dx.data());
+      redundancy::packed_gram_times(packed, diag, n, second, x.data(), kb, a, dx.data());
       finish(dx.data(), x.data(), k0, kb, kb);
     }
     return;
@@ -141,8 +143,8 @@ void view_backward(const float* z, const float* other, int64_t n, int64_t d, con
 
 }  // namespace
 
-// Returns (loss 0-dim fp32, stats (4, D) fp32 = [mu1, v1, mu2, v2], gram1, gram2 (N x N fp32
-// on the Gram path, (0, 0) on the tiled path)).
+// Returns (loss 0-dim fp32, stats (4, D) fp32 = [mu1, v1, mu2, v2], grams, gram_diags (the
+// packed pair of Grams N x N and their diagonals 2 x N on the Gram path, (0, 0) on the tiled).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vicreg_fwd_cpu(
     const at::Tensor& z1_in, const at::Tensor& z2_in, double sim, double var_w, double cov_w,
     double eps, int64_t path) {
@@ -154,8 +156,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vicreg_fwd_cpu(
   auto f32 = z1.options();
   const bool gram = path == kGram;
   at::Tensor stats = at::empty({4, d}, f32);
-  at::Tensor grams[2] = {at::empty({gram ? n : 0, gram ? n : 0}, f32),
-                         at::empty({gram ? n : 0, gram ? n : 0}, f32)};
+  // Gram path: the packed pair of Grams (view 1 strictly lower, view 2 strictly upper) and
+  // their diagonals; (0, 0) tensors on the tiled path.
+  at::Tensor grams = at::empty({gram ? n : 0, gram ? n : 0}, f32);
+  at::Tensor diags = at::empty({gram ? 2 : 0, gram ? n : 0}, f32);
   float* st = stats.data_ptr<float>();
   const double nm1 = static_cast<double>(n - 1);
   double variance = 0.0, covariance = 0.0;
@@ -168,8 +172,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vicreg_fwd_cpu(
       hinge += std::max(0.0, 1.0 - std::sqrt(static_cast<double>(vr[c]) + eps));
       diag_sq += static_cast<double>(vr[c]) * vr[c];
     }
-    const double frob = gram_or_tiles_norm(p[v], n, d, mu, gram,
-                                           gram ? grams[v].data_ptr<float>() : nullptr);
+    const double frob = gram_or_tiles_norm(p[v], n, d, mu, gram, v == 1,
+                                           gram ? grams.data_ptr<float>() : nullptr,
+                                           gram ? diags.data_ptr<float>() : nullptr);
     variance += hinge / d;
     covariance += (frob / (nm1 * nm1) - diag_sq) / d;
   }
@@ -192,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vicreg_fwd_cpu(
   for (double x : part) sq += x;
   const double loss = sim * sq / (static_cast<double>(n) * d) + var_w * variance / 2 +
                       cov_w * covariance;
-  return {at::full({}, loss, f32), stats, grams[0], grams[1]};
+  return {at::full({}, loss, f32), stats, grams, diags};
 }
 
 // Returns (dz1, dz2) in the inputs' dtype.
@@ -211,10 +216,12 @@ std::tuple<at::Tensor, at::Tensor> vicreg_bwd_cpu(const at::Tensor& grad, const 
   at::Tensor dz1 = at::empty({n, d}, f32), dz2 = at::empty({n, d}, f32);
   const float* p1 = z1.data_ptr<float>();
   const float* p2 = z2.data_ptr<float>();
-  view_backward(p1, p2, n, d, st, st + d, gram ? g1.data_ptr<float>() : nullptr, gram, go, sim,
-                var_w, cov_w, eps, dz1.data_ptr<float>());
-  view_backward(p2, p1, n, d, st + 2 * d, st + 3 * d, gram ? g2.data_ptr<float>() : nullptr,
-                gram, go, sim, var_w, cov_w, eps, dz2.data_ptr<float>());
+  const float* packed = gram ? g1.data_ptr<float>() : nullptr;
+  const float* diag = gram ? g2.data_ptr<float>() : nullptr;
+  view_backward(p1, p2, n, d, st, st + d, packed, diag, false, gram, go, sim, var_w, cov_w, eps,
+                dz1.data_ptr<float>());
+  view_backward(p2, p1, n, d, st + 2 * d, st + 3 * d, packed, diag, true, gram, go, sim, var_w,
+                cov_w, eps, dz2.data_ptr<float>());
   return {dz1.to(z1_in.scalar_type()), dz2.to(z2_in.scalar_type())};
 }
 

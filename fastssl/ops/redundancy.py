@@ -36,7 +36,9 @@ Two paths, neither stores a D x D matrix:
 
 * **Gram** (``PATH_GRAM``): the N x N Grams A A^T, B B^T (VICReg: X X^T per view) are formed
   from column blocks of the standardised operands (never all of A in memory on CPU), saved for
-  the backward, and the gradients are N x N by N x D products.
+  the backward -- both symmetric, so packed into one N x N buffer (the first's strictly-lower
+  triangle, the second's strictly-upper one) plus their (2, N) diagonals -- and the gradients
+  are N x N by N x D products (the CPU kernel expands one 64-row strip of a Gram at a time).
 * **tiled C** (``PATH_TILED``): C (VICReg: K) is computed tile by tile and reduced in the
   tile's epilogue; the backward recomputes each tile instead of reading a stored C.
 
@@ -46,9 +48,9 @@ both paths and left out):
 =================  ============================  ===============================================
 path               FLOPs (forward + backward)    extra memory (bytes)
 =================  ============================  ===============================================
-Barlow, Gram       2 N^2 D + 4 N^2 D = 6 N^2 D   8 N^2 (the two Grams, saved) + a column block
+Barlow, Gram       2 N^2 D + 4 N^2 D = 6 N^2 D   4 N^2 (the packed Grams, saved) + a column block
 Barlow, tiled C    2 N D^2 + 8 N D^2 = 10 N D^2  8 N D (standardised copies) + a tile / thread
-VICReg, Gram       2 (N^2 D + 2 N^2 D) = 6 N^2 D 8 N^2 + a column block
+VICReg, Gram       2 (N^2 D + 2 N^2 D) = 6 N^2 D 4 N^2 (packed) + a column block
 VICReg, tiled C    2 (N D^2 + 4 N D^2) = 10 N D^2  8 N D (centred copies) + a tile / thread
 =================  ============================  ===============================================
 
@@ -58,7 +60,7 @@ and once for dB, so that each output block has one writer and a fixed summation 
 tiled forward: K is symmetric, half its tiles.) Both ratios give the same rule: the Gram path
 when 6 N^2 D < 10 N D^2, i.e. **N < 5 D / 3**, else tiled C. At N = 2048, D = 8192 (the paper's
 projector): 2.1e11 FLOPs vs 6 N D^2 = 8.2e11 for the eager reference (C, then dA, dB from the
-stored D x D dC), and 32 MB of Grams instead of several 268 MB D x D matrices.
+stored D x D dC), and 16 MB of packed Grams instead of several 268 MB D x D matrices.
 
 Numerics: the kernels accumulate in fp32 (sums over the batch of the O(N D) statistics in
 fp64 on CPU); ``||C||^2 - sum c_d^2`` subtracts the diagonal from the Gram inner product, which
@@ -121,6 +123,14 @@ from ._triton_utils import dot_precision  # noqa: E402
 GRAM_BLOCK, GRAM_K = 64, 32       # Gram / Gram-times tiles (rows x reduction)
 TILE, TILE_ROWS = 64, 32          # a tile of C is TILE x TILE, reduced over TILE_ROWS rows
 NUM_WARPS = 4
+# The backward tile kernel holds C_uv (TILE x TILE fp32) beside its operands. gpu-report,
+# triton 3.9: fp32 inputs spilled at 4 warps x 32 rows (760 B sm_80, 440 B sm_90) and at
+# 8 x 32 (16 B sm_80); 8 x 16 holds them. 16-bit inputs: 0 spills at 8 x 32, 8 B (sm_80) at 8 x 16.
+TILE_BWD_WARPS = 8
+
+
+def _tile_bwd_rows(dtype: torch.dtype) -> int:
+    return 16 if dtype == torch.float32 else 32
 
 
 @triton.jit
@@ -259,9 +269,24 @@ def tiles_bwd(a, mua, ra, b, mub, rb, coef, scale):
     n, d = a.shape
     out = torch.zeros((n, d), dtype=torch.float32, device=a.device)
     _tile_bwd_kernel[(triton.cdiv(d, TILE),)](a, mua, ra, b, mub, rb, coef, scale, out, n, d,
-                                              a.stride(0), TILE=TILE, ROWS=TILE_ROWS,
-                                              PREC=_prec(), num_warps=NUM_WARPS)
+                                              a.stride(0), TILE=TILE,
+                                              ROWS=_tile_bwd_rows(a.dtype),
+                                              PREC=_prec(), num_warps=TILE_BWD_WARPS)
     return out
+
+
+def pack_grams(g1, g2):
+    """The saved form of a pair of symmetric Grams, shared with the C++ kernels: (N, N) with
+    g1's strictly-lower and g2's strictly-upper triangle (zero diagonal), and the (2, N)
+    diagonals."""
+    return g1.tril(-1) + g2.triu(1), torch.stack([g1.diagonal(), g2.diagonal()])
+
+
+def unpack_grams(packed, diags):
+    """The two full Grams of :func:`pack_grams`'s form."""
+    lower, upper = packed.tril(-1), packed.triu(1)
+    return (lower + lower.T + torch.diag_embed(diags[0]),
+            upper + upper.T + torch.diag_embed(diags[1]))
 
 
 def column_stats(z, standardize: bool = True):
@@ -277,3 +302,35 @@ def column_stats(z, standardize: bool = True):
 def standardize_backward(da, a_hat, r, n: int):
     """dZ from dA^ for A^ = (Z - mu) r (per column, unbiased std)."""
     return r * (da - da.mean(dim=0) - a_hat * ((da * a_hat).sum(dim=0) / (n - 1)))
+
+
+def aot_entries(op: str) -> list:
+    """``AOT_KERNELS`` of ``op`` ("barlow_twins" or "vicreg": both launch the same four kernels
+    with the same tiles) for ``fastssl gpu-report``: every kernel for fp32, bf16 and fp16
+    inputs (the z operands; statistics, Grams and outputs are fp32), at the fp32 dot
+    precision the launchers use on a GPU. The tiles do not depend on N or D."""
+    from ._aot import aot_entry
+    from ._triton_utils import fp32_dot_precision
+    prec = fp32_dot_precision()
+    f32 = torch.float32
+    entries = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        gram_c = dict(BLOCK=GRAM_BLOCK, BLOCK_K=GRAM_K, PREC=prec)
+        tile_c = dict(TILE=TILE, ROWS=TILE_ROWS, PREC=prec)
+        std = lambda *names: {n: (dtype if n in ("X", "Y", "A", "B") else f32)  # noqa: E731
+                              for n in names}
+        kw = dict(op=op, dtype=dtype, D=None, tensor_cores=prec != "ieee", num_warps=NUM_WARPS,
+                  num_stages=3)
+        entries += [
+            aot_entry(_gram_kernel, pointers=std("X", "MU", "R", "G"), constexprs=gram_c, **kw),
+            aot_entry(_gram_times_kernel,
+                      pointers=std("G", "X", "MUX", "RX", "Y", "MUY", "RY", "COEF", "SCALE",
+                                   "OUT"), constexprs=gram_c, **kw),
+            aot_entry(_tile_sq_kernel, pointers=std("A", "MUA", "RA", "B", "MUB", "RB", "PART"),
+                      constexprs=tile_c, **kw),
+            aot_entry(_tile_bwd_kernel,
+                      pointers=std("A", "MUA", "RA", "B", "MUB", "RB", "COEF", "SCALE", "OUT"),
+                      constexprs={**tile_c, "ROWS": _tile_bwd_rows(dtype)},
+                      **{**kw, "num_warps": TILE_BWD_WARPS}),
+        ]
+    return entries

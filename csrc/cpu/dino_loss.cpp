@@ -74,11 +74,12 @@ std::vector<double> student_weights(const Plan& p, const float* omega) {
   return w;
 }
 
-// The element-wise epilogues below run once or twice per logit: compiled as SIMD clones
-// (common.h) with `omp simd` reductions, so exp_f32 runs 8 / 16 lanes wide.
+// The element-wise epilogues below run once or twice per logit, with `omp simd` reductions.
+// Not FASTSSL_SIMD_CLONES: measured, exp_f32 was then no longer inlined into the clones (a
+// scalar call per element: the forward at B = 64, K = 65,536 went from ~0.5x to 1.1x eager's
+// time).
 
 // buf[r, j] = (raw GEMM) * rinv_rows[r] * rinv_cols[j] * scale.
-FASTSSL_SIMD_CLONES
 void scale_tile(float* __restrict buf, int64_t rows, int64_t kt,
                 const float* __restrict rinv_rows, const float* __restrict rinv_cols,
                 float scale) {
@@ -93,7 +94,6 @@ void scale_tile(float* __restrict buf, int64_t rows, int64_t kt,
 // [Online softmax, teacher] y = s_t cos - shift in place; the running sum of e^{y - max} and of
 // e^{y - max} U (U: the paired student logits, all - own in cross view, own otherwise) are
 // rescaled whenever the row maximum moves.
-FASTSSL_SIMD_CLONES
 void teacher_tile(float* __restrict y, const float* __restrict shift, float ts, int64_t n,
                   const float* __restrict all, const float* __restrict own, float* tm,
                   float* tl, float* ta) {
@@ -127,7 +127,6 @@ void teacher_tile(float* __restrict y, const float* __restrict shift, float ts, 
 }
 
 // y <- omega exp(s_t y - shift - lse): the teacher's pair-weighted probabilities.
-FASTSSL_SIMD_CLONES
 void teacher_probs(float* __restrict y, const float* __restrict shift, float lse, float om,
                    int64_t n) {
 #pragma omp simd
@@ -135,7 +134,6 @@ void teacher_probs(float* __restrict y, const float* __restrict shift, float lse
 }
 
 // x <- gs (w exp(x - lse) - (q_all - q_own)) (q_own may be null): G' of one student row.
-FASTSSL_SIMD_CLONES
 void student_grad(float* __restrict x, float lse, float w, float gs,
                   const float* __restrict q_all, const float* __restrict q_own, int64_t n) {
   if (q_own != nullptr) {

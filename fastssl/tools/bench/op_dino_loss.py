@@ -17,7 +17,7 @@ N_GLOBAL, N_LOCAL, BOTTLENECK = 2, 6, 256
 STUDENT_TEMP, TEACHER_TEMP = 0.1, 0.04
 # Eager's peak per element of the student logits [8B, K] (fp32, forward + backward): measured
 # 749 MB at B = 64, K = 65,536 (`fastssl bench --op dino_loss --sizes 64`, 2026-12-02), i.e.
-# ~22 bytes (logits, log-softmax per pair, their gradients). At B = 256, K = 262,144: ~48 GB.
+# ~22 bytes (logits, log-softmax per pair, their gradients). At B = 256, K = 262,144: ~12 GB.
 EAGER_BYTES_PER_LOGIT = 22.3
 
 

@@ -4,8 +4,8 @@ Fused (K-streamed) vs the eager reference (DINO's DINOLoss: [rows, K] logits, lo
 crop pair) vs torch.compile(reference).
 
 Two specs: ``dino_loss`` (K = 65,536, DINO's default; the issue's acceptance at B = 64) and
-``dino_loss_k262k`` (K = 262,144, DINOv3's head, at B = 256 where the reference's [rows, K]
-matrices need more memory than a 24 GB machine has: its skip reason gives the estimate)."""
+``dino_loss_k262k`` (K = 262,144, DINOv3's head, at B = 256; the reference is skipped where its
+estimated memory, EAGER_BYTES_PER_LOGIT per student logit, exceeds 80% of what is free)."""
 from __future__ import annotations
 
 import torch

@@ -349,3 +349,75 @@ def test_bad_inputs():
         fastssl.ibot_patch_loss(hs, ht, ws, wt, center)
     with pytest.raises(ValueError, match="weights"):
         fastssl.ibot_patch_loss(hs, hs, ws, wt, center, weights=torch.ones(3))
+
+
+# --- gather=True on two gloo processes (Triton kernels under the interpreter) ----------------
+
+_DDP_SCRIPT = r"""
+import os, sys, socket
+import torch, torch.distributed as dist
+import fastssl
+from fastssl import _dispatch, reference
+
+WORLD, B, NC, NG, D, K = 2, 3, 3, 2, 8, 20
+
+
+def worker(rank, port):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD)
+    try:
+        g = torch.Generator().manual_seed(0)
+        hs = torch.randn(NC, WORLD * B, D, generator=g)
+        ht = torch.randn(NG, WORLD * B, D, generator=g)
+        ws, wt = torch.randn(K, D, generator=g), torch.randn(K, D, generator=g)
+        center = 0.1 * torch.randn(1, K, generator=g)
+        mine = slice(rank * B, (rank + 1) * B)
+        for teacher in ("centering", "sinkhorn"):
+            want, want_c = reference.dino_loss(hs.reshape(-1, D).double(),
+                                               ht.reshape(-1, D).double(), ws.double(),
+                                               wt.double(), center.double(), n_global=NG,
+                                               teacher=teacher, teacher_temp=0.05)
+            with _dispatch.triton_on_cpu():
+                loss, c = fastssl.dino_loss(hs[:, mine].reshape(-1, D),
+                                            ht[:, mine].reshape(-1, D), ws, wt, center,
+                                            n_global=NG, teacher=teacher, teacher_temp=0.05,
+                                            gather=True, backend="triton")
+            losses = [torch.zeros(()) for _ in range(WORLD)]
+            dist.all_gather(losses, loss.detach())
+            mean = sum(losses) / WORLD
+            assert abs(mean.item() - want.item()) <= 1e-5 * abs(want.item()), (teacher, mean, want)
+            torch.testing.assert_close(c.double(), want_c, rtol=1e-5, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, sys.argv[1])
+    from helpers import spawn_or_fail
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spawn_or_fail(worker, (port,), WORLD, timeout=240)
+    print("OK")
+"""
+
+
+def test_gather_centre_and_sinkhorn_over_two_ranks(tmp_path):
+    """With gather=True the centre's batch mean and the Sinkhorn column sums run over both
+    ranks: the ranks' losses average to the single-process loss of the whole batch, and each
+    rank's new centre is the whole batch's (DINO's update_center all-reduce)."""
+    import os
+    import subprocess
+    import sys
+    script = tmp_path / "ddp_dino.py"
+    script.write_text(_DDP_SCRIPT)
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(tests_dir)
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([root, tests_dir, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, str(script), tests_dir], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]

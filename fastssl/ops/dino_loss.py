@@ -130,10 +130,18 @@ from . import _aot  # noqa: E402
 from ._triton_utils import (TL_DTYPE, dot_in_fp32, dot_precision,  # noqa: E402
                             fp32_dot_precision, num_sms, round_cast)
 
-BLOCK_R = 64     # rows per program (tl.dot needs >= 16)
-BLOCK_K = 64     # prototypes per tile
-BLOCK_D = 64     # bottleneck columns per dot step (any d: the dot loops over D)
 NORM_EPS = 1e-12
+
+# (BLOCK_R rows, BLOCK_K prototypes, BLOCK_D columns per dot step, warps, stages) per kernel:
+# the largest tiles that `fastssl gpu-report` compiles with 0 spilled bytes on both sm_80 and
+# sm_90, in every dtype (swept: 64 x 64 x 64 spills 170-3000 bytes in every kernel at 4 warps,
+# and the two-dot cross kernel still spills at 8 warps on sm_80).
+CONFIGS = {
+    "row_lse": (32, 32, 32, 8, 2),
+    "col_stats": (32, 32, 32, 4, 2),
+    "bwd_rows": (64, 64, 32, 8, 2),
+    "bwd_cols": (32, 32, 32, 4, 2),
+}
 
 
 @triton.jit
@@ -347,28 +355,25 @@ def _dino_bwd_cols_kernel(A, V, RA, RV, SCALE, SHIFT, LSE, COEF, Y, OUT, R, K, D
 # Launchers
 # ---------------------------------------------------------------------------------------
 
-NUM_WARPS = 4
-NUM_STAGES = 2
-
-
 def _rinv(x: torch.Tensor) -> torch.Tensor:
     """1 / max(||row||, eps) in fp32 (F.normalize's factor)."""
     return 1.0 / torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).clamp_min(NORM_EPS)
 
 
-def _opts(dtype: torch.dtype, fp32_dots: bool = False) -> dict:
-    opts = dict(BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, DOT_FP32=dot_in_fp32(dtype),
-                INPUT_PRECISION=dot_precision(dtype), num_warps=NUM_WARPS,
-                num_stages=NUM_STAGES)
+def _opts(kernel: str, dtype: torch.dtype, fp32_dots: bool = False) -> dict:
+    br, bk, bd, warps, stages = CONFIGS[kernel]
+    opts = dict(BLOCK_R=br, BLOCK_K=bk, BLOCK_D=bd, DOT_FP32=dot_in_fp32(dtype),
+                INPUT_PRECISION=dot_precision(dtype), num_warps=warps, num_stages=stages)
     if fp32_dots:
         opts["FP32_PRECISION"] = dot_precision(torch.float32)
     return opts
 
 
-def _split(rows: int, k: int, device: torch.device) -> tuple[int, int]:
+def _split(kernel: str, rows: int, k: int, device: torch.device) -> tuple[int, int]:
     """(splits of the prototype tiles, tiles per split): about 4 programs per SM in all."""
-    tiles = triton.cdiv(k, BLOCK_K)
-    row_blocks = triton.cdiv(rows, BLOCK_R)
+    br, bk = CONFIGS[kernel][:2]
+    tiles = triton.cdiv(k, bk)
+    row_blocks = triton.cdiv(rows, br)
     splits = max(1, min(tiles, (4 * num_sms(device)) // row_blocks))
     per = triton.cdiv(tiles, splits)
     return triton.cdiv(tiles, per), per
@@ -379,16 +384,17 @@ def _row_lse(a, v, ra, rv, scale, shift=None, cross=None):
     ZSCALE), E_softmax(y)[U]); returns (lse, expectation or None), fp32 (R,)."""
     r, d = a.shape
     k = v.shape[0]
-    splits, per = _split(r, k, a.device)
+    splits, per = _split("row_lse", r, k, a.device)
     f32 = dict(dtype=torch.float32, device=a.device)
     mpart = torch.empty(splits, r, **f32)
     lpart = torch.empty(splits, r, **f32)
     apart = torch.empty(splits, r, **f32) if cross is not None else mpart
     z, vz, rvz, zscale = cross if cross is not None else (a, v, rv, scale)
-    _dino_row_lse_kernel[(triton.cdiv(r, BLOCK_R), splits)](
+    _dino_row_lse_kernel[(triton.cdiv(r, CONFIGS["row_lse"][0]), splits)](
         a, v, ra, rv, scale, shift if shift is not None else rv, z, vz, rvz, zscale,
         mpart, lpart, apart, r, k, d, a.stride(0), v.stride(0), z.stride(0), vz.stride(0), per,
-        HAS_SHIFT=shift is not None, HAS_CROSS=cross is not None, **_opts(a.dtype, True))
+        HAS_SHIFT=shift is not None, HAS_CROSS=cross is not None,
+        **_opts("row_lse", a.dtype, True))
     # Merge the splits: LSE = M + log sum_s l_s e^{m_s - M} (every split holds >= 1 column).
     big = mpart.max(dim=0).values
     f = torch.exp(mpart - big)
@@ -407,9 +413,10 @@ def _col_stats(a, v, ra, rv, scale, row_shift=None, col_shift=None):
     csum = torch.empty(k, **f32)
     has_lse = row_shift is not None
     clse = torch.empty(k, **f32) if has_lse else csum
-    _dino_col_stats_kernel[(triton.cdiv(k, BLOCK_K),)](
+    _dino_col_stats_kernel[(triton.cdiv(k, CONFIGS["col_stats"][1]),)](
         a, v, ra, rv, scale, row_shift if has_lse else ra, col_shift if has_lse else rv,
-        csum, clse, r, k, d, a.stride(0), v.stride(0), HAS_LSE=has_lse, **_opts(a.dtype))
+        csum, clse, r, k, d, a.stride(0), v.stride(0), HAS_LSE=has_lse,
+        **_opts("col_stats", a.dtype))
     return csum, (clse if has_lse else None)
 
 
@@ -491,14 +498,15 @@ def dino_loss_bwd_triton(grad, student_h, teacher_h, weight_student, weight_teac
     coef_s = (gs * w).contiguous()
     coef_t = (-gs * omega).contiguous()
     out_dtype = TL_DTYPE[hs.dtype]
-    opts = _opts(hs.dtype)
+    opts = _opts("bwd_rows", hs.dtype)
     f32 = dict(dtype=torch.float32, device=hs.device)
 
     def rows(a, v, ra, rv, scale, sh, lse, coef):
         r = a.shape[0]
-        splits, per = _split(r, k, a.device)
+        splits, per = _split("bwd_rows", r, k, a.device)
         part = torch.empty(splits, r, d, **f32)
-        _dino_bwd_rows_kernel[(triton.cdiv(r, BLOCK_R), triton.cdiv(d, BLOCK_D), splits)](
+        grid = (triton.cdiv(r, opts["BLOCK_R"]), triton.cdiv(d, opts["BLOCK_D"]), splits)
+        _dino_bwd_rows_kernel[grid](
             a, v, ra, rv, scale, sh if sh is not None else rv, lse.contiguous(), coef, ws, rv_s,
             part, r, k, d, a.stride(0), v.stride(0), ws.stride(0), per,
             HAS_SHIFT=sh is not None, OUT_DTYPE=out_dtype, **opts)
@@ -510,8 +518,8 @@ def dino_loss_bwd_triton(grad, student_h, teacher_h, weight_student, weight_teac
     dz = rows(ht, wt, ra_t, rv_t, ts, shift, teacher_lse, coef_t)
     dhhat = dhhat + _unpair(dz, s, n_global, cross_view)
     dvhat = torch.empty(k, d, **f32)
-    grid = (triton.cdiv(k, BLOCK_K), triton.cdiv(d, BLOCK_D))
-    cols_opts = _opts(hs.dtype, True)
+    cols_opts = _opts("bwd_cols", hs.dtype, True)
+    grid = (triton.cdiv(k, cols_opts["BLOCK_K"]), triton.cdiv(d, cols_opts["BLOCK_D"]))
     hhat = (hs.float() * ra_s[:, None]).contiguous()
     _dino_bwd_cols_kernel[grid](hs, ws, ra_s, rv_s, ss, rv_s, student_lse.contiguous(),
                                 coef_s, hhat, dvhat, s, k, d, hs.stride(0), ws.stride(0),
@@ -540,44 +548,45 @@ def dino_teacher_lse_triton(teacher_h, weight_teacher, teacher_scale, row_shift,
 # Every configuration the launchers compile, for `fastssl gpu-report` (sm_80 / sm_90).
 def _aot_entries() -> list:
     entries = []
-    common = dict(BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, DOT_FP32=False)
     f32 = torch.float32
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+
+    def cfg(kernel, dtype, **flags):
+        br, bk, bd, warps, stages = CONFIGS[kernel]
         prec = "ieee" if dtype != torch.float32 else fp32_dot_precision()
-        base = dict(common, INPUT_PRECISION=prec)
+        return dict(constexprs=dict(BLOCK_R=br, BLOCK_K=bk, BLOCK_D=bd, DOT_FP32=False,
+                                    INPUT_PRECISION=prec, **flags),
+                    num_warps=warps, num_stages=stages, tensor_cores=True)
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         fp32p = fp32_dot_precision()
         for has_shift, has_cross in ((False, False), (True, True), (True, False)):
             entries.append(_aot.aot_entry(
                 _dino_row_lse_kernel, op="dino_loss", dtype=dtype, D=None,
                 pointers=dict(A=dtype, V=dtype, RA=f32, RV=f32, SCALE=f32, SHIFT=f32, Z=f32,
                               VZ=dtype, RVZ=f32, ZSCALE=f32, MPART=f32, LPART=f32, APART=f32),
-                constexprs=dict(base, HAS_SHIFT=has_shift, HAS_CROSS=has_cross,
-                                FP32_PRECISION=fp32p),
-                tensor_cores=True, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-                tag=f"shift{int(has_shift)}cross{int(has_cross)}"))
+                tag=f"shift{int(has_shift)}cross{int(has_cross)}",
+                **cfg("row_lse", dtype, HAS_SHIFT=has_shift, HAS_CROSS=has_cross,
+                      FP32_PRECISION=fp32p)))
         for has_lse in (False, True):
             entries.append(_aot.aot_entry(
                 _dino_col_stats_kernel, op="dino_loss", dtype=dtype, D=None,
                 pointers=dict(A=dtype, V=dtype, RA=f32, RV=f32, SCALE=f32, ROW_SHIFT=f32,
                               COL_SHIFT=f32, CSUM=f32, CLSE=f32),
-                constexprs=dict(base, HAS_LSE=has_lse), tensor_cores=True,
-                num_warps=NUM_WARPS, num_stages=NUM_STAGES, tag=f"lse{int(has_lse)}"))
+                tag=f"lse{int(has_lse)}", **cfg("col_stats", dtype, HAS_LSE=has_lse)))
         for has_shift in (False, True):
             entries.append(_aot.aot_entry(
                 _dino_bwd_rows_kernel, op="dino_loss", dtype=dtype, D=None,
                 pointers=dict(A=dtype, V=dtype, RA=f32, RV=f32, SCALE=f32, SHIFT=f32, LSE=f32,
                               COEF=f32, VO=dtype, RVO=f32, OUT=f32),
-                constexprs=dict(base, HAS_SHIFT=has_shift, OUT_DTYPE=TL_DTYPE[dtype]),
-                tensor_cores=True, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-                tag=f"shift{int(has_shift)}"))
+                tag=f"shift{int(has_shift)}",
+                **cfg("bwd_rows", dtype, HAS_SHIFT=has_shift, OUT_DTYPE=TL_DTYPE[dtype])))
             entries.append(_aot.aot_entry(
                 _dino_bwd_cols_kernel, op="dino_loss", dtype=dtype, D=None,
                 pointers=dict(A=dtype, V=dtype, RA=f32, RV=f32, SCALE=f32, SHIFT=f32, LSE=f32,
                               COEF=f32, Y=f32, OUT=f32),
-                constexprs=dict(base, HAS_SHIFT=has_shift, ACCUMULATE=has_shift,
-                                FP32_PRECISION=fp32p),
-                tensor_cores=True, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-                tag=f"shift{int(has_shift)}"))
+                tag=f"shift{int(has_shift)}",
+                **cfg("bwd_cols", dtype, HAS_SHIFT=has_shift, ACCUMULATE=has_shift,
+                      FP32_PRECISION=fp32p)))
     return entries
 
 

@@ -265,3 +265,13 @@ def test_bad_labels_under_compile_raise_without_a_host_read():
     assert torch.isfinite(fn(h, w, torch.tensor([1, 2, -100, 29])))
     with pytest.raises(RuntimeError, match=r"labels must be in \[0, 30\)"):
         fn(h, w, torch.tensor([1, 2, -100, 30]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_label_dtypes(backend):
+    hidden, weight, b, labels = _inputs(6, 9, 40, ignored=[2])
+    h, w = hidden.float(), weight.float()
+    want = fastssl.masked_token_loss(h, w, labels, backend=backend)
+    for dt in (torch.int32, torch.int16):
+        got = fastssl.masked_token_loss(h, w, labels.to(dt), backend=backend)
+        torch.testing.assert_close(got, want)

@@ -245,9 +245,15 @@ def mtl_bwd_dw_kernel(g_ptr, h_ptr, w_ptr, b_ptr, y_ptr, order_ptr, nvalid_ptr, 
         tl.store(db_ptr + cols, dbias, mask=cmask)
 
 
-# (BLOCK_P, BLOCK_V, BLOCK_K, num_warps, num_stages) per kernel: accumulators of 64 x 64 fp32
-# (32 per thread at 4 warps) plus the H-chunk operands.
-TILES = {"fwd": (64, 64, 64, 4, 3), "dh": (64, 64, 64, 4, 2), "dw": (64, 64, 64, 4, 2)}
+# (BLOCK_P, BLOCK_V, BLOCK_K, num_warps, num_stages) per (kernel, fp32 inputs?), from the
+# ahead-of-time sweep (`fastssl gpu-report --only masked_token_loss`, triton 3.9, H = 768):
+# 64 x 64 x 64 at 4 warps spilled 336-3,956 B everywhere (the gathered-row pointer tiles and
+# the masks are [64, 64] each); BLOCK_K = 32 at 8 warps holds 128-248 registers with 0 spills
+# on sm_80 and sm_90, except fp32 (bf16x3 splits each operand into three) dh / dw on sm_80
+# (16 / 228 B), which take 32-row blocks.
+TILES = {("fwd", False): (64, 64, 32, 8, 2), ("dh", False): (64, 64, 32, 8, 2),
+         ("dw", False): (64, 64, 32, 8, 2), ("fwd", True): (64, 64, 32, 8, 2),
+         ("dh", True): (32, 64, 32, 8, 2), ("dw", True): (32, 64, 32, 8, 2)}
 
 
 def _prologue(hidden, labels, ignore_index):
@@ -272,7 +278,7 @@ def masked_token_loss_fwd_triton(hidden, weight, bias, labels, ignore_index: int
     loss = torch.zeros(r, dtype=torch.float32, device=hidden.device)
     lse = torch.zeros(r, dtype=torch.float32, device=hidden.device)
     order, n_valid = _prologue(hidden, labels, ignore_index)
-    bp, bv, bk, nw, ns = TILES["fwd"]
+    bp, bv, bk, nw, ns = TILES["fwd", hidden.dtype == torch.float32]
     b = bias.contiguous() if bias is not None else hidden  # unread without HAS_BIAS
     mtl_fwd_kernel[(triton.cdiv(r, bp),)](
         hidden, weight, b, labels, order, n_valid, loss, lse, v, h, hidden.stride(0),
@@ -294,12 +300,12 @@ def masked_token_loss_bwd_triton(grad, hidden, weight, bias, labels, lse, ignore
     dw = torch.zeros(v, h, dtype=torch.float32, device=hidden.device)
     db = torch.zeros(v if bias is not None else 0, dtype=torch.float32, device=hidden.device)
     common = dict(HAS_BIAS=bias is not None, IN_DTYPE=TL_DTYPE[hidden.dtype], **_flags(hidden))
-    bp, bv, bk, nw, ns = TILES["dh"]
+    bp, bv, bk, nw, ns = TILES["dh", hidden.dtype == torch.float32]
     mtl_bwd_dh_kernel[(triton.cdiv(r, bp),)](
         g, hidden, weight, b, labels, order, n_valid, lse, dh, v, h, hidden.stride(0),
         weight.stride(0), BLOCK_P=bp, BLOCK_V=bv, BLOCK_K=bk, num_warps=nw, num_stages=ns,
         **common)
-    bp, bv, bk, nw, ns = TILES["dw"]
+    bp, bv, bk, nw, ns = TILES["dw", hidden.dtype == torch.float32]
     mtl_bwd_dw_kernel[(triton.cdiv(v, bv),)](
         g, hidden, weight, b, labels, order, n_valid, lse, dw, db if bias is not None else dw,
         v, h, hidden.stride(0), weight.stride(0), BLOCK_P=bp, BLOCK_V=bv, BLOCK_K=bk,
@@ -313,9 +319,9 @@ def _aot_entries():
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         prec = "ieee" if dtype != torch.float32 else "bf16x3"
         for has_bias in (True, False):
-            base = dict(BLOCK_K=64, HAS_BIAS=has_bias, DOT_FP32=False, PRECISION=prec)
+            base = dict(HAS_BIAS=has_bias, DOT_FP32=False, PRECISION=prec)
             tag = "bias" if has_bias else "nobias"
-            bp, bv, bk, nw, ns = TILES["fwd"]
+            bp, bv, bk, nw, ns = TILES["fwd", dtype == torch.float32]
             out.append(_aot.aot_entry(
                 mtl_fwd_kernel, op="masked_token_loss", dtype=dtype, D=768, tag=tag,
                 pointers=dict(h_ptr=dtype, w_ptr=dtype, b_ptr=dtype, y_ptr=torch.int64,
@@ -327,7 +333,7 @@ def _aot_entries():
                     ("dh", mtl_bwd_dh_kernel, dict(dh_ptr=torch.float32)),
                     ("dw", mtl_bwd_dw_kernel, dict(dw_ptr=torch.float32,
                                                    db_ptr=torch.float32))):
-                bp, bv, bk, nw, ns = TILES[kind]
+                bp, bv, bk, nw, ns = TILES[kind, dtype == torch.float32]
                 out.append(_aot.aot_entry(
                     kernel, op="masked_token_loss", dtype=dtype, D=768, tag=tag,
                     pointers=dict(g_ptr=torch.float32, h_ptr=dtype, w_ptr=dtype, b_ptr=dtype,

@@ -315,15 +315,21 @@ def masked_token_loss_bwd_triton(grad, hidden, weight, bias, labels, lse, ignore
 
 
 def _aot_entries():
+    """One configuration per (kernel, dtype, bias): H is a runtime argument (the K-loop runs
+    over it in BLOCK_K chunks), so the same compile serves every width; it is listed at each
+    width of the report's sweep (gpu-report compiles it once: its cache key is the compiled
+    configuration, not the label)."""
+    from .contrastive_core import SWEEP_D
     out = []
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for dtype, d in ((dt, d) for dt in (torch.float32, torch.bfloat16, torch.float16)
+                     for d in SWEEP_D):
         prec = "ieee" if dtype != torch.float32 else "bf16x3"
         for has_bias in (True, False):
             base = dict(HAS_BIAS=has_bias, DOT_FP32=False, PRECISION=prec)
             tag = "bias" if has_bias else "nobias"
             bp, bv, bk, nw, ns = TILES["fwd", dtype == torch.float32]
             out.append(_aot.aot_entry(
-                mtl_fwd_kernel, op="masked_token_loss", dtype=dtype, D=768, tag=tag,
+                mtl_fwd_kernel, op="masked_token_loss", dtype=dtype, D=d, tag=tag,
                 pointers=dict(h_ptr=dtype, w_ptr=dtype, b_ptr=dtype, y_ptr=torch.int64,
                               order_ptr=torch.int32, nvalid_ptr=torch.int32,
                               loss_ptr=torch.float32, lse_ptr=torch.float32),
@@ -335,7 +341,7 @@ def _aot_entries():
                                                    db_ptr=torch.float32))):
                 bp, bv, bk, nw, ns = TILES[kind, dtype == torch.float32]
                 out.append(_aot.aot_entry(
-                    kernel, op="masked_token_loss", dtype=dtype, D=768, tag=tag,
+                    kernel, op="masked_token_loss", dtype=dtype, D=d, tag=tag,
                     pointers=dict(g_ptr=torch.float32, h_ptr=dtype, w_ptr=dtype, b_ptr=dtype,
                                   y_ptr=torch.int64, order_ptr=torch.int32,
                                   nvalid_ptr=torch.int32, lse_ptr=torch.float32, **extra),

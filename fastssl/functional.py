@@ -545,12 +545,21 @@ def masked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
         return reference.masked_token_loss(hidden, weight, labels, bias=bias,
                                            ignore_index=ignore_index, reduction=reduction)
     flat = labels.reshape(-1).to(torch.int64)
-    rows = ops.masked_token_loss.masked_token_rows(hidden.reshape(-1, hidden.shape[-1]), weight,
-                                                   bias, flat, ignore_index)
-    if reduction == "none":
-        return rows.reshape(labels.shape).to(hidden.dtype)
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    grads = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if reduction == "none" or not grads:
+        rows = ops.masked_token_loss.masked_token_rows(hidden2d, weight, bias, flat,
+                                                       ignore_index)
+        if reduction == "none":
+            return rows.reshape(labels.shape).to(hidden.dtype)
+        total = rows.sum()
+    else:
+        # A scalar loss under autograd: gradients formed in the forward (no recompute).
+        total = ops.masked_token_loss.masked_token_sum(hidden2d, weight, bias, flat,
+                                                       ignore_index)
     if reduction == "sum":
-        return rows.sum().to(hidden.dtype)
+        return total.to(hidden.dtype)
     # All ignored: 0 / 1 = 0 and a zero gradient (see above), without reading the count.
     count = (flat != ignore_index).sum().clamp(min=1)
-    return (rows.sum() / count).to(hidden.dtype)
+    return (total / count).to(hidden.dtype)

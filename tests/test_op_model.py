@@ -204,6 +204,7 @@ def _op_cases():
         "supcon_fwd": (f(5, 6), torch.tensor([0, 1, 0, 1, 2]), t(10.0), True),
         "negative_cosine_fwd": (f(5, 6), torch.randn(5, 6)),
         "masked_token_loss_fwd": (f(5, 6), f(9, 6), f(9), torch.tensor([8, -100, 0, 3, 3]), -100),
+        "masked_token_loss_sum": (f(5, 6), f(9, 6), f(9), torch.tensor([8, -100, 0, 3, 3]), -100),
     }
 
 

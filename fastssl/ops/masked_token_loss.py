@@ -84,6 +84,62 @@ torch.library.register_autograd("fastssl::masked_token_loss_fwd", _backward,
 _library.no_double_backward("masked_token_loss_bwd", "masked_token_loss")
 
 
+# The "sum" / "mean" reductions under autograd: the summed loss and its gradients in one
+# forward (the upstream gradient of a sum is one scalar, so the backward only scales them).
+_library.define("masked_token_loss_sum",
+                "(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, int ignore_index)"
+                " -> (Tensor loss, Tensor dhidden, Tensor dweight, Tensor dbias)")
+# hidden / weight / bias: the output dtypes, and the graph edges that let a double backward
+# reach no_double_backward's error (the saved gradients themselves carry no history).
+_library.define("masked_token_loss_sum_bwd",
+                "(Tensor grad, Tensor hidden, Tensor weight, Tensor? bias, Tensor dhidden, "
+                "Tensor dweight, Tensor dbias) -> (Tensor dhidden, Tensor dweight, Tensor dbias)")
+
+
+@torch.library.register_fake("fastssl::masked_token_loss_sum")
+def _sum_fake(hidden, weight, bias, labels, ignore_index):
+    f32 = dict(dtype=torch.float32)
+    return (hidden.new_empty((), **f32), hidden.new_empty(hidden.shape, **f32),
+            weight.new_empty(weight.shape, **f32), weight.new_empty(_dbias_shape(weight, bias),
+                                                                    **f32))
+
+
+def _scale_grads(grad, hidden, weight, bias, dhidden, dweight, dbias):
+    g = grad.to(torch.float32)
+    # fp32 products, one rounding to the inputs' dtype (the saved gradients are fp32).
+    bias_dtype = bias.dtype if bias is not None else weight.dtype
+    return ((dhidden * g).to(hidden.dtype), (dweight * g).to(weight.dtype),
+            (dbias * g).to(bias_dtype))
+
+
+torch.library.register_kernel("fastssl::masked_token_loss_sum_bwd", ("cpu", "cuda"),
+                              _scale_grads)
+
+
+@torch.library.register_fake("fastssl::masked_token_loss_sum_bwd")
+def _sum_bwd_fake(grad, hidden, weight, bias, dhidden, dweight, dbias):
+    return (torch.empty_like(hidden), torch.empty_like(weight),
+            dbias.new_empty(dbias.shape, dtype=bias.dtype if bias is not None else weight.dtype))
+
+
+def _sum_setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, ignore_index = inputs
+    ctx.save_for_backward(hidden, weight, bias, *output[1:])
+    ctx.has_bias = bias is not None
+
+
+def _sum_backward(ctx, grad_loss, _gdh, _gdw, _gdb):
+    dh, dw, db = torch.ops.fastssl.masked_token_loss_sum_bwd(grad_loss, *ctx.saved_tensors)
+    need = ctx.needs_input_grad
+    return (dh if need[0] else None, dw if need[1] else None,
+            db if (ctx.has_bias and need[2]) else None, None, None)
+
+
+torch.library.register_autograd("fastssl::masked_token_loss_sum", _sum_backward,
+                                setup_context=_sum_setup_context)
+_library.no_double_backward("masked_token_loss_sum_bwd", "masked_token_loss")
+
+
 # ---------------------------------------------------------------------------------------
 # CUDA kernels (Triton)
 # ---------------------------------------------------------------------------------------
@@ -289,6 +345,22 @@ def masked_token_loss_fwd_triton(hidden, weight, bias, labels, ignore_index: int
 
 @_library.triton_kernel("masked_token_loss_bwd")
 def masked_token_loss_bwd_triton(grad, hidden, weight, bias, labels, lse, ignore_index: int):
+    dh, dw, db = _bwd_fp32(grad, hidden, weight, bias, labels, lse, ignore_index)
+    db = db.to(bias.dtype) if bias is not None else db.to(weight.dtype)
+    return dh.to(hidden.dtype), dw.to(weight.dtype), db
+
+
+@_library.triton_kernel("masked_token_loss_sum")
+def masked_token_loss_sum_triton(hidden, weight, bias, labels, ignore_index: int):
+    """The GPU keeps the recompute: the forward kernel, then the dH and dW kernels under a unit
+    upstream gradient (each program owns what it writes, so the logits are recomputed per
+    kernel; no [rows, V] buffer)."""
+    loss, lse = masked_token_loss_fwd_triton(hidden, weight, bias, labels, ignore_index)
+    ones = torch.ones(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    return (loss.sum(),) + _bwd_fp32(ones, hidden, weight, bias, labels, lse, ignore_index)
+
+
+def _bwd_fp32(grad, hidden, weight, bias, labels, lse, ignore_index):
     hidden, weight = hidden.contiguous(), weight.contiguous()
     labels, lse = labels.contiguous(), lse.contiguous()
     g = grad.to(torch.float32).contiguous()
@@ -310,8 +382,7 @@ def masked_token_loss_bwd_triton(grad, hidden, weight, bias, labels, lse, ignore
         g, hidden, weight, b, labels, order, n_valid, lse, dw, db if bias is not None else dw,
         v, h, hidden.stride(0), weight.stride(0), BLOCK_P=bp, BLOCK_V=bv, BLOCK_K=bk,
         num_warps=nw, num_stages=ns, **common)
-    db = db.to(bias.dtype) if bias is not None else db.to(weight.dtype)
-    return dh.to(hidden.dtype), dw.to(weight.dtype), db
+    return dh, dw, db
 
 
 def _aot_entries():
@@ -359,4 +430,12 @@ def masked_token_rows(hidden, weight, bias, labels, ignore_index: int):
     """Per-row losses (R,) fp32, 0 at ignored rows."""
     loss, _lse = torch.ops.fastssl.masked_token_loss_fwd(hidden, weight, bias, labels,
                                                           ignore_index)
+    return loss
+
+
+def masked_token_sum(hidden, weight, bias, labels, ignore_index: int):
+    """Sum of the per-row losses (0-d fp32); its gradients are formed in the forward and
+    saved (O(R H + V H) fp32), the backward scales them by the upstream scalar."""
+    loss, _dh, _dw, _db = torch.ops.fastssl.masked_token_loss_sum(hidden, weight, bias, labels,
+                                                                  ignore_index)
     return loss

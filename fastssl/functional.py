@@ -478,7 +478,10 @@ def masked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     (``F.cross_entropy`` gives NaN there, which would poison the weights through the
     optimizer; raising instead would need a host sync per step on a GPU to read the count).
     The kernels stream the vocabulary in tiles with an online log-sum-exp and keep O(rows)
-    state; the backward recomputes the tiles. Memory: O(rows x H + V x H) instead of
+    state. With ``reduction="mean"`` or ``"sum"`` and a gradient needed, the gradients are
+    formed in the forward (the CPU kernel then runs three GEMMs, no recompute) and saved in
+    fp32, so the backward only scales them; ``reduction="none"`` backward recomputes the
+    tiles. Memory: O(rows x H + V x H) instead of
     O(rows x V) (at 4,096 positions and V = 30,522, one fp32 logits copy is 500 MB).
 
     Args:

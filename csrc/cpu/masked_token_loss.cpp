@@ -4,12 +4,14 @@
 //   s_iv = h_i . w_v + b_v,   loss_i = LSE_v s_iv - s_i,y_i   for the P rows with y_i != ignore,
 //   ds_iv = g_i (exp(s_iv - lse_i) - [v = y_i]),  dH = ds W,  dW = ds^T H,  db = colsum(ds).
 //
-// The P valid rows are gathered first into an fp32 matrix A (P x H): the hot spot is four
-// P x V x H GEMMs (forward: s; backward: the recomputed s, then dH and dW from it; eager
-// PyTorch does three, plus passes over [P, V] buffers), done with gemm_rm on cache-sized tiles, each followed by its epilogue (online LSE, or the softmax
-// gradient) while the tile is in cache. The logits tile (rows x vocabulary columns) is the only
-// buffer that grows with V; the [P, V] logits are never formed (an fp32 copy is 500 MB at
-// P = 4,096, V = 30,522).
+// The P valid rows are gathered first into an fp32 matrix A (P x H). masked_token_loss_sum (the
+// "sum" / "mean" reductions under autograd) does three P x V x H GEMMs in its one pass (its
+// comment below has the blocking); the fwd / bwd pair (reduction "none") does four (forward:
+// s; backward: the recomputed s, then dH and dW from it; eager PyTorch does three, plus passes
+// over [P, V] buffers), done with gemm_rm on cache-sized tiles, each followed by its epilogue
+// (online LSE, or the softmax gradient) while the tile is in cache. In the fwd / bwd pair the
+// logits tile (rows x vocabulary columns) is the only buffer that grows with V; the [P, V]
+// logits are never formed (an fp32 copy is 500 MB at P = 4,096, V = 30,522).
 //
 // Work units do not depend on the thread count, and every sum runs in a fixed order:
 //  * forward: a unit is a block of kFwdRows rows, which walks all vocabulary tiles in order

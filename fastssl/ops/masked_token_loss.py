@@ -12,17 +12,28 @@ Ops (CPU kernel ``csrc/cpu/masked_token_loss.cpp``, CUDA kernels below):
   -> (dhidden [R, H], dweight [V, H], dbias [V] or [0] without a bias)``, in the inputs'
   dtypes; ignored rows get a zero gradient.
 
-Saved-tensor contract (both devices): hidden, weight, bias, labels and ``lse`` (R floats):
-O(R + V H), never O(R V). The backward recomputes every logit tile once per kernel that
-needs it, with dlogits = g_i (softmax_i(v) - [v = y_i]) (the -1 folded in fp32 before any
-down-cast).
+* ``masked_token_loss_sum(hidden, weight, bias?, labels, ignore_index) -> (loss [] fp32,
+  dhidden [R, H] fp32, dweight [V, H] fp32, dbias [V] or [0] fp32)``: the sum of the rows'
+  losses and its gradients, formed in the forward (the public function uses it for the "sum"
+  and "mean" reductions when a gradient is needed: the upstream gradient is then one scalar);
+* ``masked_token_loss_sum_bwd(grad [], hidden, weight, bias?, dhidden, dweight, dbias) ->
+  (dhidden, dweight, dbias)`` in the inputs' dtypes: the saved gradients times ``grad``.
 
-Cost (GEMM-equivalents of 2 P V H FLOPs, P = non-ignored rows): forward 1 (logits) ; backward
-CPU 3 (recompute + dH + dW from one recompute per tile) ; backward Triton 4 (the dH kernel and
-the dW kernel each recompute their tiles: each program owns the rows, or the vocabulary
-columns, that it writes, so no two programs add into the same gradient -- deterministic, no
-atomics; Cut Cross-Entropy and Liger trade that for atomics or a [chunk, V] buffer). An
-eager PyTorch head costs 3 plus several passes over [P, V] fp32 buffers.
+Saved-tensor contract (both devices): ``_fwd``: hidden, weight, bias, labels and ``lse`` (R
+floats): O(R + V H), never O(R V). ``_sum``: the three fp32 gradients (O(R H + V H), the
+inputs' size in fp32) and hidden / weight / bias (dtypes; no copy). The ``_bwd`` kernels
+recompute every logit tile once per kernel that needs it, with dlogits = g_i (softmax_i(v) -
+[v = y_i]) (the -1 folded in fp32 before any down-cast).
+
+Cost (GEMM-equivalents of 2 P V H FLOPs, P = non-ignored rows): ``_sum`` on the CPU 3 in all
+(logits, dH, dW: each row block's logits over the whole vocabulary stay in a bounded buffer
+while its LSE is formed, then become dlogits in place; csrc/cpu/masked_token_loss.cpp), on the
+GPU 5 (the forward kernel and the two backward kernels below, under a unit gradient); ``_fwd``
+1 (logits); ``_bwd`` CPU 3 (recompute + dH + dW from one recompute per tile); ``_bwd`` Triton
+4 (the dH kernel and the dW kernel each recompute their tiles: each program owns the rows, or
+the vocabulary columns, that it writes, so no two programs add into the same gradient --
+deterministic, no atomics; Cut Cross-Entropy and Liger trade that for atomics or a [chunk, V]
+buffer). An eager PyTorch head costs 3 plus several passes over [P, V] fp32 buffers.
 
 Ignored rows cost nothing on the GPU without a host sync: the launcher orders the row indices
 valid-first with a stable device sort and passes the valid count as a device tensor; programs

@@ -348,9 +348,13 @@ def test_scalar_loss_does_not_recompute_in_the_backward():
 
     with Spy():
         loss = fastssl.masked_token_loss(xs[0], xs[1], labels, bias=xs[2], backend="cpp")
+        n_forward = len(called)
         loss.backward()
     ours = [c for c in called if "masked_token" in c]
     assert ours == ["fastssl.masked_token_loss_sum", "fastssl.masked_token_loss_sum_bwd"], ours
+    # Nor zero-filled gradients for the op's gradient outputs (a [V, H] fp32 buffer each step).
+    zeros = [c for c in called[n_forward:] if "zero" in c or "full" in c]
+    assert not zeros, zeros
     with torch.no_grad():  # no gradient needed: the loss-only forward
         called.clear()
         with Spy():

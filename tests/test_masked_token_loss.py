@@ -158,8 +158,8 @@ def test_cpp_equals_triton_interpreter():
 @needs_cpp
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_thread_count_does_not_change_bits(reduction):
-    # "mean": gradients formed in the forward (two row blocks of 256 and 42 rows, 5 vocabulary
-    # tiles in 4 splits); "none": the forward, then the recomputing backward.
+    # "mean": gradients formed in the forward (two row blocks of 256 and 42 rows, 3 vocabulary
+    # tiles in 2 splits); "none": the forward, then the recomputing backward.
     hidden, weight, b, labels = _inputs(300, 40, 1100, ignored=[7, 8])
     before = torch.get_num_threads()
     outs = []

@@ -12,16 +12,17 @@ acceptance case is P = 4,096, fp32, forward + backward, 2 threads: fused >= 1.5x
 compiled, extra memory <= 1/8 of eager's.
 
 Measured (`fastssl bench --op masked_token_loss --sizes 4096 --modes both --repeat 3 --device
-cpu`, one run, 2 threads, load average 1.2-1.5): fused 3.93 s / 312 MB, eager 4.45 s / 1.43
-GB, compiled 3.93 s / 578 MB: 1.13x eager, 1.00x compiled (time bars NOT met), memory 1/4.6 of
-eager's (bar NOT met; the recomputing version, 4 GEMMs, measured 0.70x / 0.61x at 1/8.4, at
-load 19-30). Time: one fp32 P x V x H GEMM took 1.36 s here (torch.mm, 2 threads), so the 3
-GEMMs alone are ~4.1 s at eager's GEMM rate: the fused kernel is at that bound, and 1.5x eager
-(2.97 s) or 1.2x compiled (3.3 s) would need fewer GEMM FLOPs than any exact implementation
-does -- the bars look out of reach in fp32 on this CPU. Memory: the saved fp32 dW (V x H, 94 MB)
-and the scaled copy the backward returns (weight.grad, 94 MB) are alive together in the
-backward, already above 1/8 of eager (179 MB); scaling the saved dW in place would need a
-mutating backward schema (not done)."""
+cpu`, 2 threads, load average 1.0-1.6, 512-wide vocabulary tiles): fused 3.53 s / 210 MB, eager
+3.74 s / 1.43 GB, compiled 3.81 s / 578 MB: 1.06x eager, 1.08x compiled (time bars NOT met),
+memory 1/6.8 of eager's (bar NOT met). Runs vary by ~10%: with 256-wide tiles two runs gave
+1.13x / 1.00x and 0.92x / 0.88x. (The recomputing version, 4 GEMMs, measured 0.70x / 0.61x at
+1/8.4, at load 19-30.) Time: the fused op is at ~2.85 times one fp32 P x V x H torch.mm
+(1.05-1.36 s here, 2 threads), i.e. at the 3-GEMM bound of eager's GEMM rate; 1.5x eager or 1.2x
+compiled would need fewer GEMM FLOPs than any exact implementation does (eager's own 3.74 s is
+little more than its 3 GEMMs) -- out of reach in fp32 on this CPU. Memory: the saved fp32 dW and
+dH (107 MB) and the scaled copies the backward returns (weight.grad, hidden.grad: 107 MB) are
+alive together in the backward, already above 1/8 of eager (179 MB); scaling the saved gradients
+in place would need a mutating backward schema (not done)."""
 from __future__ import annotations
 
 import torch

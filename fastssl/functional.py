@@ -480,7 +480,10 @@ def masked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     (``F.cross_entropy`` gives NaN there, which would poison the weights through the
     optimizer; raising instead would need a host sync per step on a GPU to read the count).
     The kernels stream the vocabulary in tiles with an online log-sum-exp and keep O(rows)
-    state; the backward recomputes the tiles. Memory: O(rows x H + V x H) instead of
+    state. With ``reduction="mean"`` or ``"sum"`` and a gradient needed, the gradients are
+    formed in the forward (the CPU kernel then runs three GEMMs, no recompute) and saved in
+    fp32, so the backward only scales them; ``reduction="none"`` backward recomputes the
+    tiles. Memory: O(rows x H + V x H) instead of
     O(rows x V) (at 4,096 positions and V = 30,522, one fp32 logits copy is 500 MB).
 
     Args:
@@ -547,15 +550,25 @@ def masked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
         return reference.masked_token_loss(hidden, weight, labels, bias=bias,
                                            ignore_index=ignore_index, reduction=reduction)
     flat = labels.reshape(-1).to(torch.int64)
-    rows = ops.masked_token_loss.masked_token_rows(hidden.reshape(-1, hidden.shape[-1]), weight,
-                                                   bias, flat, ignore_index)
-    if reduction == "none":
-        return rows.reshape(labels.shape).to(hidden.dtype)
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    grads = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if reduction == "none" or not grads:
+        rows = ops.masked_token_loss.masked_token_rows(hidden2d, weight, bias, flat,
+                                                       ignore_index)
+        if reduction == "none":
+            return rows.reshape(labels.shape).to(hidden.dtype)
+        total = rows.sum()
+    else:
+        # A scalar loss under autograd: gradients formed in the forward (no recompute).
+        total = ops.masked_token_loss.masked_token_sum(hidden2d, weight, bias, flat,
+                                                       ignore_index)
     if reduction == "sum":
-        return rows.sum().to(hidden.dtype)
+        return total.to(hidden.dtype)
     # All ignored: 0 / 1 = 0 and a zero gradient (see above), without reading the count.
     count = (flat != ignore_index).sum().clamp(min=1)
-    return (rows.sum() / count).to(hidden.dtype)
+    return (total / count).to(hidden.dtype)
+
 
 # Redundancy reduction: Barlow Twins, VICReg                        [issue 14, item 2]
 # ---------------------------------------------------------------------------------------

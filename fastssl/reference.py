@@ -468,7 +468,7 @@ def masked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     (0 with a zero gradient when every position is ignored, where F.cross_entropy gives NaN),
     "sum", or "none" (shape of labels, 0 at ignored positions)."""
     logits = F.linear(hidden.reshape(-1, hidden.shape[-1]), weight, bias)
-    flat = labels.reshape(-1)
+    flat = labels.reshape(-1).long()
     rows = F.cross_entropy(logits, flat, ignore_index=ignore_index, reduction="none")
     if reduction == "none":
         return rows.reshape(labels.shape)

@@ -156,7 +156,10 @@ def test_cpp_equals_triton_interpreter():
 
 
 @needs_cpp
-def test_thread_count_does_not_change_bits():
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_thread_count_does_not_change_bits(reduction):
+    # "mean": gradients formed in the forward (two row blocks of 256 and 42 rows, 3 vocabulary
+    # tiles in 2 splits); "none": the forward, then the recomputing backward.
     hidden, weight, b, labels = _inputs(300, 40, 1100, ignored=[7, 8])
     before = torch.get_num_threads()
     outs = []
@@ -164,8 +167,9 @@ def test_thread_count_does_not_change_bits():
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             xs = [t.float().requires_grad_() for t in (hidden, weight, b)]
-            loss = fastssl.masked_token_loss(xs[0], xs[1], labels, bias=xs[2], backend="cpp")
-            loss.backward()
+            loss = fastssl.masked_token_loss(xs[0], xs[1], labels, bias=xs[2], backend="cpp",
+                                             reduction=reduction)
+            loss.sum().backward()
             outs.append([loss.detach()] + [x.grad for x in xs])
     finally:
         torch.set_num_threads(before)
@@ -183,6 +187,9 @@ def test_opcheck(backend):
                               (hidden, weight, bias, labels, -100))
         torch.library.opcheck(torch.ops.fastssl.masked_token_loss_fwd,
                               (hidden, weight, None, labels, -100))
+        for b in (bias, None):
+            torch.library.opcheck(torch.ops.fastssl.masked_token_loss_sum,
+                                  (hidden, weight, b, labels, -100))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -265,3 +272,91 @@ def test_bad_labels_under_compile_raise_without_a_host_read():
     assert torch.isfinite(fn(h, w, torch.tensor([1, 2, -100, 29])))
     with pytest.raises(RuntimeError, match=r"labels must be in \[0, 30\)"):
         fn(h, w, torch.tensor([1, 2, -100, 30]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_label_dtypes(backend):
+    hidden, weight, b, labels = _inputs(6, 9, 40, ignored=[2])
+    h, w = hidden.float(), weight.float()
+    want = fastssl.masked_token_loss(h, w, labels, backend=backend)
+    for dt in (torch.int32, torch.int16):
+        got = fastssl.masked_token_loss(h, w, labels.to(dt), backend=backend)
+        torch.testing.assert_close(got, want)
+
+
+def _run_scalar(fn, hidden, weight, bias, labels, dtype, reduction, **kw):
+    xs = [t.to(dtype).detach().clone().requires_grad_() if t is not None else None
+          for t in (hidden, weight, bias)]
+    out = fn(xs[0], xs[1], labels, bias=xs[2], reduction=reduction, **kw)
+    (out * 1.375).backward()
+    return [out.detach()] + [x.grad if x is not None else None for x in xs]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p,h,v", [(1, 3, 7), (3, 300, 1000), (257, 200, 1000)])
+def test_scalar_loss_gradients_from_the_forward_vs_fp64(p, h, v, dtype, reduction, backend):
+    """reduction "mean" / "sum" under autograd: masked_token_loss_sum forms the gradients in
+    the forward (C++: 257 valid rows are two row blocks of the whole vocabulary), the backward
+    scales them by the upstream scalar; loss and gradients against the fp64 truth."""
+    if backend == "triton" and p * h * v > 10_000_000 and dtype != torch.float32:
+        pytest.skip("interpreter time: the largest shape runs in fp32 only")
+    hidden, weight, b, labels = _inputs(p, h, v, bias=p != 3, ignored=[1] if p > 2 else [])
+    rounded = [t.to(dtype).double() if t is not None else None for t in (hidden, weight, b)]
+    with kernels(backend):
+        fused = _run_scalar(lambda *a, **k: fastssl.masked_token_loss(*a, backend=backend, **k),
+                            *rounded, labels, dtype, reduction)
+    truth = _run_scalar(reference.masked_token_loss, *rounded, labels, torch.float64, reduction)
+    lowp = _run_scalar(reference.masked_token_loss, *rounded, labels, dtype, reduction)
+    for name, f, t, lp in zip(("loss", "dhidden", "dweight", "dbias"), fused, truth, lowp):
+        if t is None:
+            assert f is None
+            continue
+        assert f.dtype == dtype, f"{name}: dtype {f.dtype}"
+        assert_close_to_truth(f"masked_token_loss {reduction} {name}", f.reshape(t.shape), t,
+                              lp, dtype)
+
+
+@needs_cpp
+def test_scalar_loss_past_the_logits_block_budget_takes_two_passes():
+    # V = 530,000: not even 16 rows of logits fit the C++ block budget (8 Mi floats), so the
+    # gradients come from the forward + recomputing backward inside the op; same contract.
+    hidden, weight, b, labels = _inputs(5, 3, 530_000, ignored=[2])
+    fused = _run_scalar(lambda *a, **k: fastssl.masked_token_loss(*a, backend="cpp", **k),
+                        hidden, weight, b, labels, torch.float32, "mean")
+    truth = _run_scalar(reference.masked_token_loss, hidden, weight, b, labels, torch.float64,
+                        "mean")
+    lowp = _run_scalar(reference.masked_token_loss, hidden, weight, b, labels, torch.float32,
+                       "mean")
+    for name, f, t, lp in zip(("loss", "dhidden", "dweight", "dbias"), fused, truth, lowp):
+        assert_close_to_truth(f"masked_token_loss two-pass {name}", f, t, lp, torch.float32)
+
+
+@needs_cpp
+def test_scalar_loss_does_not_recompute_in_the_backward():
+    """With a gradient needed and a scalar reduction, the forward runs masked_token_loss_sum
+    and the backward only its scaling op (no masked_token_loss_bwd: no logit recompute)."""
+    hidden, weight, b, labels = _inputs(7, 10, 30, ignored=[2])
+    xs = [t.float().requires_grad_() for t in (hidden, weight, b)]
+    called = []
+
+    class Spy(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            called.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        loss = fastssl.masked_token_loss(xs[0], xs[1], labels, bias=xs[2], backend="cpp")
+        n_forward = len(called)
+        loss.backward()
+    ours = [c for c in called if "masked_token" in c]
+    assert ours == ["fastssl.masked_token_loss_sum", "fastssl.masked_token_loss_sum_bwd"], ours
+    # Nor zero-filled gradients for the op's gradient outputs (a [V, H] fp32 buffer each step).
+    zeros = [c for c in called[n_forward:] if "zero" in c or "full" in c]
+    assert not zeros, zeros
+    with torch.no_grad():  # no gradient needed: the loss-only forward
+        called.clear()
+        with Spy():
+            fastssl.masked_token_loss(xs[0], xs[1], labels, bias=xs[2], backend="cpp")
+        assert [c for c in called if "masked_token" in c] == ["fastssl.masked_token_loss_fwd"]

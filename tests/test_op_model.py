@@ -239,6 +239,7 @@ def _op_cases():
         "barlow_twins_fwd_tiled": (f(9, 4), f(9, 4), 0.3, False, 2),
         "vicreg_fwd": (f(5, 6), f(5, 6), 25.0, 25.0, 1.0, 1e-4, 1),
         "vicreg_fwd_tiled": (f(9, 4), f(9, 4), 25.0, 25.0, 1.0, 1e-4, 2),
+        "masked_token_loss_sum": (f(5, 6), f(9, 6), f(9), torch.tensor([8, -100, 0, 3, 3]), -100),
     }
 
 

@@ -4,12 +4,14 @@
 //   s_iv = h_i . w_v + b_v,   loss_i = LSE_v s_iv - s_i,y_i   for the P rows with y_i != ignore,
 //   ds_iv = g_i (exp(s_iv - lse_i) - [v = y_i]),  dH = ds W,  dW = ds^T H,  db = colsum(ds).
 //
-// The P valid rows are gathered first into an fp32 matrix A (P x H): the hot spot is three
-// P x V x H GEMMs (forward: s; backward: the recomputed s, then dH and dW from it), done with
-// gemm_rm on cache-sized tiles, each followed by its epilogue (online LSE, or the softmax
-// gradient) while the tile is in cache. The logits tile (rows x vocabulary columns) is the only
-// buffer that grows with V; the [P, V] logits are never formed (an fp32 copy is 500 MB at
-// P = 4,096, V = 30,522).
+// The P valid rows are gathered first into an fp32 matrix A (P x H). masked_token_loss_sum (the
+// "sum" / "mean" reductions under autograd) does three P x V x H GEMMs in its one pass (its
+// comment below has the blocking); the fwd / bwd pair (reduction "none") does four (forward:
+// s; backward: the recomputed s, then dH and dW from it; eager PyTorch does three, plus passes
+// over [P, V] buffers), done with gemm_rm on cache-sized tiles, each followed by its epilogue
+// (online LSE, or the softmax gradient) while the tile is in cache. In the fwd / bwd pair the
+// logits tile (rows x vocabulary columns) is the only buffer that grows with V; the [P, V]
+// logits are never formed (an fp32 copy is 500 MB at P = 4,096, V = 30,522).
 //
 // Work units do not depend on the thread count, and every sum runs in a fixed order:
 //  * forward: a unit is a block of kFwdRows rows, which walks all vocabulary tiles in order
@@ -30,6 +32,12 @@ constexpr int64_t kBwdRows = 128, kBwdCols = 512;  // backward tile: 256 KB
 // Partial dH buffers of the backward: NS x P x H floats at most this many (64 MB), NS a power
 // of two <= 8 (2, 4 or 8 units balance 2, 4 or 8 threads).
 constexpr int64_t kPartialFloats = int64_t{16} << 20;
+// masked_token_loss_sum: vocabulary tile width, and the rows-by-whole-vocabulary logits block:
+// at most kLogitsFloats floats (32 MB), 16 to 256 rows.
+// 256 x 512 tiles: the sum op took 2.85 torch.mm times at BERT-base, 256 x 256 tiles 3.18.
+constexpr int64_t kGradCols = 512;
+constexpr int64_t kMaxGradRows = 256, kMinGradRows = 16;
+constexpr int64_t kLogitsFloats = int64_t{8} << 20;
 
 FASTSSL_SIMD_CLONES
 void add_bias_rows(float* __restrict s, int64_t rows, int64_t cols, const float* __restrict b) {
@@ -156,8 +164,10 @@ std::tuple<at::Tensor, at::Tensor> masked_token_loss_fwd_cpu(
   return {loss, lse};
 }
 
-// Returns (dhidden [R, H], dweight [V, H], dbias [V] or [0]) in the inputs' dtypes.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_token_loss_bwd_cpu(
+namespace {
+
+// (dhidden [R, H], dweight [V, H], dbias [V] or [0]), all fp32.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_fp32(
     const at::Tensor& grad, const at::Tensor& hidden, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& labels, const at::Tensor& lse,
     int64_t ignore_index) {
@@ -170,13 +180,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_token_loss_bwd_cpu(
   at::Tensor dw = at::zeros({v, h}, f32);
   at::Tensor db = at::zeros({bias.has_value() ? v : 0}, f32);
   at::Tensor dh = at::zeros({r, h}, f32);
-  const auto out_dtype = [&](const at::Tensor& t, at::ScalarType st) {
-    return t.scalar_type() == st ? t : t.to(st);
-  };
-  if (p == 0) {
-    return {out_dtype(dh, hidden.scalar_type()), out_dtype(dw, weight.scalar_type()),
-            out_dtype(db, bias.has_value() ? bias->scalar_type() : weight.scalar_type())};
-  }
+  if (p == 0) return {dh, dw, db};
   // Per valid row: its incoming gradient and saved lse, in the gathered order.
   const at::Tensor g_all = grad.to(at::kFloat).contiguous();
   const at::Tensor lse_all = lse.to(at::kFloat).contiguous();
@@ -234,8 +238,146 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_token_loss_bwd_cpu(
       }
     }
   });
-  return {out_dtype(dh, hidden.scalar_type()), out_dtype(dw, weight.scalar_type()),
-          out_dtype(db, bias.has_value() ? bias->scalar_type() : weight.scalar_type())};
+  return {dh, dw, db};
+}
+
+at::Tensor to_dtype(const at::Tensor& t, at::ScalarType st) {
+  return t.scalar_type() == st ? t : t.to(st);
+}
+
+}  // namespace
+
+// Returns (dhidden [R, H], dweight [V, H], dbias [V] or [0]) in the inputs' dtypes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_token_loss_bwd_cpu(
+    const at::Tensor& grad, const at::Tensor& hidden, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& labels, const at::Tensor& lse,
+    int64_t ignore_index) {
+  auto [dh, dw, db] = bwd_fp32(grad, hidden, weight, bias, labels, lse, ignore_index);
+  return {to_dtype(dh, hidden.scalar_type()), to_dtype(dw, weight.scalar_type()),
+          to_dtype(db, bias.has_value() ? bias->scalar_type() : weight.scalar_type())};
+}
+
+// The summed loss and its gradients in one pass over the vocabulary (reductions "sum" and
+// "mean": the upstream gradient is then one scalar, so the backward only scales these).
+// Returns (loss [] fp32 = sum of the valid rows' losses, dhidden [R, H], dweight [V, H],
+// dbias [V] or [0]: the gradients of that sum, fp32).
+//
+// A unit of the outer (sequential) loop is a block of up to bp rows whose logits over the WHOLE
+// vocabulary stay in one buffer (bp x V fp32, bp from V only: the largest multiple of 16 <= 256
+// within kLogitsFloats). 1. Logit tiles in parallel (each tile's row max and sum), 2. the row
+// LSE combined in tile order, 3. ds = softmax - onehot tile by tile in place, read while in cache
+// by db, dW (the split owning the tile) and the split's partial dH, 4. dH = the partials in split
+// order. Three P x V x H GEMMs, no recompute. The buffer costs bp x V floats (31 MB at V =
+// 30,522) and W is streamed twice per block (plus dW read and written): smaller blocks mean less
+// memory and more weight traffic. When even kMinGradRows rows do not fit (V > 524,288), the two
+// passes of the reduction="none" path run instead (forward, then the backward that recomputes
+// the logits: four GEMMs, no bp x V buffer).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_token_loss_sum_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& labels, int64_t ignore_index) {
+  check_inputs(hidden, weight, bias, labels);  // before V divides anything
+  const int64_t r = hidden.size(0), h = hidden.size(1), v = weight.size(0);
+  auto f32 = hidden.options().dtype(at::kFloat);
+  const int64_t rows_fit = std::min(kMaxGradRows, kLogitsFloats / v / 16 * 16);
+  if (rows_fit < kMinGradRows) {
+    auto [rows_loss, lse] = masked_token_loss_fwd_cpu(hidden, weight, bias, labels, ignore_index);
+    auto [dh, dw, db] = bwd_fp32(at::ones({r}, f32), hidden, weight, bias, labels, lse,
+                                 ignore_index);
+    return {rows_loss.to(at::kDouble).sum().to(at::kFloat), dh, dw, db};
+  }
+  const Head head = stage(hidden, weight, bias, labels, ignore_index);
+  const int64_t p = static_cast<int64_t>(head.rows.size());
+  at::Tensor dw = at::zeros({v, h}, f32);
+  at::Tensor db = at::zeros({bias.has_value() ? v : 0}, f32);
+  at::Tensor dh = at::zeros({r, h}, f32);
+  if (p == 0) return {at::zeros({}, f32), dh, dw, db};
+  const int64_t bp = std::min(rows_fit, p);
+  const int64_t ntiles = (v + kGradCols - 1) / kGradCols;
+  int64_t nsplit = 8;
+  while (nsplit > 1 && nsplit > ntiles) nsplit /= 2;
+  // Tile t of the block's logits starts at bpb * t * kGradCols floats (a multiple of 1 KB, so
+  // every tile is contiguous and 64-byte aligned for MKL), leading dimension its width.
+  at::Tensor logits = at::empty({bp * v}, f32);
+  at::Tensor tile_stats = at::empty({2, ntiles, bp}, f32);  // per tile and row: max, sum
+  at::Tensor partial = at::empty({nsplit, bp, h}, f32);
+  float* lg = logits.data_ptr<float>();
+  float* tmax = tile_stats.data_ptr<float>();
+  float* tsum = tmax + ntiles * bp;
+  float* part = partial.data_ptr<float>();
+  const float* a = head.a.data_ptr<float>();
+  const float* w = head.w.data_ptr<float>();
+  const float* b = head.b.defined() ? head.b.data_ptr<float>() : nullptr;
+  float* dwp = dw.data_ptr<float>();
+  float* dbp = bias.has_value() ? db.data_ptr<float>() : nullptr;
+  float* dhp = dh.data_ptr<float>();
+  std::vector<float> tgt(bp), lse(bp);
+  const std::vector<float> ones(bp, 1.0f);
+  double loss_total = 0.0;
+  for (int64_t i0 = 0; i0 < p; i0 += bp) {
+    const int64_t bpb = std::min(bp, p - i0);
+    // 1. The block's logits, tile by tile, with each tile's (max, sum) per row.
+    at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t v0 = t * kGradCols, bv = std::min(kGradCols, v - v0);
+        float* s = lg + bpb * v0;
+        gemm_rm(false, true, bpb, bv, h, 1.0f, a + i0 * h, h, w + v0 * h, h, 0.0f, s, bv);
+        if (b != nullptr) add_bias_rows(s, bpb, bv, b + v0);
+        float* m = tmax + t * bp;
+        float* sm = tsum + t * bp;
+        std::fill(m, m + bpb, kNegInf);
+        std::fill(sm, sm + bpb, 0.0f);
+        online_lse_tile(s, bpb, bv, m, sm, nullptr, nullptr, nullptr);
+        for (int64_t i = 0; i < bpb; ++i) {  // the one tile holding row i's target writes it
+          const int64_t y = head.target[i0 + i];
+          if (y >= v0 && y < v0 + bv) tgt[i] = s[i * bv + (y - v0)];
+        }
+      }
+    });
+    // 2. Row LSE from the tile statistics in tile order (double: ~120 terms per row).
+    for (int64_t i = 0; i < bpb; ++i) {
+      float m = kNegInf;
+      for (int64_t t = 0; t < ntiles; ++t) m = std::max(m, tmax[t * bp + i]);
+      double sum = 0.0;
+      for (int64_t t = 0; t < ntiles; ++t) {
+        sum += static_cast<double>(tsum[t * bp + i]) *
+               std::exp(static_cast<double>(tmax[t * bp + i]) - m);
+      }
+      const double log_sum = std::log(sum);
+      lse[i] = static_cast<float>(m + log_sum);
+      loss_total += (static_cast<double>(m) - tgt[i]) + log_sum;
+    }
+    // 3. ds = softmax - onehot in place, then db, dW (owned by this split) and partial dH.
+    at::parallel_for(0, nsplit, 1, [&](int64_t s0, int64_t s1) {
+      for (int64_t split = s0; split < s1; ++split) {
+        const int64_t t0 = split * ntiles / nsplit, t1 = (split + 1) * ntiles / nsplit;
+        float* dh_part = part + split * bp * h;
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t v0 = t * kGradCols, bv = std::min(kGradCols, v - v0);
+          float* s = lg + bpb * v0;
+          softmax_grad_rows(s, bpb, bv, lse.data(), ones.data());
+          for (int64_t i = 0; i < bpb; ++i) {
+            const int64_t y = head.target[i0 + i];
+            if (y >= v0 && y < v0 + bv) s[i * bv + (y - v0)] -= 1.0f;
+          }
+          if (dbp != nullptr) add_column_sums(s, bpb, bv, dbp + v0);
+          gemm_rm(false, false, bpb, h, bv, 1.0f, s, bv, w + v0 * h, h, t == t0 ? 0.0f : 1.0f,
+                  dh_part, h);
+          gemm_rm(true, false, bv, h, bpb, 1.0f, s, bv, a + i0 * h, h, 1.0f, dwp + v0 * h, h);
+        }
+      }
+    });
+    // 4. dH of the block's rows = the split partials added in split order.
+    at::parallel_for(0, bpb, 16, [&](int64_t j0, int64_t j1) {
+      for (int64_t i = j0; i < j1; ++i) {
+        float* out = dhp + head.rows[i0 + i] * h;
+        for (int64_t split = 0; split < nsplit; ++split) {
+          const float* src = part + (split * bp + i) * h;
+          for (int64_t k = 0; k < h; ++k) out[k] += src[k];
+        }
+      }
+    });
+  }
+  return {at::scalar_tensor(loss_total, f32), dh, dw, db};
 }
 
 }  // namespace fastssl
@@ -243,4 +385,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_token_loss_bwd_cpu(
 TORCH_LIBRARY_IMPL(fastssl, CPU, m) {
   m.impl("masked_token_loss_fwd", &fastssl::masked_token_loss_fwd_cpu);
   m.impl("masked_token_loss_bwd", &fastssl::masked_token_loss_bwd_cpu);
+  m.impl("masked_token_loss_sum", &fastssl::masked_token_loss_sum_cpu);
 }

@@ -12,17 +12,28 @@ Ops (CPU kernel ``csrc/cpu/masked_token_loss.cpp``, CUDA kernels below):
   -> (dhidden [R, H], dweight [V, H], dbias [V] or [0] without a bias)``, in the inputs'
   dtypes; ignored rows get a zero gradient.
 
-Saved-tensor contract (both devices): hidden, weight, bias, labels and ``lse`` (R floats):
-O(R + V H), never O(R V). The backward recomputes every logit tile once per kernel that
-needs it, with dlogits = g_i (softmax_i(v) - [v = y_i]) (the -1 folded in fp32 before any
-down-cast).
+* ``masked_token_loss_sum(hidden, weight, bias?, labels, ignore_index) -> (loss [] fp32,
+  dhidden [R, H] fp32, dweight [V, H] fp32, dbias [V] or [0] fp32)``: the sum of the rows'
+  losses and its gradients, formed in the forward (the public function uses it for the "sum"
+  and "mean" reductions when a gradient is needed: the upstream gradient is then one scalar);
+* ``masked_token_loss_sum_bwd(grad [], hidden, weight, bias?, dhidden, dweight, dbias) ->
+  (dhidden, dweight, dbias)`` in the inputs' dtypes: the saved gradients times ``grad``.
 
-Cost (GEMM-equivalents of 2 P V H FLOPs, P = non-ignored rows): forward 1 (logits) ; backward
-CPU 3 (recompute + dH + dW from one recompute per tile) ; backward Triton 4 (the dH kernel and
-the dW kernel each recompute their tiles: each program owns the rows, or the vocabulary
-columns, that it writes, so no two programs add into the same gradient -- deterministic, no
-atomics; Cut Cross-Entropy and Liger trade that for atomics or a [chunk, V] buffer). An
-eager PyTorch head costs 3 plus several passes over [P, V] fp32 buffers.
+Saved-tensor contract (both devices): ``_fwd``: hidden, weight, bias, labels and ``lse`` (R
+floats): O(R + V H), never O(R V). ``_sum``: the three fp32 gradients (O(R H + V H), the
+inputs' size in fp32) and hidden / weight / bias (dtypes; no copy). The ``_bwd`` kernels
+recompute every logit tile once per kernel that needs it, with dlogits = g_i (softmax_i(v) -
+[v = y_i]) (the -1 folded in fp32 before any down-cast).
+
+Cost (GEMM-equivalents of 2 P V H FLOPs, P = non-ignored rows): ``_sum`` on the CPU 3 in all
+(logits, dH, dW: each row block's logits over the whole vocabulary stay in a bounded buffer
+while its LSE is formed, then become dlogits in place; csrc/cpu/masked_token_loss.cpp), on the
+GPU 5 (the forward kernel and the two backward kernels below, under a unit gradient); ``_fwd``
+1 (logits); ``_bwd`` CPU 3 (recompute + dH + dW from one recompute per tile); ``_bwd`` Triton
+4 (the dH kernel and the dW kernel each recompute their tiles: each program owns the rows, or
+the vocabulary columns, that it writes, so no two programs add into the same gradient --
+deterministic, no atomics; Cut Cross-Entropy and Liger trade that for atomics or a [chunk, V]
+buffer). An eager PyTorch head costs 3 plus several passes over [P, V] fp32 buffers.
 
 Ignored rows cost nothing on the GPU without a host sync: the launcher orders the row indices
 valid-first with a stable device sort and passes the valid count as a device tensor; programs
@@ -82,6 +93,67 @@ def _backward(ctx, grad_loss, _glse):
 torch.library.register_autograd("fastssl::masked_token_loss_fwd", _backward,
                                 setup_context=_setup_context)
 _library.no_double_backward("masked_token_loss_bwd", "masked_token_loss")
+
+
+# The "sum" / "mean" reductions under autograd: the summed loss and its gradients in one
+# forward (the upstream gradient of a sum is one scalar, so the backward only scales them).
+_library.define("masked_token_loss_sum",
+                "(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, int ignore_index)"
+                " -> (Tensor loss, Tensor dhidden, Tensor dweight, Tensor dbias)")
+# hidden / weight / bias: the output dtypes, and the graph edges that let a double backward
+# reach no_double_backward's error (the saved gradients themselves carry no history).
+_library.define("masked_token_loss_sum_bwd",
+                "(Tensor grad, Tensor hidden, Tensor weight, Tensor? bias, Tensor dhidden, "
+                "Tensor dweight, Tensor dbias) -> (Tensor dhidden, Tensor dweight, Tensor dbias)")
+
+
+@torch.library.register_fake("fastssl::masked_token_loss_sum")
+def _sum_fake(hidden, weight, bias, labels, ignore_index):
+    f32 = dict(dtype=torch.float32)
+    return (hidden.new_empty((), **f32), hidden.new_empty(hidden.shape, **f32),
+            weight.new_empty(weight.shape, **f32), weight.new_empty(_dbias_shape(weight, bias),
+                                                                    **f32))
+
+
+def _scale_grads(grad, hidden, weight, bias, dhidden, dweight, dbias):
+    g = grad.to(torch.float32)
+    # fp32 products, one rounding to the inputs' dtype (the saved gradients are fp32).
+    bias_dtype = bias.dtype if bias is not None else weight.dtype
+    return ((dhidden * g).to(hidden.dtype), (dweight * g).to(weight.dtype),
+            (dbias * g).to(bias_dtype))
+
+
+torch.library.register_kernel("fastssl::masked_token_loss_sum_bwd", ("cpu", "cuda"),
+                              _scale_grads)
+
+
+@torch.library.register_fake("fastssl::masked_token_loss_sum_bwd")
+def _sum_bwd_fake(grad, hidden, weight, bias, dhidden, dweight, dbias):
+    return (torch.empty_like(hidden), torch.empty_like(weight),
+            dbias.new_empty(dbias.shape, dtype=bias.dtype if bias is not None else weight.dtype))
+
+
+def _sum_setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, ignore_index = inputs
+    ctx.save_for_backward(hidden, weight, bias, *output[1:])
+    ctx.has_bias = bias is not None
+    # The gradient outputs have no gradient of their own: without this, autograd would hand
+    # the backward zero-filled [V, H] / [R, H] fp32 gradients for them (~100 MB at BERT-base).
+    ctx.set_materialize_grads(False)
+
+
+def _sum_backward(ctx, grad_loss, _gdh, _gdw, _gdb):
+    if grad_loss is None:  # only the gradient outputs were used: they carry no gradient
+        return None, None, None, None, None
+    dh, dw, db = torch.ops.fastssl.masked_token_loss_sum_bwd(grad_loss, *ctx.saved_tensors)
+    need = ctx.needs_input_grad
+    return (dh if need[0] else None, dw if need[1] else None,
+            db if (ctx.has_bias and need[2]) else None, None, None)
+
+
+torch.library.register_autograd("fastssl::masked_token_loss_sum", _sum_backward,
+                                setup_context=_sum_setup_context)
+_library.no_double_backward("masked_token_loss_sum_bwd", "masked_token_loss")
 
 
 # ---------------------------------------------------------------------------------------
@@ -245,9 +317,15 @@ def mtl_bwd_dw_kernel(g_ptr, h_ptr, w_ptr, b_ptr, y_ptr, order_ptr, nvalid_ptr, 
         tl.store(db_ptr + cols, dbias, mask=cmask)
 
 
-# (BLOCK_P, BLOCK_V, BLOCK_K, num_warps, num_stages) per kernel: accumulators of 64 x 64 fp32
-# (32 per thread at 4 warps) plus the H-chunk operands.
-TILES = {"fwd": (64, 64, 64, 4, 3), "dh": (64, 64, 64, 4, 2), "dw": (64, 64, 64, 4, 2)}
+# (BLOCK_P, BLOCK_V, BLOCK_K, num_warps, num_stages) per (kernel, fp32 inputs?), from the
+# ahead-of-time sweep (`fastssl gpu-report --only masked_token_loss`, triton 3.9, H = 768):
+# 64 x 64 x 64 at 4 warps spilled 336-3,956 B everywhere (the gathered-row pointer tiles and
+# the masks are [64, 64] each); BLOCK_K = 32 at 8 warps holds 128-248 registers with 0 spills
+# on sm_80 and sm_90, except fp32 (bf16x3 splits each operand into three) dh / dw on sm_80
+# (16 / 228 B), which take 32-row blocks.
+TILES = {("fwd", False): (64, 64, 32, 8, 2), ("dh", False): (64, 64, 32, 8, 2),
+         ("dw", False): (64, 64, 32, 8, 2), ("fwd", True): (64, 64, 32, 8, 2),
+         ("dh", True): (32, 64, 32, 8, 2), ("dw", True): (32, 64, 32, 8, 2)}
 
 
 def _prologue(hidden, labels, ignore_index):
@@ -272,7 +350,7 @@ def masked_token_loss_fwd_triton(hidden, weight, bias, labels, ignore_index: int
     loss = torch.zeros(r, dtype=torch.float32, device=hidden.device)
     lse = torch.zeros(r, dtype=torch.float32, device=hidden.device)
     order, n_valid = _prologue(hidden, labels, ignore_index)
-    bp, bv, bk, nw, ns = TILES["fwd"]
+    bp, bv, bk, nw, ns = TILES["fwd", hidden.dtype == torch.float32]
     b = bias.contiguous() if bias is not None else hidden  # unread without HAS_BIAS
     mtl_fwd_kernel[(triton.cdiv(r, bp),)](
         hidden, weight, b, labels, order, n_valid, loss, lse, v, h, hidden.stride(0),
@@ -283,6 +361,22 @@ def masked_token_loss_fwd_triton(hidden, weight, bias, labels, ignore_index: int
 
 @_library.triton_kernel("masked_token_loss_bwd")
 def masked_token_loss_bwd_triton(grad, hidden, weight, bias, labels, lse, ignore_index: int):
+    dh, dw, db = _bwd_fp32(grad, hidden, weight, bias, labels, lse, ignore_index)
+    db = db.to(bias.dtype) if bias is not None else db.to(weight.dtype)
+    return dh.to(hidden.dtype), dw.to(weight.dtype), db
+
+
+@_library.triton_kernel("masked_token_loss_sum")
+def masked_token_loss_sum_triton(hidden, weight, bias, labels, ignore_index: int):
+    """The GPU keeps the recompute: the forward kernel, then the dH and dW kernels under a unit
+    upstream gradient (each program owns what it writes, so the logits are recomputed per
+    kernel; no [rows, V] buffer)."""
+    loss, lse = masked_token_loss_fwd_triton(hidden, weight, bias, labels, ignore_index)
+    ones = torch.ones(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    return (loss.sum(),) + _bwd_fp32(ones, hidden, weight, bias, labels, lse, ignore_index)
+
+
+def _bwd_fp32(grad, hidden, weight, bias, labels, lse, ignore_index):
     hidden, weight = hidden.contiguous(), weight.contiguous()
     labels, lse = labels.contiguous(), lse.contiguous()
     g = grad.to(torch.float32).contiguous()
@@ -294,30 +388,35 @@ def masked_token_loss_bwd_triton(grad, hidden, weight, bias, labels, lse, ignore
     dw = torch.zeros(v, h, dtype=torch.float32, device=hidden.device)
     db = torch.zeros(v if bias is not None else 0, dtype=torch.float32, device=hidden.device)
     common = dict(HAS_BIAS=bias is not None, IN_DTYPE=TL_DTYPE[hidden.dtype], **_flags(hidden))
-    bp, bv, bk, nw, ns = TILES["dh"]
+    bp, bv, bk, nw, ns = TILES["dh", hidden.dtype == torch.float32]
     mtl_bwd_dh_kernel[(triton.cdiv(r, bp),)](
         g, hidden, weight, b, labels, order, n_valid, lse, dh, v, h, hidden.stride(0),
         weight.stride(0), BLOCK_P=bp, BLOCK_V=bv, BLOCK_K=bk, num_warps=nw, num_stages=ns,
         **common)
-    bp, bv, bk, nw, ns = TILES["dw"]
+    bp, bv, bk, nw, ns = TILES["dw", hidden.dtype == torch.float32]
     mtl_bwd_dw_kernel[(triton.cdiv(v, bv),)](
         g, hidden, weight, b, labels, order, n_valid, lse, dw, db if bias is not None else dw,
         v, h, hidden.stride(0), weight.stride(0), BLOCK_P=bp, BLOCK_V=bv, BLOCK_K=bk,
         num_warps=nw, num_stages=ns, **common)
-    db = db.to(bias.dtype) if bias is not None else db.to(weight.dtype)
-    return dh.to(hidden.dtype), dw.to(weight.dtype), db
+    return dh, dw, db
 
 
 def _aot_entries():
+    """One configuration per (kernel, dtype, bias): H is a runtime argument (the K-loop runs
+    over it in BLOCK_K chunks), so the same compile serves every width; it is listed at each
+    width of the report's sweep (gpu-report compiles it once: its cache key is the compiled
+    configuration, not the label)."""
+    from .contrastive_core import SWEEP_D
     out = []
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for dtype, d in ((dt, d) for dt in (torch.float32, torch.bfloat16, torch.float16)
+                     for d in SWEEP_D):
         prec = "ieee" if dtype != torch.float32 else "bf16x3"
         for has_bias in (True, False):
-            base = dict(BLOCK_K=64, HAS_BIAS=has_bias, DOT_FP32=False, PRECISION=prec)
+            base = dict(HAS_BIAS=has_bias, DOT_FP32=False, PRECISION=prec)
             tag = "bias" if has_bias else "nobias"
-            bp, bv, bk, nw, ns = TILES["fwd"]
+            bp, bv, bk, nw, ns = TILES["fwd", dtype == torch.float32]
             out.append(_aot.aot_entry(
-                mtl_fwd_kernel, op="masked_token_loss", dtype=dtype, D=768, tag=tag,
+                mtl_fwd_kernel, op="masked_token_loss", dtype=dtype, D=d, tag=tag,
                 pointers=dict(h_ptr=dtype, w_ptr=dtype, b_ptr=dtype, y_ptr=torch.int64,
                               order_ptr=torch.int32, nvalid_ptr=torch.int32,
                               loss_ptr=torch.float32, lse_ptr=torch.float32),
@@ -327,9 +426,9 @@ def _aot_entries():
                     ("dh", mtl_bwd_dh_kernel, dict(dh_ptr=torch.float32)),
                     ("dw", mtl_bwd_dw_kernel, dict(dw_ptr=torch.float32,
                                                    db_ptr=torch.float32))):
-                bp, bv, bk, nw, ns = TILES[kind]
+                bp, bv, bk, nw, ns = TILES[kind, dtype == torch.float32]
                 out.append(_aot.aot_entry(
-                    kernel, op="masked_token_loss", dtype=dtype, D=768, tag=tag,
+                    kernel, op="masked_token_loss", dtype=dtype, D=d, tag=tag,
                     pointers=dict(g_ptr=torch.float32, h_ptr=dtype, w_ptr=dtype, b_ptr=dtype,
                                   y_ptr=torch.int64, order_ptr=torch.int32,
                                   nvalid_ptr=torch.int32, lse_ptr=torch.float32, **extra),
@@ -347,4 +446,12 @@ def masked_token_rows(hidden, weight, bias, labels, ignore_index: int):
     """Per-row losses (R,) fp32, 0 at ignored rows."""
     loss, _lse = torch.ops.fastssl.masked_token_loss_fwd(hidden, weight, bias, labels,
                                                           ignore_index)
+    return loss
+
+
+def masked_token_sum(hidden, weight, bias, labels, ignore_index: int):
+    """Sum of the per-row losses (0-d fp32); its gradients are formed in the forward and
+    saved (O(R H + V H) fp32), the backward scales them by the upstream scalar."""
+    loss, _dh, _dw, _db = torch.ops.fastssl.masked_token_loss_sum(hidden, weight, bias, labels,
+                                                                  ignore_index)
     return loss

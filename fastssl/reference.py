@@ -649,7 +649,8 @@ def masked_patch_loss(pred: torch.Tensor, images: torch.Tensor, mask: torch.Tens
     Two documented departures from MAE's code, both where MAE's result is NaN: a mask summing
     to 0 gives 0 (with zero gradients; MAE divides 0 by 0), and patches whose mask is 0 are
     left out (``torch.where``) rather than multiplied by 0, so a NaN or inf in a patch that
-    is not predicted does not reach the loss value.
+    is not predicted does not reach the loss value (its gradient there is still NaN: autograd
+    multiplies the zero by it; the fused kernels never read such a patch and give 0).
     """
     dtype = torch.promote_types(pred.dtype, images.dtype)
     target = patchify(images.to(dtype), patch_size)

@@ -151,8 +151,7 @@ def test_non_finite_values(backend):
     torch.testing.assert_close(
         fastssl.masked_patch_loss(bad, images, mask, patch_size=4, backend=backend), clean)
     bad[0, 2, 0] = float("inf")  # a predicted patch
-    assert fastssl.masked_patch_loss(bad, images, mask, patch_size=4, backend=backend).isnan() \
-        or fastssl.masked_patch_loss(bad, images, mask, patch_size=4, backend=backend).isinf()
+    assert fastssl.masked_patch_loss(bad, images, mask, patch_size=4, backend=backend).isinf()
     img = images.clone()
     img[0, 1, 0, 0] = float("nan")  # in patch 0 (predicted)
     assert fastssl.masked_patch_loss(pred, img, mask, patch_size=4, backend=backend).isnan()

@@ -230,20 +230,25 @@ def masked_patch_loss_bwd_triton(grad, pred, images, mask, stats, inv_weight, pa
 
 
 # Configurations `fastssl gpu-report` compiles: MAE's ViT patches (p = 16, RGB) in each dtype
-# combination the MAE recipes use, a gray p = 16 patch, and the chunked path (p = 32, RGB).
+# combination the MAE recipes use, with and without norm_pix, a gray p = 16 patch, and the
+# chunked path (p = 32, RGB).
 def _aot(pred_dtype, img_dtype, c, p, norm_pix=True):
     n = p * p * c
     block = min(next_pow2(n), MAX_BLOCK)
     tag = f"{pred_dtype}".removeprefix("torch.") + "<-" + f"{img_dtype}".removeprefix("torch.")
-    return [
+    fwd = [
         aot_entry(masked_patch_loss_fwd_kernel, op="masked_patch_loss",
-                  name=f"masked_patch_loss:fwd[{tag},C={c},p={p}]", D=None,
+                  name=f"masked_patch_loss:fwd[{tag},C={c},p={p}"
+                       f"{'' if norm_pix else ',raw'}]", D=None,
                   pointers={"pred_ptr": pred_dtype, "img_ptr": img_dtype,
                             "mask_ptr": torch.float32, "wloss_ptr": torch.float32,
                             "stats_ptr": torch.float32},
                   floats=("eps",),
                   constexprs={"C": c, "P": p, "N": n, "BLOCK": block, "NORM_PIX": norm_pix},
-                  num_warps=_num_warps(block), dtype=pred_dtype, tensor_cores=False),
+                  num_warps=_num_warps(block), dtype=pred_dtype, tensor_cores=False)]
+    if not norm_pix:  # the backward does not depend on norm_pix
+        return fwd
+    return fwd + [
         aot_entry(masked_patch_loss_bwd_kernel, op="masked_patch_loss",
                   name=f"masked_patch_loss:bwd[{tag},C={c},p={p}]", D=None,
                   pointers={"grad_ptr": torch.float32, "inv_weight_ptr": torch.float32,
@@ -260,7 +265,8 @@ AOT_KERNELS = [e for args in [(torch.float32, torch.float32, 3, 16),
                               (torch.bfloat16, torch.float32, 3, 16),
                               (torch.float16, torch.float16, 3, 16),
                               (torch.float32, torch.float32, 1, 16),
-                              (torch.float32, torch.float32, 3, 32)]
+                              (torch.float32, torch.float32, 3, 32),
+                              (torch.float32, torch.float32, 3, 16, False)]
                for e in _aot(*args)]
 
 

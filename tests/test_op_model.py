@@ -60,6 +60,7 @@ def test_every_loss_op_has_both_kernels():
             if _ext.available():
                 assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"), name
     assert torch._C._dispatch_has_kernel_for_dispatch_key("fastssl::ssl_augment", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("fastssl::mae_mask", "CUDA")
 
 
 def test_triton_on_cpu_swaps_and_restores_the_cpu_kernel():
@@ -192,6 +193,7 @@ def _op_cases():
         "info_nce_queue_fwd": (f(3, 6), f(3, 6), torch.randn(9, 6), t(5.0), True),
         "clip_fwd": (f(4, 6), f(4, 6), t(8.0), True),
         "supcon_fwd": (f(5, 6), torch.tensor([0, 1, 0, 1, 2]), t(10.0), True),
+        "mae_mask": (torch.tensor([7, 9]), 3, 11, 4),
     }
 
 

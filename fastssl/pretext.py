@@ -448,7 +448,7 @@ class PretextAugment:
         if self.noise == "gaussian":
             n = torch.randn(clean.shape, generator=gen, device=device, dtype=torch.float32)
             scale = level[:, None, None, None] / self.std.to(device)[None, :, None, None]
-            noisy = (clean.float() + scale * n).to(self.out_dtype)
+            noisy = torch.addcmul(clean.float(), scale, n).to(self.out_dtype)  # one pass
         else:
             drop = torch.rand((clean.shape[0], 1, S, S), generator=gen, device=device) \
                 < level[:, None, None, None]

@@ -73,14 +73,15 @@ def test_rotating_back_gives_the_view(backend):
         assert torch.equal(torch.rot90(views[b], -int(k[b]), dims=(-2, -1)), upright[b])
 
 
-@needs_cpp
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
-def test_rotation_low_precision(out_dtype):
+def test_rotation_low_precision(backend, out_dtype):
     x = _images(4)
-    aug = PretextAugment(9, "rotation", ALL_ON, out_dtype=out_dtype, generator=_gen(3))
+    aug = PretextAugment(9, "rotation", ALL_ON, out_dtype=out_dtype, generator=_gen(3),
+                         backend=backend)
     params = aug.sample(x)
     views, k = aug.apply(x, params)
-    upright = augment.apply(x, params.aug, 9, out_dtype=out_dtype)
+    upright = augment.apply(x, params.aug, 9, out_dtype=out_dtype, backend=backend)
     assert views.dtype == out_dtype
     for b in range(4):
         assert torch.equal(torch.rot90(views[b], -int(k[b]), dims=(-2, -1)), upright[b])
@@ -316,11 +317,22 @@ def test_mae_mask_determinism():
     assert not torch.equal(a[1], c[1])
 
 
-@needs_cpp_mae
 @pytest.mark.parametrize("backend", MAE_BACKENDS)
 def test_mae_mask_opcheck(backend):
     seed = torch.tensor([123456789, 987654321], dtype=torch.int64)
     torch.library.opcheck(torch.ops.fastssl.mae_mask, (seed, 3, 11, 4))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ssl_augment_rot_opcheck(backend):
+    x = _images(3)
+    p = augment.sample_params(3, (23, 19), 11, "byol", 0, _gen(23))
+    from fastssl.ops import augment as ops_augment
+    crop, flags, factors, order, taps = ops_augment.pack_params(p)
+    torch.library.opcheck(torch.ops.fastssl.ssl_augment,
+                          (list(x.unbind(0)), crop, flags, factors, order, taps, 0.5,
+                           torch.zeros(3), torch.ones(3), 11, torch.float32,
+                           torch.tensor([0, 1, 3])))
 
 
 @needs_cpp_mae

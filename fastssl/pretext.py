@@ -427,7 +427,7 @@ class PretextAugment:
         if self.task == "colorization":
             rgb = augment.apply(images, params.aug, S, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0),
                                 torch.float32, be)
-            return reference.rgb_to_gray(rgb)[:, None], rgb
+            return luminance(rgb), rgb
         clean = augment.apply(images, params.aug, S, self.mean, self.std, self.out_dtype, be)
         if self.task == "mae":
             L = (S // self.patch_size) ** 2
@@ -435,16 +435,20 @@ class PretextAugment:
             return clean, mae_mask(len(items), L, self.mask_ratio, generator=gen,
                                    device=device, backend=be)
         if self.task == "inpainting":
-            mask = box_mask(params.boxes.to(device), S)
-            return torch.where(mask, torch.tensor(self.fill, dtype=clean.dtype,
-                                                  device=device), clean), (clean, mask)
+            # A copy, then only the boxes written (~10-25% of the pixels each): cheaper than
+            # a select over the whole batch.
+            erased = clean.clone()
+            for b, boxes in enumerate(params.boxes.tolist()):
+                for top, left, h, w in boxes:
+                    erased[b, :, top:top + h, left:left + w] = self.fill
+            return erased, (clean, box_mask(params.boxes.to(device), S))
         # denoising
         gen = torch.Generator(device).manual_seed(params.noise_seed)
         level = params.level.to(device)
         if self.noise == "gaussian":
             n = torch.randn(clean.shape, generator=gen, device=device, dtype=torch.float32)
             scale = level[:, None, None, None] / self.std.to(device)[None, :, None, None]
-            noisy = (clean.float() + scale * n).to(self.out_dtype)
+            noisy = torch.addcmul(clean.float(), scale, n).to(self.out_dtype)  # one pass
         else:
             drop = torch.rand((clean.shape[0], 1, S, S), generator=gen, device=device) \
                 < level[:, None, None, None]
@@ -458,6 +462,14 @@ class PretextAugment:
     def __repr__(self) -> str:
         return (f"PretextAugment(out_size={self.out_size}, task={self.task!r}, "
                 f"recipe={self.recipe}, backend={self.backend!r})")
+
+
+def luminance(rgb: torch.Tensor) -> torch.Tensor:
+    """[B, 3, S, S] -> [B, 1, S, S]: 0.2989 R + 0.587 G + 0.114 B (the kernels' gray), in
+    three passes (a product, then two scaled adds) instead of five."""
+    lum = rgb[:, 0:1] * reference.GRAY_WEIGHTS[0]
+    lum.add_(rgb[:, 1:2], alpha=reference.GRAY_WEIGHTS[1])
+    return lum.add_(rgb[:, 2:3], alpha=reference.GRAY_WEIGHTS[2])
 
 
 def box_mask(boxes: torch.Tensor, out_size: int) -> torch.Tensor:

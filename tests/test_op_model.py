@@ -91,6 +91,7 @@ def test_every_loss_op_has_both_kernels():
             if _ext.available():
                 assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"), name
     assert torch._C._dispatch_has_kernel_for_dispatch_key("fastssl::ssl_augment", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("fastssl::mae_mask", "CUDA")
 
 
 def test_triton_on_cpu_swaps_and_restores_the_cpu_kernel():
@@ -240,6 +241,7 @@ def _op_cases():
         "vicreg_fwd": (f(5, 6), f(5, 6), 25.0, 25.0, 1.0, 1e-4, 1),
         "vicreg_fwd_tiled": (f(9, 4), f(9, 4), 25.0, 25.0, 1.0, 1e-4, 2),
         "masked_token_loss_sum": (f(5, 6), f(9, 6), f(9), torch.tensor([8, -100, 0, 3, 3]), -100),
+        "mae_mask": (torch.tensor([7, 9]), 3, 11, 4),
     }
 
 

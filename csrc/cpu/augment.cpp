@@ -32,6 +32,8 @@
 //    vectors, is hand multiversioned instead: one register width per clone (a vector wider
 //    than the clone's registers lives in memory: the AVX2 clone was 6x slower at the blur).
 //    FASTSSL_NO_V4_CLONE builds (common.h) run the AVX2 code on an AVX-512 machine.
+//  * Rotation (the pretext task; optional rot (B,) of 0..3): the final store writes each row
+//    where it lands in torch.rot90(view, rot) (store_row_rotated); the buffers stay upright.
 //  * Comparability (docs/DESIGN.md, section 4.8): -ffp-contract=off and the reference's operation order, so
 //    products and sums round exactly as in PyTorch; the contrast mean is summed in double and
 //    rounded once, like the reference's float64 mean.

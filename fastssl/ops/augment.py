@@ -19,6 +19,10 @@ make a pass unnecessary return at once:
 3. ``augment_blur_h_kernel`` / 4. ``augment_blur_v_kernel`` (blurred samples): K taps each,
    reflect indices; the vertical pass fuses solarize, normalize and the cast into its store.
 
+Rotation (the pretext task, optional ``rot`` (B,) of 0..3): every output store goes through
+``_rotated``, which maps pixel (y, x) of the upright view to its place in
+``torch.rot90(view, rot)``; the work buffers stay upright, so it costs no pass.
+
 Comparability (docs/DESIGN.md, section 4.8): IEEE division via ``tl.div_rn``, launches with
 ``enable_fp_fusion=False`` (no FMA contraction), and the reference's operation order, so the
 result equals the reference and the C++ kernel to ~1 ulp.

@@ -18,7 +18,7 @@ import zlib
 
 import torch
 
-from .. import augment
+from .. import augment, pretext
 
 GAP = 6  # pixels between tiles
 
@@ -143,7 +143,7 @@ def column_centres(out_size: int, pairs: int) -> list[float]:
 
 
 def write_labelled_png(path: str, grid: torch.Tensor, out_size: int, pairs: int,
-                       title: str) -> bool:
+                       title: str, names=None, centres=None) -> bool:
     """Writes ``grid`` with column titles above, row titles on the left and ``title`` on
     top, at one image pixel per PNG pixel. Returns False (and writes nothing) when
     matplotlib is missing."""
@@ -160,7 +160,9 @@ def write_labelled_png(path: str, grid: torch.Tensor, out_size: int, pairs: int,
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
     ax.set_axis_off()
     fs = max(6.0, min(9.0, out_size / 14))
-    for x, name in zip(column_centres(out_size, pairs), column_names(pairs)):
+    if names is None:
+        names, centres = column_names(pairs), column_centres(out_size, pairs)
+    for x, name in zip(centres, names):
         ax.text(x, -4, name, ha="center", va="bottom", fontsize=fs, clip_on=False)
     for i, name in enumerate(ROW_NAMES[:(h - GAP) // (out_size + GAP)]):
         y = GAP + i * (out_size + GAP) + out_size / 2
@@ -171,9 +173,105 @@ def write_labelled_png(path: str, grid: torch.Tensor, out_size: int, pairs: int,
     return True
 
 
+# ---- pretext tasks and multi-crop (fastssl.pretext) ------------------------------------------
+
+PRETEXT_DEMOS = pretext.TASKS + ("multicrop",)
+
+
+def _on_canvas(img: torch.Tensor, size: int) -> torch.Tensor:
+    """[3, h, w] in [0, 1] centred on a white size x size canvas (smaller views, tiles)."""
+    canvas = torch.ones(3, size, size)
+    h, w = img.shape[-2:]
+    y, x = (size - h) // 2, (size - w) // 2
+    canvas[:, y:y + h, x:x + w] = img.float().clamp(0, 1)
+    return canvas
+
+
+def _tile_grid(tiles: torch.Tensor, size: int) -> torch.Tensor:
+    """[g*g, 3, t, t] tiles in row-major slots on a white size x size canvas, one cell each."""
+    g = int(round(tiles.shape[0] ** 0.5))
+    cell = size // g
+    canvas = torch.ones(3, size, size)
+    t = tiles.shape[-1]
+    off = (cell - t) // 2
+    for p in range(tiles.shape[0]):
+        r, c = divmod(p, g)
+        y, x = r * cell + off, c * cell + off
+        canvas[:, y:y + t, x:x + t] = tiles[p].float().clamp(0, 1)
+    return canvas
+
+
+def pretext_panels(task: str, out_size: int = 128, samples: int = 2, seed: int = 0,
+                   backend: str = "auto"):
+    """-> (list over the test images of lists of [3, S, S] panels in [0, 1], column names):
+    per sample, the task's input view and what its target means, drawn side by side."""
+    images = test_images()
+    gen = torch.Generator().manual_seed(seed)
+    unit = dict(mean=(0, 0, 0), std=(1, 1, 1), backend=backend, generator=gen)
+    S = out_size
+    rows = [[] for _ in range(images.shape[0])]
+    names = []
+    if task == "multicrop":
+        aug = pretext.MultiCropAugment(S, max(8, S * 96 // 224), 4, **unit)
+        for k in range(samples):
+            views = aug(images)
+            for i in range(images.shape[0]):
+                rows[i] += [_on_canvas(v[i], S) for v in views]
+            names += [f"{k + 1}: global 0", "global 1"] + [f"local {j}" for j in range(4)]
+        return rows, names
+    kw = {"fill": 0.5} if task == "inpainting" else {}
+    if task == "mae":
+        kw["patch_size"] = S // 8
+    aug = pretext.PretextAugment(S, task, **unit, **kw)
+    for k in range(samples):
+        views, target = aug(images)
+        for i in range(images.shape[0]):
+            if task == "rotation":
+                pair = [views[i], torch.rot90(views[i], -int(target[i]), dims=(-2, -1))]
+                label = ["view (rotated k*90)", "rotated back by -k"]
+            elif task == "jigsaw":
+                perm = aug.permutations[target[i]]
+                pair = [_tile_grid(views[i], S), _tile_grid(views[i][torch.argsort(perm)], S)]
+                label = ["tiles (permuted)", "inverse permutation"]
+            elif task == "colorization":
+                pair = [views[i].expand(3, -1, -1), target[i]]
+                label = ["input: luminance", "target: RGB"]
+            elif task == "inpainting":
+                pair = [views[i], target[0][i]]
+                label = ["input: box erased", "target: clean"]
+            elif task == "denoising":
+                pair = [views[i], target[i]]
+                label = ["input: noisy", "target: clean"]
+            else:  # mae: masked patches grayed out
+                mask = target[0][i].view(8, 8).repeat_interleave(S // 8, 0) \
+                    .repeat_interleave(S // 8, 1)
+                pair = [torch.where(mask, 0.5, views[i].float()), views[i]]
+                label = ["75% masked", "target: view"]
+            rows[i] += [p.float().clamp(0, 1) for p in pair]
+        names += [f"{k + 1}: {label[0]}", label[1]]
+    return rows, names
+
+
+def make_panel_grid(rows: list, out_size: int) -> tuple:
+    """Rows of [3, S, S] panels -> (uint8 [3, H, W] grid, x centres of the columns)."""
+    s, g = out_size, GAP
+    cols = len(rows[0])
+    grid = torch.ones(3, len(rows) * s + (len(rows) + 1) * g, cols * s + (cols + 1) * g)
+    centres = [g + c * (s + g) + s / 2 for c in range(cols)]
+    for i, row in enumerate(rows):
+        y = g + i * (s + g)
+        for c, panel in enumerate(row):
+            x = g + c * (s + g)
+            grid[:, y:y + s, x:x + s] = panel
+    return (grid.clamp(0, 1) * 255).round().to(torch.uint8), centres
+
+
 def add_arguments(p) -> None:
     p.add_argument("--recipe", default="simclr", choices=augment.RECIPES,
                    help="augmentation recipe")
+    p.add_argument("--task", default=None, choices=PRETEXT_DEMOS,
+                   help="draw a pretext task's (input, target) pairs or DINO's multi-crop "
+                        "views instead of a recipe's view pairs (--pairs samples each)")
     p.add_argument("--out", default="views.png", help="PNG file to write")
     p.add_argument("--size", type=int, default=128, help="side of each view (pixels)")
     p.add_argument("--pairs", type=int, default=3, help="view pairs per image")
@@ -183,6 +281,15 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    if args.task is not None:
+        rows, names = pretext_panels(args.task, args.size, args.pairs, args.seed, args.backend)
+        grid, centres = make_panel_grid(rows, args.size)
+        title = f"augment-demo --task {args.task} (seed {args.seed})"
+        if not write_labelled_png(args.out, grid, args.size, args.pairs, title, names,
+                                  centres):
+            write_png(args.out, grid)
+        print(f"wrote {args.out}: rows: {', '.join(ROW_NAMES)}; columns: {', '.join(names)}")
+        return 0
     grid = make_grid(args.recipe, args.size, args.pairs, args.seed, args.backend)
     title = (f"fastssl augment-demo: {args.recipe} recipe, {args.pairs} view pairs per image "
              f"(per-sample parameters), seed {args.seed}")

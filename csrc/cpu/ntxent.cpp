@@ -19,8 +19,8 @@
 //    (circle method) over the row blocks, after one round of diagonal tiles. Every block
 //    receives its tiles in that order, so a tile updates the running (max, sum) and the dZ of
 //    both its blocks in place (no private accumulators, no atomics) and the result is bitwise
-//    the same at any thread count. No barrier between rounds: threads claim the next tile
-//    whose two blocks are free (UnitSchedule, unit_schedule.h).
+//    the same at any thread count. No barrier between rounds: a thread claims any tile whose
+//    two blocks have received all their earlier tiles (UnitSchedule, unit_schedule.h).
 //  * The positive logit S_i,t(i) is read from the tile that feeds LSE_i (not recomputed as a
 //    separate dot product), and loss_i = (max_i - S_i,t(i)) + log sum_i: never negative.
 //  * Memory: Z in fp32 (M D), dZ (M D), the row statistics (M) and one B x B tile per thread.

@@ -7,8 +7,8 @@
 // the same order at every thread count. Each unit names at most two lanes.
 //
 // A previous version ran the list in rounds separated by a barrier (a wavefront). On a shared
-// machine every barrier waited for a descheduled thread, and fwd+bwd at 2 threads took 1.2-1.5x
-// the time of per-thread partials (README, CPU benchmark). Here each thread instead claims the
+// machine every barrier waited for a descheduled thread: fwd+bwd at 2 threads took 1.16-1.46x
+// the time of the per-thread-partials kernels it replaced (issue 10). Here each thread claims the
 // first unclaimed unit whose lanes are ready (every earlier unit of each of its lanes is done),
 // so a thread only waits when nothing anywhere in the list can run; which thread runs a unit
 // varies from run to run, what the unit computes and the order each lane sees do not.

@@ -4,6 +4,8 @@
 
 #include <algorithm>
 
+#include "unit_schedule.h"
+
 namespace fastssl::core {
 namespace {
 
@@ -32,22 +34,25 @@ std::pair<int64_t, int64_t> chunk_range(int64_t c, int64_t chunks, int64_t ntj) 
   return {std::min(ntj, c * per), std::min(ntj, (c + 1) * per)};
 }
 
-// The wavefront of the module comment: calls visit(tile) for every tile of the nti x ntj grid,
-// step by step; the tiles of one step share no row block and no column block, so they run in
-// parallel and still reach each block in step order.
+// The tiles of the nti x ntj grid in wavefront order, as UnitSchedule units (module comment):
+// step s holds the tiles (I, (I + s) mod L) (L = the larger tile count), so no two tiles of a
+// step share a row or a column block, and each block receives its tiles in step order. Lanes:
+// row block I, and column block J when `columns` (the tile also updates column statistics or
+// gradients in place). Calls visit(tile).
 template <class Visit>
-void wavefront(int64_t m, int64_t nc, const Visit& visit) {
+void wavefront(int64_t m, int64_t nc, bool columns, const Visit& visit) {
   const int64_t nti = num_tiles(m), ntj = num_tiles(nc);
   const int64_t span = std::max(nti, ntj), width = std::min(nti, ntj);
-  for (int64_t s = 0; s < span; ++s) {
-    at::parallel_for(0, width, 1, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t I = nti <= ntj ? k : (k + s) % span;
-        const int64_t J = nti <= ntj ? (k + s) % span : k;
-        visit(tile_at(I, J, m, nc));
-      }
-    });
-  }
+  std::vector<Tile> order;
+  UnitSchedule schedule(nti + (columns ? ntj : 0));
+  for (int64_t s = 0; s < span; ++s)
+    for (int64_t k = 0; k < width; ++k) {
+      const int64_t I = nti <= ntj ? k : (k + s) % span;
+      const int64_t J = nti <= ntj ? (k + s) % span : k;
+      order.push_back(tile_at(I, J, m, nc));
+      schedule.add(I, columns ? nti + J : -1);
+    }
+  schedule.run([&](int64_t u) { visit(order[u]); });
 }
 
 // S_ij *= rinv_q[i] * rinv_c[j]: the raw-row GEMM becomes the cosine logits. Reads/writes bi*bj.
@@ -189,15 +194,16 @@ void merge_stats(const float* part, int64_t chunks, int64_t stride, int64_t n, f
 
 // Rows-only tile units: for unit u = (row tile I, column chunk c), visit(u, I, c, tile) for
 // each tile of the chunk, in column order.
+// Each unit writes only its own partial: no lanes, claimed by whichever thread is free.
 template <class Visit>
 void row_units(int64_t m, int64_t nc, int64_t chunks, const Visit& visit) {
   const int64_t nti = num_tiles(m), ntj = num_tiles(nc);
-  at::parallel_for(0, nti * chunks, 1, [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t I = u / chunks, c = u % chunks;
-      const auto [J0, J1] = chunk_range(c, chunks, ntj);
-      for (int64_t J = J0; J < J1; ++J) visit(c, tile_at(I, J, m, nc));
-    }
+  UnitSchedule schedule(0);
+  for (int64_t u = 0; u < nti * chunks; ++u) schedule.add(-1);
+  schedule.run([&](int64_t u) {
+    const int64_t I = u / chunks, c = u % chunks;
+    const auto [J0, J1] = chunk_range(c, chunks, ntj);
+    for (int64_t J = J0; J < J1; ++J) visit(c, tile_at(I, J, m, nc));
   });
 }
 
@@ -279,7 +285,7 @@ void forward_lse(const Operand& q, const Operand& c, float alpha, Masks masks, f
   if (cols) {
     // Wavefront: each tile updates its rows' and columns' running statistics in place.
     std::vector<float> rmax(m, kNegInf), rsum(m, 0.0f), cmax(nc, kNegInf), csum(nc, 0.0f);
-    wavefront(m, nc, [&](const Tile& t) {
+    wavefront(m, nc, /*columns=*/true, [&](const Tile& t) {
       float* s = tiles.get();
       logits(t, s);
       online_lse_tile(s, t.bi, t.bj, rmax.data() + t.i0, rsum.data() + t.i0,
@@ -363,7 +369,7 @@ void backward_softmax(const Operand& q, const Operand& c, float alpha, Masks mas
   TileBuffers tiles(kTile * kTile);
   // Wavefront: dQ_I and dC_J are written in place by the one tile of the step that touches
   // them, no per-thread accumulators (extra memory: one tile per thread).
-  wavefront(m, nc, [&](const Tile& t) {
+  wavefront(m, nc, /*columns=*/dc != nullptr, [&](const Tile& t) {
     float* s = tiles.get();
     // 1. Recompute S_IJ (1 matmul-equivalent over the whole backward).
     gemm_rm(false, true, t.bi, t.bj, d, alpha, q.x + t.i0 * d, d, c.x + t.j0 * d, d, 0.0f, s,

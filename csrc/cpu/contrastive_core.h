@@ -22,11 +22,14 @@
 //  * forward_lse, rows only (xent, supcon): units = (row tile, fixed column chunk); each unit
 //    keeps its rows' running (max, sum) over its chunk in a partial, merged in chunk order. The
 //    number of chunks depends on the shape only (col_chunks), so partials are O(m) floats.
-//  * forward_lse with columns (CLIP) and backward_softmax: a wavefront over the tile grid.
-//    Step s visits the tiles (I, (I + s) mod L) (L = the larger tile count): within a step no
-//    two tiles share a row or a column block, so each tile updates its row and column
-//    statistics (gradients) in place, with no partials and no atomics, and every block receives
-//    its tiles in step order whatever thread ran them. One barrier per step.
+//  * forward_lse with columns (CLIP) and backward_softmax: the tile grid in wavefront order.
+//    Step s holds the tiles (I, (I + s) mod L) (L = the larger tile count): no two tiles of a
+//    step share a row or a column block. Each tile updates its row and column statistics
+//    (gradients) in place, with no partials and no atomics, and every block receives its tiles
+//    in step order whatever thread ran them. No barrier between steps: a thread runs any tile
+//    whose blocks have received all their earlier tiles (UnitSchedule, unit_schedule.h).
+//  * Units that write only their own partials (rows-only forward, forward_lse_pv) are claimed
+//    dynamically too, by whichever thread is free.
 //  * forward_lse_pv (MoCo): units as forward_lse; a unit's running output o is a partial of
 //    m x d floats per column chunk, with col_chunks * m <= m + kMinUnits * kTile rows.
 #pragma once

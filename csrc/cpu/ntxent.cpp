@@ -15,12 +15,12 @@
 //    the O(M D) epilogue, exactly, in fp32.
 //  * Tile GEMMs go to the BLAS that torch ships (single-threaded per tile inside
 //    at::parallel_for); exp/max/sum run in FASTSSL_SIMD_CLONES loops (AVX-512 / AVX2).
-//  * Threads: the upper tile pairs are visited in the rounds of a round-robin tournament
-//    (circle method) over the row blocks, after one round of diagonal tiles. In a round every
-//    block is in at most one pair, so a tile updates the running (max, sum) and the dZ of both
-//    its blocks in place (no private accumulators, no atomics), and every block receives its
-//    tiles in round order whatever thread ran them: bitwise the same result at any thread
-//    count. One barrier per round (2N / 256 rounds).
+//  * Threads: the upper tile pairs are ordered by the rounds of a round-robin tournament
+//    (circle method) over the row blocks, after one round of diagonal tiles. Every block
+//    receives its tiles in that order, so a tile updates the running (max, sum) and the dZ of
+//    both its blocks in place (no private accumulators, no atomics) and the result is bitwise
+//    the same at any thread count. No barrier between rounds: a thread claims any tile whose
+//    two blocks have received all their earlier tiles (UnitSchedule, unit_schedule.h).
 //  * The positive logit S_i,t(i) is read from the tile that feeds LSE_i (not recomputed as a
 //    separate dot product), and loss_i = (max_i - S_i,t(i)) + log sum_i: never negative.
 //  * Memory: Z in fp32 (M D), dZ (M D), the row statistics (M) and one B x B tile per thread.
@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "common.h"
+#include "unit_schedule.h"
 
 namespace fastssl {
 namespace {
@@ -73,14 +74,26 @@ std::vector<std::vector<TilePair>> tile_rounds(int64_t m) {
   return rounds;
 }
 
-// Runs visit(tile pair) for every pair, round by round (parallel inside a round).
-template <class Visit>
-void for_each_round(const std::vector<std::vector<TilePair>>& rounds, const Visit& visit) {
-  for (const auto& round : rounds)
-    at::parallel_for(0, static_cast<int64_t>(round.size()), 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) visit(round[p]);
-    });
-}
+// The tile pairs in round order, as units of a UnitSchedule whose lanes are the row blocks:
+// each block receives its tiles in round order, on whichever thread, without a barrier
+// between rounds.
+struct TileSchedule {
+  std::vector<TilePair> pairs;
+  UnitSchedule schedule;
+
+  explicit TileSchedule(int64_t m) : schedule((m + kTile - 1) / kTile) {
+    for (auto& round : tile_rounds(m))
+      for (const TilePair& p : round) {
+        pairs.push_back(p);
+        schedule.add(p.i0 / kTile, p.j0 / kTile);
+      }
+  }
+
+  template <class Visit>
+  void run(const Visit& visit) const {
+    schedule.run([&](int64_t u) { visit(pairs[u]); });
+  }
+};
 
 // S_i,t(i) of the rows (and, off the diagonal, of the columns) of a tile, before masking.
 void pick_positives(const float* s, const TilePair& p, int64_t n, float* pos) {
@@ -171,10 +184,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_fwd_cpu(
   }
 
   // Running (max, sum) per row, updated in place by the round-robin schedule.
-  const auto rounds = tile_rounds(m);
+  const TileSchedule tiles_in_order(m);
   std::vector<float> rmax(m, kNegInf), rsum(m, 0.0f), pos(m, 0.0f);
   TileBuffers tiles(kTile * kTile + kTile);
-  for_each_round(rounds, [&](const TilePair& tp) {
+  tiles_in_order.run([&](const TilePair& tp) {
     float* tile = tiles.get();
     // S_IJ = Z_I Z_J^T / tau: reads (bi + bj) D floats, 2 bi bj D flops.
     gemm_rm(false, true, tp.bi, tp.bj, d, alpha, z + tp.i0 * d, d, z + tp.j0 * d, d, 0.0f, tile,
@@ -228,9 +241,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_bwd_cpu(
   // dZ (before the epilogue), written in place by the round-robin schedule.
   at::Tensor acc = at::zeros({m, d}, zhat.options());
   float* ap = acc.data_ptr<float>();
-  const auto rounds = tile_rounds(m);
+  const TileSchedule tiles_in_order(m);
   TileBuffers tiles(kTile * kTile);
-  for_each_round(rounds, [&](const TilePair& tp) {
+  tiles_in_order.run([&](const TilePair& tp) {
     float* tile = tiles.get();
     // 1. Recompute S_IJ (0.5 eq over the triangle).
     gemm_rm(false, true, tp.bi, tp.bj, d, alpha, z + tp.i0 * d, d, z + tp.j0 * d, d, 0.0f, tile,

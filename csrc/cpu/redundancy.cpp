@@ -124,29 +124,42 @@ double packed_frob(const float* packed, const float* diag, int64_t n, bool secon
 
 void packed_gram_times(const float* packed, const float* diag, int64_t n, bool second,
                        const float* x, int64_t kb, float alpha, float* out) {
+  // Row strip [r0, r1) of G x as three GEMMs straight from the packed triangles, no copy of
+  // the Gram: left of the strip's diagonal block and right of it, one side is this Gram's own
+  // triangle read row-wise, the other its mirror read as a transposed operand (lda = n);
+  // only the rows x rows diagonal block, whose two triangles belong to the two Grams, goes
+  // through scratch. (Expanding each strip to full rows before one GEMM, as this did before,
+  // cost more than the GEMMs at N = 2048, D = 8192: 18% of the samples vs 33% in MKL.)
   const int64_t strips = (n + kStrip - 1) / kStrip;
   const float* dg = diag + (second ? n : 0);
-  TileBuffers buf(kStrip * n);
+  TileBuffers buf(kStrip * kStrip);
   at::parallel_for(0, strips, 1, [&](int64_t s0, int64_t s1) {
-    float* g = buf.get();
+    float* blk = buf.get();
     for (int64_t s = s0; s < s1; ++s) {
-      const int64_t r0 = s * kStrip, rows = std::min(kStrip, n - r0);
-      // Expand rows [r0, r0 + rows) of the Gram: its own triangle row-wise, the rest from the
-      // mirrored entries (a column of the other side; its cache lines serve the strip's rows).
+      const int64_t r0 = s * kStrip, rows = std::min(kStrip, n - r0), r1 = r0 + rows;
+      float* o = out + r0 * kb;
       for (int64_t i = 0; i < rows; ++i) {
-        const int64_t gi = r0 + i;
-        float* dst = g + i * n;
-        const float* row = packed + gi * n;
-        if (!second) {
-          for (int64_t j = 0; j < gi; ++j) dst[j] = row[j];
-          for (int64_t j = gi + 1; j < n; ++j) dst[j] = packed[j * n + gi];
-        } else {
-          for (int64_t j = 0; j < gi; ++j) dst[j] = packed[j * n + gi];
-          for (int64_t j = gi + 1; j < n; ++j) dst[j] = row[j];
+        for (int64_t j = 0; j < rows; ++j) {
+          blk[i * kStrip + j] = i == j ? dg[r0 + i]
+                                : ((i > j) != second) ? packed[(r0 + i) * n + r0 + j]
+                                                      : packed[(r0 + j) * n + r0 + i];
         }
-        dst[gi] = dg[gi];
       }
-      gemm_rm(false, false, rows, kb, n, alpha, g, n, x, kb, 0.0f, out + r0 * kb, kb);
+      gemm_rm(false, false, rows, kb, rows, alpha, blk, kStrip, x + r0 * kb, kb, 0.0f, o, kb);
+      if (r0 > 0) {  // columns [0, r0): first Gram row-wise; second Gram's G[j][r] transposed
+        if (!second)
+          gemm_rm(false, false, rows, kb, r0, alpha, packed + r0 * n, n, x, kb, 1.0f, o, kb);
+        else
+          gemm_rm(true, false, rows, kb, r0, alpha, packed + r0, n, x, kb, 1.0f, o, kb);
+      }
+      if (r1 < n) {  // columns [r1, n): the mirror image of the above
+        if (!second)
+          gemm_rm(true, false, rows, kb, n - r1, alpha, packed + r1 * n + r0, n, x + r1 * kb,
+                  kb, 1.0f, o, kb);
+        else
+          gemm_rm(false, false, rows, kb, n - r1, alpha, packed + r0 * n + r1, n, x + r1 * kb,
+                  kb, 1.0f, o, kb);
+      }
     }
   });
 }

@@ -31,7 +31,8 @@ void load_block(const float* z, int64_t n, int64_t d, int64_t k0, int64_t kb,
 
 // A pair of symmetric N x N Grams (the two views') in one n x n buffer: `packed` holds the
 // first's strictly-lower and the second's strictly-upper triangle, `diag` (2 x n) their
-// diagonals. Half the memory of two full Grams; the backward expands one row strip at a time.
+// diagonals. Half the memory of two full Grams; the backward multiplies by a Gram straight from
+// its triangle (packed_gram_times).
 //
 // packed_gram: the Gram of x (n x kb) into its half (second = false: lower, true: upper) and
 // diag row, = for the first column block, += after (accumulate).

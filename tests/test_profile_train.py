@@ -220,3 +220,16 @@ def test_fused_kernels_leave_no_threads_spinning():
                     f"on {os.cpu_count()} CPUs (idle-CPU check passed: {1e3 * idle_fused:.1f} "
                     f"vs {1e3 * idle_plain:.1f} ms)")
     assert ratio <= 1.1, (ratio, sorted(ratios))
+
+
+def test_method_defaults_of_fastssl_train():
+    """MAE trains longer and slower by default (its README row was measured that way);
+    every other method takes the dataset's epochs and the common learning rate."""
+    from fastssl.tools.training import DEFAULT_LR, SSL_METHODS, method_defaults
+    assert method_defaults("mae", "digits") == (45, 1e-3)
+    assert method_defaults("mae", "shapes") == (40, 1e-3)
+    for m in SSL_METHODS:
+        if m != "mae":
+            assert method_defaults(m, "digits") == (15, DEFAULT_LR)
+    with pytest.raises(ValueError, match="method must be one of"):
+        method_defaults("swav", "digits")

@@ -218,6 +218,10 @@ class SSLMethod(nn.Module):
 
     name = ""
     summary = ""
+    # `fastssl train` defaults where a method needs its own (None: the command's default;
+    # epochs per dataset name).
+    default_lr: float | None = None
+    default_epochs: dict = {}
 
     def __init__(self, cfg: MethodConfig):
         super().__init__()
@@ -731,6 +735,12 @@ class MAE(PretextMethod):
     patch_size = 4
     task_options = {"patch_size": 4, "mask_ratio": 0.75}
     decoder_dim = 64
+    # Measured on digits (seed 0, 1 thread; random-init ViT probe 95.3%): lr 5e-3 / 15 epochs
+    # 88.0%, lr 5e-3 / 45 epochs 95.0%, lr 1e-3 / 15 epochs 92.8%, lr 1e-3 / 45 epochs 96.7%;
+    # mask ratio 0.5 at lr 1e-3 / 45 epochs 94.4%. MAE learns slowly, and a high learning rate
+    # first wrecks the random ViT's pixel-like features, which probe well here.
+    default_lr = 1e-3
+    default_epochs = {"digits": 45}
 
     def build_encoder(self, cfg):
         return ViTEncoder(cfg.image_size, self.patch_size, dim=4 * cfg.width, depth=4,
@@ -944,14 +954,18 @@ def add_arguments(p) -> None:
                         "shapes")
     p.add_argument("--epochs", type=int, default=None,
                    help=f"SSL epochs (default: {DATA_SETTINGS['digits']['epochs']} on digits, "
-                        f"{DATA_SETTINGS['shapes']['epochs']} on shapes)")
+                        f"{DATA_SETTINGS['shapes']['epochs']} on shapes; "
+                        + "; ".join(f"{m}: {e} on {d}" for m, c in SSL_METHODS.items()
+                                    for d, e in c.default_epochs.items()) + ")")
     p.add_argument("--batch", type=int, default=None, help="images per step (default: 128)")
     p.add_argument("--width", type=int, default=DEFAULT_WIDTH,
                    help=f"encoder width w: features 4w; mae: the ViT's token width 4w "
                         f"(default: {DEFAULT_WIDTH})")
-    p.add_argument("--lr", type=float, default=DEFAULT_LR,
+    p.add_argument("--lr", type=float, default=None,
                    help=f"AdamW peak learning rate, 1-epoch warm-up, cosine decay "
-                        f"(default: {DEFAULT_LR:g})")
+                        f"(default: {DEFAULT_LR:g}; "
+                        + "; ".join(f"{m}: {c.default_lr:g}" for m, c in SSL_METHODS.items()
+                                    if c.default_lr is not None) + ")")
     p.add_argument("--n-train", type=int, default=None,
                    help="shapes only: training images (default 2048); the held-out split is "
                         "always 1024 class-balanced images")
@@ -999,8 +1013,21 @@ def ci95(acc: float, n: int) -> float:
     return 1.96 * math.sqrt(max(acc * (1 - acc), 1e-12) / n)
 
 
+def method_defaults(method: str, data: str) -> tuple[int, float]:
+    """``(epochs, lr)`` that ``fastssl train`` uses for ``method`` on ``data`` when the command
+    line gives none: the dataset's epochs and :data:`DEFAULT_LR`, unless the method sets its
+    own (:attr:`SSLMethod.default_epochs`, :attr:`SSLMethod.default_lr`)."""
+    if method not in SSL_METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if data not in DATA_SETTINGS:
+        raise ValueError(f"data must be one of {tuple(DATA_SETTINGS)}, got {data!r}")
+    cls = SSL_METHODS[method]
+    return (cls.default_epochs.get(data, DATA_SETTINGS[data]["epochs"]),
+            cls.default_lr if cls.default_lr is not None else DEFAULT_LR)
+
+
 def train(method: str = "simclr", data: str = DEFAULT_DATA, *, epochs=None, batch=None,
-          width: int = DEFAULT_WIDTH, lr: float = DEFAULT_LR, n_train=None, seed: int = 0,
+          width: int = DEFAULT_WIDTH, lr: float | None = None, n_train=None, seed: int = 0,
           device="cpu", progress: bool = True) -> dict:
     """Pre-trains, probes, and returns the summary dict (plus ``losses``).
 
@@ -1018,7 +1045,9 @@ def train(method: str = "simclr", data: str = DEFAULT_DATA, *, epochs=None, batc
     else:
         ds = datasets.load(data, seed=seed)
     settings = DATA_SETTINGS[data]
-    epochs = epochs if epochs is not None else settings["epochs"]
+    default_epochs, default_lr = method_defaults(method, data)
+    epochs = epochs if epochs is not None else default_epochs
+    lr = lr if lr is not None else default_lr
     batch = batch if batch is not None else settings["batch"]
     x_train = ds.images[ds.train]
     batch = min(batch, x_train.shape[0])

@@ -16,7 +16,9 @@ cpu`, 2 threads, load average 1.0-1.6, 512-wide vocabulary tiles): fused 3.53 s 
 3.74 s / 1.43 GB, compiled 3.81 s / 578 MB: 1.06x eager, 1.08x compiled (time bars NOT met),
 memory 1/6.8 of eager's (bar NOT met). Runs vary by ~10%: with 256-wide tiles two runs gave
 1.13x / 1.00x and 0.92x / 0.88x. (The recomputing version, 4 GEMMs, measured 0.70x / 0.61x at
-1/8.4, at load 19-30.) Time: the fused op is at ~2.85 times one fp32 P x V x H torch.mm
+1/8.4, at load 19-30.) A second idle run, a day later (same command, load ~1.5): fused
+4.60 s / 208 MB, eager 4.35 s, compiled 3.88 s: 0.95x / 0.84x (fused/floor 1.27x, eager at 1.20x
+the 3-GEMM floor): the fused time itself moved by 30% between the two runs. Time: the fused op is at ~2.85 times one fp32 P x V x H torch.mm
 (1.05-1.36 s here, 2 threads), i.e. at the 3-GEMM bound of eager's GEMM rate; 1.5x eager or 1.2x
 compiled would need fewer GEMM FLOPs than any exact implementation does (eager's own 3.74 s is
 little more than its 3 GEMMs) -- out of reach in fp32 on this CPU. Memory: the saved fp32 dW and

@@ -38,7 +38,8 @@ Two paths, neither stores a D x D matrix:
   from column blocks of the standardised operands (never all of A in memory on CPU), saved for
   the backward -- both symmetric, so packed into one N x N buffer (the first's strictly-lower
   triangle, the second's strictly-upper one) plus their (2, N) diagonals -- and the gradients
-  are N x N by N x D products (the CPU kernel expands one 64-row strip of a Gram at a time).
+  are N x N by N x D products (the CPU kernel multiplies straight from the packed buffer:
+  three GEMMs per 64-row strip, the mirrored half read as a transposed operand).
 * **tiled C** (``PATH_TILED``): C (VICReg: K) is computed tile by tile and reduced in the
   tile's epilogue; the backward recomputes each tile instead of reading a stored C.
 

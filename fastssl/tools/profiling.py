@@ -14,21 +14,26 @@ How it is measured:
   every step's wall time is taken around the whole step, so the phases of one step sum to
   its wall time. The table's phase medians come from different steps, so their sum can differ
   from the median step by a few percent.
-* ``--backend both`` runs fused and reference in two processes that advance in lock-step,
-  phase by phase: the fused process runs its augmentation while the reference one waits,
-  then the reference one runs its augmentation, then both encoder forwards, and so on (which
-  side goes first alternates from step to step); each process is warmed by its own
-  ``--warmup`` steps first. On a shared machine a change of load then lands on both sides
-  of a phase, not on whichever backend happened to run during it. A step's wall time is then
-  the sum of its phases (the waits are not timed). The phases that run the same code on both
-  sides (encoder forward, optimizer, and the backward through the encoder that dominates
-  "backward") measure the noise of the comparison: the table prints the fused/reference
-  ratio of every phase and flags same-code phases whose ratio is off by more than 10%. Two
-  processes, not one, so that each has its own allocator and its own peak memory figure.
+* ``--backend both`` builds both backends' models in this process and interleaves them
+  phase by phase in this thread: the fused augmentation, then the reference augmentation, then
+  both encoder forwards, and so on (which side goes first alternates from step to step;
+  :meth:`SSLModel.step_phases` yields before each phase). A change of the machine's load then
+  lands on both sides of a phase within milliseconds, and both sides share one allocator and
+  one OpenMP thread team, so neither starts its phases from a sleeping process (two processes
+  in lock-step, the previous design, made each side wake from a blocking wait before every
+  phase: the same encoder forward then measured 0.51x and 1.15x between the sides on an idle
+  machine). A step's wall time is the sum of its phases. The phases that run the same code on
+  both sides (encoder forward, optimizer, and the backward through the encoder that dominates
+  "backward") measure the noise of the comparison: the table prints the fused/reference ratio
+  of every phase and flags same-code phases whose ratio is off by more than 10%.
 * Peak memory, CPU: the peak resident set size (``VmHWM``, reset by writing ``5`` to
   ``/proc/self/clear_refs`` once model and data exist) minus the resident size at that moment,
   i.e. what the steps add: activations, gradients, optimiser state, workspaces, augmented views.
-  CUDA: ``torch.cuda.max_memory_allocated`` minus what was allocated at the same moment.
+  CUDA: ``torch.cuda.max_memory_allocated`` minus what was allocated at the same moment. With
+  ``--backend both`` each backend's figure is one step of it run alone after a first step of
+  both (so the optimiser state and the libraries' one-time buffers are not in it: activations,
+  gradients, workspaces, augmented views), with freed memory returned to the OS before it so
+  that one side cannot reuse the other's pages. Two extra untimed steps per side.
 * ``--trace out.json`` records 2 further steps with ``torch.profiler`` (phases appear as
   ``fastssl::<phase>`` ranges) and writes a Chrome trace (open in chrome://tracing or
   https://ui.perfetto.dev); those steps are not part of the timing. With ``--backend both``
@@ -42,14 +47,13 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
 from ._progress import Progress
-from .bench.measure import PeakMemory
+from .bench.measure import PeakMemory, malloc_for_memory, malloc_steady
 from .training import METHODS, PHASES, PhaseTimer, SSLModel
 
 PHASE_LABELS = {"augmentation": "augmentation", "encoder_forward": "encoder forward",
@@ -60,7 +64,6 @@ PHASE_LABELS = {"augmentation": "augmentation", "encoder_forward": "encoder forw
 # the loss's backward (fused vs reference), so it is shown but not used as a noise check.
 SAME_CODE_PHASES = ("encoder_forward", "optimizer")
 NOISE_LIMIT = 0.10
-_PROTOCOL = "@@fastssl-profile "  # prefix of the lines a worker sends its parent
 
 
 def add_arguments(p) -> None:
@@ -75,7 +78,7 @@ def add_arguments(p) -> None:
                         "can be several times faster than oversubscribed threads)")
     p.add_argument("--backend", choices=("fused", "reference", "both"), default="fused",
                    help="fastssl's fused ops, their plain-PyTorch references, or both "
-                        "in lock-step, phase by phase")
+                        "interleaved phase by phase in one process")
     p.add_argument("--image-size", type=int, default=32,
                    help="side of the synthetic uint8 images (and of the views)")
     p.add_argument("--width", type=int, default=32, help="encoder width w (features: 4w)")
@@ -108,6 +111,7 @@ class StepRunner:
                      for _ in range(min(4, total_steps))]
         self.model = SSLModel(method, backend=backend, width=width, image_size=image_size,
                               queue_size=queue, total_steps=total_steps, device=self.device)
+        self.backend = backend
         self.n = 0
         self.memory = PeakMemory(self.device)
         self.memory.start()
@@ -116,13 +120,17 @@ class StepRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def step(self, timed: bool = True, before_phase=None) -> dict | None:
+    def next_images(self) -> torch.Tensor:
         images = self.pool[self.n % len(self.pool)]
         self.n += 1
+        return images
+
+    def step(self, timed: bool = True) -> dict | None:
+        images = self.next_images()
         if not timed:
             self.model.step(images)
             return None
-        timer = PhaseTimer(self.device, before_phase=before_phase)
+        timer = PhaseTimer(self.device)
         self._sync()
         t0 = time.perf_counter()
         self.model.step(images, timer)
@@ -198,149 +206,83 @@ def _result(records, runner, *, method, batch, backend, steps, warmup, image_siz
 
 
 # ---------------------------------------------------------------------------------------
-# --backend both: two worker processes in lock-step
+# --backend both: the two backends interleaved phase by phase in this thread
 # ---------------------------------------------------------------------------------------
 
-def _serve(config: dict) -> int:
-    """Worker side of ``--backend both``: builds one backend's runner, then obeys commands
-    read from stdin, one per line, answering with protocol lines on stdout:
-
-    * ``warm``: one untimed step; answers ``{}``.
-    * ``step``: one timed step in lock-step with the parent: before each phase it answers
-      ``{"ready": phase}`` and waits for ``go``; after the last phase it answers the step's
-      record ``{"wall", "phases"}`` (wall = sum of the phases: the waits are not timed).
-    * ``finish``: answers peak memory and context, writes the trace if asked, exits.
-    """
-    if config.get("threads"):
-        torch.set_num_threads(config["threads"])
-    runner = StepRunner(config["method"], config["batch"],
-                        total_steps=config["warmup"] + config["steps"], device=config["device"],
-                        backend=config["backend"], image_size=config["image_size"],
-                        width=config["width"], queue=config["queue"])
-
-    def reply(obj) -> None:
-        sys.stdout.write(_PROTOCOL + json.dumps(obj) + "\n")
-        sys.stdout.flush()
-
-    def wait_for_go(phase: str) -> None:
-        reply({"ready": phase})
-        cmd = sys.stdin.readline().strip()
-        if cmd != "go":
-            raise RuntimeError(f"fastssl profile worker: expected 'go', got {cmd!r}")
-
-    reply({"ready": None})
-    for line in sys.stdin:
-        cmd = line.strip()
-        if cmd == "warm":
-            runner.step(timed=False)
-            reply({})
-        elif cmd == "step":
-            record = runner.step(before_phase=wait_for_go)
-            record["wall"] = sum(record["phases"].values())
-            reply(record)
-        elif cmd == "finish":
-            peak = runner.memory.stop()
-            if config.get("trace"):
-                runner.trace(config["trace"])
-            reply({"peak": peak, "memory": runner.memory.kind, "device": runner.device.type,
-                   "threads": torch.get_num_threads()})
-            return 0
-        else:
-            raise RuntimeError(f"fastssl profile worker: unknown command {cmd!r}")
-    return 1
-
-
-class _Worker:
-    def __init__(self, config: dict):
-        self.backend = config["backend"]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastssl.tools.profiling", "serve", json.dumps(config)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
-            cwd=os.getcwd(), env=os.environ.copy())
-
-    def send(self, cmd: str) -> None:
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
-
-    def receive(self) -> dict:
-        for line in self.proc.stdout:
-            if line.startswith(_PROTOCOL):
-                return json.loads(line[len(_PROTOCOL):])
-        code = self.proc.wait()
-        raise RuntimeError(f"fastssl profile: the {self.backend} worker exited with code "
-                           f"{code} (its error is printed above)")
-
-    def ask(self, cmd: str) -> dict:
-        self.send(cmd)
-        return self.receive()
-
-
-def _lockstep_step(pair) -> dict:
-    """One timed step of both workers, phase by phase: ``pair[0]`` runs a phase, then
+def _interleaved_step(pair) -> dict:
+    """One timed step of each runner, phase by phase: ``pair[0]`` runs a phase, then
     ``pair[1]`` runs the same phase, then the next phase; returns ``{backend: record}``."""
-    msgs = [w.ask("step") for w in pair]  # each stops before its first phase
-    done = {}
-    while len(done) < len(pair):
-        for i, w in enumerate(pair):
-            if w.backend in done:
+    steps = [rn.model.step_phases(rn.next_images()) for rn in pair]
+    names = [next(s) for s in steps]  # each stops before its first phase
+    totals = [dict.fromkeys(PHASES, 0.0) for _ in pair]
+    while any(n is not None for n in names):
+        for i, rn in enumerate(pair):
+            if names[i] is None:
                 continue
-            msgs[i] = w.ask("go")
-            if "ready" not in msgs[i]:
-                done[w.backend] = msgs[i]
-    return done
+            rn._sync()
+            t0 = time.perf_counter()
+            try:
+                nxt = next(steps[i])
+            except StopIteration:
+                nxt = None
+            rn._sync()
+            totals[i][names[i]] += time.perf_counter() - t0
+            names[i] = nxt
+    return {rn.backend: {"wall": sum(t.values()), "phases": t} for rn, t in zip(pair, totals)}
 
 
 def profile_both(args) -> list[dict]:
-    """Fused and reference in two worker processes in lock-step, phase by phase: the fused
-    encoder forward, then the reference encoder forward, then both backwards, and so on;
-    which side goes first alternates from step to step. A change in the machine's load then
-    lands on both sides of every phase's comparison (they run within a second of each
-    other), not on whichever backend happened to run during it."""
+    """Fused and reference interleaved phase by phase in this process (module docstring):
+    the fused encoder forward, then the reference encoder forward, then both backwards, and
+    so on; which side goes first alternates from step to step."""
     _check_counts(args.steps, args.warmup)
-    workers = []
-    for backend in ("fused", "reference"):
-        config = {"method": args.method, "batch": args.batch, "steps": args.steps,
-                  "warmup": args.warmup, "device": args.device, "backend": backend,
-                  "image_size": args.image_size, "width": args.width, "queue": args.queue,
-                  "threads": args.threads, "trace": None}
+    runners = [StepRunner(args.method, args.batch, total_steps=args.warmup + args.steps + 2,
+                          device=args.device, backend=backend, image_size=args.image_size,
+                          width=args.width, queue=args.queue) for backend in ("fused", "reference")]
+    bar = Progress(args.warmup + args.steps + 2,
+                   f"profile {args.method} fused+reference b={args.batch}",
+                   enabled=not args.quiet)
+    # Peak memory: a second step of each side alone (the first one, of both, allocated the
+    # optimiser state and the libraries' one-time buffers), from a heap that returned its
+    # free pages to the OS first.
+    for rn in runners:
+        rn.step(timed=False)
+    bar.update()
+    peaks = {}
+    for rn in runners:
+        malloc_for_memory()
+        rn.memory.start()
+        rn.step(timed=False)
+        peaks[rn.backend] = rn.memory.stop()
+    malloc_steady()
+    bar.update()
+    records = {rn.backend: [] for rn in runners}
+    for r in range(args.warmup + args.steps):
+        pair = runners if r % 2 == 0 else runners[::-1]
+        if r < args.warmup:
+            for rn in pair:
+                rn.step(timed=False)
+        else:
+            for backend, rec in _interleaved_step(pair).items():
+                records[backend].append(rec)
+        bar.update()
+    bar.close()
+    results = []
+    for rn in runners:
         if args.trace:
             root, ext = os.path.splitext(args.trace)
-            config["trace"] = f"{root}.{backend}{ext or '.json'}"
-        workers.append(_Worker(config))
-    try:
-        for w in workers:  # both build their model at the same time; then wait for both
-            w.receive()
-        rounds = args.warmup + args.steps
-        bar = Progress(rounds, f"profile {args.method} fused+reference b={args.batch}",
-                       enabled=not args.quiet)
-        records = {w.backend: [] for w in workers}
-        for r in range(rounds):
-            pair = workers if r % 2 == 0 else workers[::-1]
-            if r < args.warmup:
-                for w in pair:
-                    w.ask("warm")
-            else:
-                for backend, rec in _lockstep_step(pair).items():
-                    records[backend].append(rec)
-            bar.update()
-        bar.close()
-        results = []
-        for w in workers:
-            fin = w.ask("finish")
-            w.proc.wait()
-            results.append({"method": args.method, "batch": args.batch,
-                            **summarize(records[w.backend], batch=args.batch),
-                            "peak_mb": None if fin["peak"] is None else round(fin["peak"], 1),
-                            "backend": w.backend, "device": fin["device"], "steps": args.steps,
-                            "warmup": args.warmup, "image_size": args.image_size,
-                            "threads": fin["threads"], "memory": fin["memory"],
-                            "interleaved": "phase by phase"})
-        return results
-    finally:
-        for w in workers:
-            if w.proc.poll() is None:
-                w.proc.kill()
-                w.proc.wait()
+            rn.trace(f"{root}.{rn.backend}{ext or '.json'}")
+        peak = peaks[rn.backend]
+        results.append({"method": args.method, "batch": args.batch,
+                        **summarize(records[rn.backend], batch=args.batch),
+                        "peak_mb": None if peak is None else round(peak, 1),
+                        "backend": rn.backend, "device": rn.device.type, "steps": args.steps,
+                        "warmup": args.warmup, "image_size": args.image_size,
+                        "threads": torch.get_num_threads(),
+                        "memory": f"{rn.memory.kind}, one step of each side alone after a "
+                                  f"first step of both (optimiser state not included)",
+                        "interleaved": "phase by phase, one process"})
+    return results
 
 
 # ---------------------------------------------------------------------------------------
@@ -368,7 +310,7 @@ def _load_text(load) -> str:
 
 def format_table(results: list[dict], load=None) -> str:
     r0 = results[0]
-    how = ("fused and reference in lock-step phase by phase, each in its own process"
+    how = ("fused and reference interleaved phase by phase in one process"
            if len(results) == 2 else f"{r0['backend']} backend")
     head = (f"fastssl profile: {r0['method']}, batch {r0['batch']}, {r0['image_size']}x"
             f"{r0['image_size']} uint8 images, {r0['steps']} timed steps after {r0['warmup']} "
@@ -453,10 +395,3 @@ def run(args) -> int:
         print(json.dumps(line))
     sys.stdout.flush()
     return 0
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "serve":
-        sys.exit(_serve(json.loads(sys.argv[2])))
-    sys.exit("usage: python -m fastssl.tools.profiling serve '<json config>' (internal: the worker "
-             "of `fastssl profile --backend both`)")

@@ -129,15 +129,11 @@ class PhaseTimer:
     """``phase(name)`` ends the running phase and starts ``name``; ``end()`` ends the last.
     Consecutive phases share their boundary, so the phases tile the step exactly. On CUDA each
     boundary synchronises the device (so the time lands in the phase that queued the work).
-    With ``annotate``, each phase is also a ``torch.profiler.record_function`` range.
-    ``before_phase(name)``, if given, runs at each boundary after the clock of the finished
-    phase stopped and before the clock of phase ``name`` starts (``fastssl profile --backend
-    both`` uses it to let the other backend's process run the same phase in between)."""
+    With ``annotate``, each phase is also a ``torch.profiler.record_function`` range."""
 
-    def __init__(self, device: torch.device, annotate: bool = False, before_phase=None):
+    def __init__(self, device: torch.device, annotate: bool = False):
         self.sync = device.type == "cuda"
         self.annotate = annotate
-        self.before_phase = before_phase
         self.totals = dict.fromkeys(PHASES, 0.0)
         self._name = None
         self._t = 0.0
@@ -155,9 +151,6 @@ class PhaseTimer:
         if self._rf is not None:
             self._rf.__exit__(None, None, None)
             self._rf = None
-        if self.before_phase is not None and name is not None:
-            self.before_phase(name)
-            now = self._now()
         self._name, self._t = name, now
         if self.annotate and name is not None:
             self._rf = torch.profiler.record_function(f"fastssl::{name}")
@@ -824,33 +817,46 @@ class SSLModel(nn.Module):
         frac = (step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1)
         return self.lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
 
-    def step(self, images: torch.Tensor, timer=NO_TIMER) -> torch.Tensor:
-        """One SSL step on a uint8 batch (B, 3, H, W); returns the detached loss."""
+    def step_phases(self, images: torch.Tensor):
+        """One SSL step on a uint8 batch (B, 3, H, W) as a generator: it yields each phase's
+        name (:data:`PHASES`) just before running that phase, and returns the detached loss
+        (``StopIteration.value``). :meth:`step` drives it with a timer; ``fastssl profile
+        --backend both`` drives two models' generators in turn, one phase at a time."""
         self.train()
-        timer.phase("augmentation")
+        yield "augmentation"
         views = tuple(v.to(self.device, non_blocking=True)
                       for v in self.method.make_views(images))
 
-        timer.phase("encoder_forward")
+        yield "encoder_forward"
         outputs = self.method.forward_views(views)
 
-        timer.phase("loss_forward")
+        yield "loss_forward"
         loss = self.method.loss(outputs)
 
-        timer.phase("backward")
+        yield "backward"
         loss.backward()
 
-        timer.phase("optimizer")
+        yield "optimizer"
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr_at(self.step_count)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-        timer.phase("ema_queue")
+        yield "ema_queue"
         self.method.after_optimizer_step(self.step_count, self.total_steps)
         self.step_count += 1
-        timer.end()
         return loss.detach()
+
+    def step(self, images: torch.Tensor, timer=NO_TIMER) -> torch.Tensor:
+        """One SSL step on a uint8 batch (B, 3, H, W); returns the detached loss."""
+        phases = self.step_phases(images)
+        while True:
+            try:
+                name = next(phases)
+            except StopIteration as done:
+                timer.end()
+                return done.value
+            timer.phase(name)
 
 
 # ---------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ so one case's allocations and caches never colour another's memory figure.
   allocation above it page-fault afresh on every call (measured: a 2048 x 2048 fp32 GEMM at
   85-101 GFLOP/s instead of 177), which a user's process does not pay -- glibc's default
   threshold rises to the size of the blocks a program frees (up to 32 MiB). After the memory
-  run, :func:`_malloc_steady` sets that steady state (threshold 32 MiB, trim 64 MiB) for the
-  timed runs; :func:`_malloc_for_memory` restores the 64 KiB threshold and trims before the
+  run, :func:`malloc_steady` sets that steady state (threshold 32 MiB, trim 64 MiB) for the
+  timed runs; :func:`malloc_for_memory` restores the 64 KiB threshold and trims before the
   next memory run. Elsewhere than glibc both are no-ops.
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _libc():
 _LIBC = _libc()
 
 
-def _malloc_for_memory() -> None:
+def malloc_for_memory() -> None:
     """Freed blocks above 64 KiB go back to the OS (so an RSS delta is an honest peak)."""
     if _LIBC is not None:
         _LIBC.mallopt(_M_MMAP_THRESHOLD, 65536)
@@ -72,7 +72,7 @@ def _malloc_for_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-def _malloc_steady() -> None:
+def malloc_steady() -> None:
     """glibc's own steady state in a long-running program: blocks up to 32 MiB are reused."""
     if _LIBC is not None:
         _LIBC.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
@@ -171,11 +171,11 @@ def measure(fn, make_inputs, mode: str, device: torch.device, repeat: int,
     raises its ratio)."""
     inputs = make_inputs()
     if device.type == "cpu":
-        _malloc_for_memory()
+        malloc_for_memory()
     with PeakMemory(device) as pm:
         first = run_mode(fn, inputs, mode, device)
     if device.type == "cpu":
-        _malloc_steady()
+        malloc_steady()
     rates = [matmul_gflops(device, reps=3)] if gemm_probe else []
     times = []
     budget = max_seconds - first

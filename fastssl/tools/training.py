@@ -380,45 +380,40 @@ class SimSiam(TwoViewMethod):
         return symmetric_negative_cosine(p0, p1, z0, z1, backend=self.cfg.op_backend)
 
 
+class RedundancyMethod(TwoViewMethod):
+    """Encoder + a wide projector (4x the representation, as Barlow Twins and VICReg want) on
+    both views; ``loss_fn`` (a redundancy-reduction loss) on the two projections."""
+    recipe = "byol"
+    loss_fn = None
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.projector = mlp(self.encoder.out_dim, cfg.hidden, 4 * self.encoder.out_dim)
+
+    def forward_views(self, views):
+        return self.projector(self.encoder(torch.cat(views))).chunk(2)
+
+    def loss(self, outputs):
+        z0, z1 = outputs
+        return type(self).loss_fn(z0, z1, backend=self.cfg.op_backend)
+
+
 @register
-class BarlowTwins(TwoViewMethod):
-    """Encoder+projector on both views; Barlow Twins' redundancy reduction
-    (:func:`fastssl.barlow_twins`, lightly's conventions, lambda 5e-3) on the projections."""
+class BarlowTwins(RedundancyMethod):
+    """Barlow Twins' redundancy reduction (:func:`fastssl.barlow_twins`, lightly's
+    conventions, lambda 5e-3) on the projections."""
     name = "barlow"
     summary = "cross-correlation of the two views' projections driven to the identity"
-    recipe = "byol"
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        # Barlow Twins wants a wide projector: 4x the representation here.
-        self.projector = mlp(self.encoder.out_dim, cfg.hidden, 4 * self.encoder.out_dim)
-
-    def forward_views(self, views):
-        return self.projector(self.encoder(torch.cat(views))).chunk(2)
-
-    def loss(self, outputs):
-        z0, z1 = outputs
-        return barlow_twins(z0, z1, backend=self.cfg.op_backend)
+    loss_fn = barlow_twins
 
 
 @register
-class VICReg(TwoViewMethod):
-    """Encoder+projector on both views; VICReg's invariance + variance + covariance terms
-    (:func:`fastssl.vicreg`, weights 25 / 25 / 1)."""
+class VICReg(RedundancyMethod):
+    """VICReg's invariance + variance + covariance terms (:func:`fastssl.vicreg`, weights
+    25 / 25 / 1) on the projections."""
     name = "vicreg"
     summary = "invariance, variance and covariance terms on the two views' projections"
-    recipe = "byol"
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.projector = mlp(self.encoder.out_dim, cfg.hidden, 4 * self.encoder.out_dim)
-
-    def forward_views(self, views):
-        return self.projector(self.encoder(torch.cat(views))).chunk(2)
-
-    def loss(self, outputs):
-        z0, z1 = outputs
-        return vicreg(z0, z1, backend=self.cfg.op_backend)
+    loss_fn = vicreg
 
 
 class DINOHead(nn.Module):

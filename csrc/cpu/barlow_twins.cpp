@@ -131,23 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> barlow_twins_fwd_cpu(
     std::vector<double> dots(d);
     redundancy::column_dots(pa, pb, n, d, dots.data());
     for (int64_t c = 0; c < d; ++c) cdiag[c] = static_cast<float>(dots[c] * inv_n);
-    const int64_t T = redundancy::kTile, tiles = (d + T - 1) / T;
-    std::vector<double> part(tiles, 0.0);
-    TileBuffers buf(T * T);
-    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-      float* c = buf.get();
-      for (int64_t i = t0; i < t1; ++i) {
-        const int64_t i0 = i * T, ti = std::min(T, d - i0);
-        double acc = 0.0;
-        for (int64_t j = 0; j < tiles; ++j) {
-          const int64_t j0 = j * T, tj = std::min(T, d - j0);
-          gemm_rm(true, false, ti, tj, n, 1.0f, pa + i0, d, pb + j0, d, 0.0f, c, tj);
-          for (int64_t e = 0; e < ti * tj; ++e) acc += static_cast<double>(c[e]) * c[e];
-        }
-        part[i] = acc;
-      }
-    });
-    for (double p : part) off += p;
+    off += redundancy::tiled_cross_frob(pa, pb, n, d, false);
   }
   double on = 0.0, diag_sq = 0.0;
   for (int64_t c = 0; c < d; ++c) {

@@ -164,6 +164,34 @@ void packed_gram_times(const float* packed, const float* diag, int64_t n, bool s
   });
 }
 
+double tiled_cross_frob(const float* a, const float* b, int64_t n, int64_t d, bool symmetric) {
+  const int64_t T = kTile, tiles = (d + T - 1) / T;
+  std::vector<double> part(tiles, 0.0);
+  TileBuffers buf(T * T);
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    float* c = buf.get();
+    for (int64_t i = t0; i < t1; ++i) {
+      const int64_t i0 = i * T, ti = std::min(T, d - i0);
+      double acc = 0.0;
+      for (int64_t j = symmetric ? i : 0; j < tiles; ++j) {
+        const int64_t j0 = j * T, tj = std::min(T, d - j0);
+        gemm_rm(true, false, ti, tj, n, 1.0f, a + i0, d, b + j0, d, 0.0f, c, tj);
+        if (symmetric) {
+          double sq = 0.0;
+          for (int64_t e = 0; e < ti * tj; ++e) sq += static_cast<double>(c[e]) * c[e];
+          acc += (j == i ? 1.0 : 2.0) * sq;
+        } else {
+          for (int64_t e = 0; e < ti * tj; ++e) acc += static_cast<double>(c[e]) * c[e];
+        }
+      }
+      part[i] = acc;
+    }
+  });
+  double total = 0.0;
+  for (double p : part) total += p;
+  return total;
+}
+
 double dot(const float* a, const float* b, int64_t count) {
   constexpr int64_t kChunk = 1 << 14;
   const int64_t chunks = (count + kChunk - 1) / kChunk;

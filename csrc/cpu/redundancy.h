@@ -48,6 +48,11 @@ void packed_gram_times(const float* packed, const float* diag, int64_t n, bool s
 // sum_i a_i b_i in double, fixed chunks added in order.
 double dot(const float* a, const float* b, int64_t count);
 
+// ||a^T b||_F^2 for a, b (n x d, row-major), tile by tile (kTile x kTile tiles of a^T b, never
+// stored), in double; `symmetric` (b is a): the upper triangle of tiles only, off-diagonal
+// tiles counted twice. Fixed tile rows per unit, added in order.
+double tiled_cross_frob(const float* a, const float* b, int64_t n, int64_t d, bool symmetric);
+
 // sum_{d} (column d of x) . (column d of y) for x, y (n x kb): per-column dots into out (kb).
 void column_dots(const float* x, const float* y, int64_t n, int64_t kb, double* out);
 

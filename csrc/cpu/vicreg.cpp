@@ -37,27 +37,7 @@ double gram_or_tiles_norm(const float* z, int64_t n, int64_t d, const float* mu,
   }
   std::vector<float> x(n * d);
   redundancy::load_block(z, n, d, 0, d, mu, nullptr, x.data());
-  const int64_t T = redundancy::kTile, tiles = (d + T - 1) / T;
-  std::vector<double> part(tiles, 0.0);
-  TileBuffers buf(T * T);
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    float* k = buf.get();
-    for (int64_t i = t0; i < t1; ++i) {
-      const int64_t i0 = i * T, ti = std::min(T, d - i0);
-      double acc = 0.0;
-      for (int64_t j = i; j < tiles; ++j) {  // upper triangle of tiles; off-diagonal ones twice
-        const int64_t j0 = j * T, tj = std::min(T, d - j0);
-        gemm_rm(true, false, ti, tj, n, 1.0f, x.data() + i0, d, x.data() + j0, d, 0.0f, k, tj);
-        double sq = 0.0;
-        for (int64_t e = 0; e < ti * tj; ++e) sq += static_cast<double>(k[e]) * k[e];
-        acc += (j == i ? 1.0 : 2.0) * sq;
-      }
-      part[i] = acc;
-    }
-  });
-  double total = 0.0;
-  for (double p : part) total += p;
-  return total;
+  return redundancy::tiled_cross_frob(x.data(), x.data(), n, d, true);
 }
 
 // dz (n x d) of one view: the covariance and variance terms (scaled by the upstream gradient

@@ -727,3 +727,120 @@ def mae_mask(seed: torch.Tensor, batch: int, num_patches: int, num_keep: int):
     ids_restore = torch.empty_like(perm)
     ids_restore.scatter_(1, perm, torch.arange(num_patches, dtype=torch.int64).repeat(batch, 1))
     return ids_restore >= num_keep, perm[:, :num_keep].contiguous(), ids_restore
+
+
+# Pretext tasks: denoising noise                                    [issue: pretext tasks]
+# ---------------------------------------------------------------------------------------
+#
+# PretextAugment(task="denoising") draws its noise from the same counter-based hash as
+# mae_mask (no stateful RNG, no torch.randn of the batch): value (sample b, counter c) is
+# ``fmix32((key_b + c * 0x85EBCA6B) mod 2**32)`` with ``key_b`` from :func:`mae_row_keys`.
+# The Gaussian is Box-Muller with a logarithm and a sine / cosine written out as float32
+# polynomials below, so the C++ kernel (-ffp-contract=off), the Triton interpreter and this
+# reference perform the same IEEE operations in the same order and agree bit for bit (on a
+# GPU the compiler may fuse multiply-adds: a few ulps). Every constant is a float32 value.
+
+NOISE_STEP_MUL = 0x85EBCA6B
+_NOISE_SQRT2 = 1.4142135381698608  # float32(sqrt 2)
+_NOISE_LN2_HI = 0.693359375  # ln 2 = HI + LO; e * HI is exact for |e| < 2^15
+_NOISE_LN2_LO = -0.00021219444170128554
+_NOISE_HALF_PI = 1.5707963705062866
+# ln m = 2 s (1 + s^2/3 + s^4/5 + ... + s^10/11), s = (m - 1) / (m + 1), |s| <= 0.172 for m in
+# [sqrt(2)/2, sqrt(2)]: truncation error 2 s^13 / 13 < 2e-11.
+_NOISE_LOG_C = (0.3333333432674408, 0.20000000298023224, 0.1428571492433548,
+                0.1111111119389534, 0.09090909361839294)  # 1/3, 1/5, ..., 1/11
+# Taylor series on [0, pi/2]: truncation errors 7e-10 (sin, to psi^13) and 7e-11 (cos, psi^14).
+_NOISE_SIN_C = (-0.1666666716337204, 0.008333333767950535, -0.00019841270113829523,
+                2.7557318844628753e-06, -2.5052107943679403e-08, 1.6059044372074283e-10)
+_NOISE_COS_C = (-0.5, 0.0416666679084301, -0.0013888889225199819, 2.4801587642286904e-05,
+                -2.755731998149713e-07, 2.0876755879584152e-09, -1.147074536050896e-11)
+
+
+def noise_hash(key: int, counters: torch.Tensor) -> torch.Tensor:
+    """uint32 values (int64 tensor) ``fmix32((key + c * 0x85EBCA6B) mod 2**32)``, c < 2**32."""
+    return fmix32((key + _mul32(counters, NOISE_STEP_MUL)) & _U32)
+
+
+def _horner(x: torch.Tensor, coeffs) -> torch.Tensor:
+    """``((c[-1] x + c[-2]) x + ... + c[0]) x``: float32, one rounding per operation."""
+    p = x * coeffs[-1] + coeffs[-2]
+    for c in reversed(coeffs[:-2]):
+        p = p * x + c
+    return p * x
+
+
+def box_muller_pairs(key: int, num_pairs: int):
+    """Pair j of a sample: two standard normals ``(z0, z1)`` from counters 2j and 2j + 1.
+
+    ``h1, h2`` = :func:`noise_hash` of 2j, 2j + 1; ``u1 = ((h1 >> 8) + 1) 2^-24`` in (0, 1];
+    ``r = sqrt(-2 ln u1)`` (so |z| <= 5.77: the 24-bit uniform truncates the tails at
+    P = 6e-8); ``psi = t pi/2``, t the 22 bits 8..29 of h2 plus a half (uniform in (0, 1));
+    ``z0 = +-r cos psi``, ``z1 = +-r sin psi`` with the signs bits 31 and 30 of h2 (the two
+    signs pick the quadrant: the angle is uniform on the circle). ln, cos, sin: the float32
+    polynomials above; sqrt and the one division are IEEE (correctly rounded)."""
+    f32 = torch.float32
+    c = torch.arange(num_pairs, dtype=torch.int64) * 2
+    h1, h2 = noise_hash(key, c), noise_hash(key, c + 1)
+    u1 = ((h1 >> 8) + 1).to(f32) * 2.0 ** -24
+    bits = u1.view(torch.int32).to(torch.int64)
+    e = ((bits >> 23) & 0xFF) - 127
+    m = ((bits & 0x7FFFFF) | 0x3F800000).to(torch.int32).view(f32)
+    big = m > _NOISE_SQRT2
+    m = torch.where(big, m * 0.5, m)
+    e = (e + big.to(torch.int64)).to(f32)
+    s = (m - 1.0) / (m + 1.0)
+    p = _horner(s * s, _NOISE_LOG_C)
+    ln_m = (s + s * p) * 2.0
+    ln_u = e * _NOISE_LN2_HI + (ln_m + e * _NOISE_LN2_LO)
+    # Correctly rounded sqrt (what IEEE sqrtf gives): torch's float32 sqrt can be 1 ulp off
+    # (vectorised through SLEEF); the float64 root rounds to the correctly rounded float32.
+    r = torch.sqrt((ln_u * -2.0).double()).float()
+    t = (((h2 >> 8) & 0x3FFFFF).to(f32) + 0.5) * 2.0 ** -22
+    psi = t * _NOISE_HALF_PI
+    q = psi * psi
+    sin = psi + psi * _horner(q, _NOISE_SIN_C)
+    cos = _horner(q, _NOISE_COS_C) + 1.0
+    z0, z1 = r * cos, r * sin
+    z0 = torch.where(((h2 >> 31) & 1) == 1, -z0, z0)
+    z1 = torch.where(((h2 >> 30) & 1) == 1, -z1, z1)
+    return z0, z1
+
+
+def pretext_noise(clean: torch.Tensor, amount: torch.Tensor, seed: torch.Tensor,
+                  masking: bool, fill: float) -> torch.Tensor:
+    """Denoising's corruption of ``clean`` [B, C, H, W], the spec of ``fastssl::pretext_noise``.
+
+    * Gaussian (``masking=False``; ``amount`` [B, C] float32, the noise std per sample and
+      channel in ``clean``'s units): sample b's C·H·W values, flattened, get the n = C·H·W
+      normals of ``half = ceil(n / 2)`` Box-Muller pairs (:func:`box_muller_pairs`): z0 of
+      pair j at position j, z1 at position j + half (dropped if that is n). out =
+      ``float32(clean) + amount[b, c] * z`` (product then sum, each rounded to float32), then
+      cast to ``clean``'s dtype (round to nearest even).
+    * masking (``masking=True``; ``amount`` [B, 1] float32, the drop probability): pixel p =
+      y W + x of sample b is dropped, in every channel, iff ``(noise_hash(key_b, p) >> 8)
+      2^-24 < amount[b, 0]``; dropped values become ``fill`` (rounded to float32, then to
+      ``clean``'s dtype).
+
+    ``key_b`` is :func:`mae_row_keys` of ``seed`` (2 int64 values, their low 32 bits used).
+    """
+    B, C, H, W = clean.shape
+    keys = mae_row_keys(seed, B).tolist()
+    amount = amount.detach().to("cpu", torch.float32)
+    x = clean.detach().cpu()
+    out = torch.empty_like(x)
+    n, plane = C * H * W, H * W
+    for b in range(B):
+        if masking:
+            u = (noise_hash(keys[b], torch.arange(plane, dtype=torch.int64)) >> 8).to(
+                torch.float32) * 2.0 ** -24
+            drop = (u < amount[b, 0]).view(1, H, W)
+            fill_v = torch.tensor(float(torch.tensor(fill, dtype=torch.float32)),
+                                  dtype=x.dtype)
+            out[b] = torch.where(drop, fill_v, x[b])
+        else:
+            half = (n + 1) // 2
+            z0, z1 = box_muller_pairs(keys[b], half)
+            z = torch.cat([z0, z1])[:n].view(C, H, W)
+            noisy = x[b].to(torch.float32) + amount[b].view(C, 1, 1) * z
+            out[b] = noisy.to(x.dtype)
+    return out.to(clean.device)

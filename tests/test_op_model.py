@@ -92,6 +92,9 @@ def test_every_loss_op_has_both_kernels():
                 assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"), name
     assert torch._C._dispatch_has_kernel_for_dispatch_key("fastssl::ssl_augment", "CUDA")
     assert torch._C._dispatch_has_kernel_for_dispatch_key("fastssl::mae_mask", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("fastssl::pretext_noise", "CUDA")
+    if _ext.available():
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("fastssl::pretext_noise", "CPU")
 
 
 def test_triton_on_cpu_swaps_and_restores_the_cpu_kernel():
@@ -242,6 +245,8 @@ def _op_cases():
         "vicreg_fwd_tiled": (f(9, 4), f(9, 4), 25.0, 25.0, 1.0, 1e-4, 2),
         "masked_token_loss_sum": (f(5, 6), f(9, 6), f(9), torch.tensor([8, -100, 0, 3, 3]), -100),
         "mae_mask": (torch.tensor([7, 9]), 3, 11, 4),
+        "pretext_noise": (torch.randn(2, 3, 5, 7), torch.rand(2, 3), torch.tensor([7, 9]),
+                          False, 0.0),
     }
 
 

@@ -16,7 +16,8 @@ import torch
 
 import fastssl
 from fastssl import _ext, augment, pretext, reference
-from fastssl.pretext import MultiCropAugment, PretextAugment, jigsaw_permutations, mae_mask
+from fastssl.pretext import (MultiCropAugment, PretextAugment, jigsaw_permutations, mae_mask,
+                             pretext_noise)
 
 needs_cpp = pytest.mark.skipif(not _ext.has_op("ssl_augment"),
                                reason=f"C++ extension: {_ext.why_unavailable()}")
@@ -24,6 +25,9 @@ needs_cpp_mae = pytest.mark.skipif(not _ext.has_kernel("mae_mask", "CPU"),
                                    reason=f"C++ extension: {_ext.why_unavailable()}")
 BACKENDS = [pytest.param("cpp", marks=needs_cpp), "triton"]
 MAE_BACKENDS = [pytest.param("cpp", marks=needs_cpp_mae), "triton"]
+needs_cpp_noise = pytest.mark.skipif(not _ext.has_kernel("pretext_noise", "CPU"),
+                                     reason=f"C++ extension: {_ext.why_unavailable()}")
+NOISE_BACKENDS = [pytest.param("cpp", marks=needs_cpp_noise), "triton"]
 UNIT = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 TOL = 1e-5  # the augmentation kernels' agreement with the reference in [0, 1] (test_augment)
 # Every colour op on, so that rotation / tiles go through every kernel path (incl. the blur).
@@ -228,23 +232,146 @@ def test_denoising_gaussian(backend):
     params = aug.sample(x)
     noisy, clean = aug.apply(x, params)
     ref = PretextAugment(32, "denoising", backend="reference").apply(x, params)
-    assert _max_diff(noisy, ref[0]) <= 2e-5 and _max_diff(clean, ref[1]) <= 2e-5
+    assert _max_diff(clean, ref[1]) <= 2e-5
+    # The noise is a pure function of the seed: the same draws on every backend, so the
+    # noisy view differs from the reference's only by the clean view's own ~1 ulp.
+    assert _max_diff(noisy, ref[0]) <= 2e-5
     std = torch.tensor(augment.IMAGENET_STD)[None, :, None, None]
-    z = (noisy - clean) * std / params.level[:, None, None, None]  # should be N(0, 1)
+    z = (noisy.double() - clean.double()) * std / params.level[:, None, None, None].double()
     assert bool((0.1 <= params.level).all() and (params.level <= 0.2).all())
     assert abs(float(z.mean())) < 0.05 and abs(float(z.std()) - 1.0) < 0.05
 
 
-def test_denoising_masking():
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_denoising_masking(backend):
     x = _images(8, hw=(40, 40))
     aug = PretextAugment(32, "denoising", generator=_gen(13), noise="masking",
-                         noise_level=(0.3, 0.6), fill=0.0, backend="reference")
+                         noise_level=(0.3, 0.6), fill=0.0, backend=backend)
     params = aug.sample(x)
     noisy, clean = aug.apply(x, params)
     dropped = (noisy != clean).any(1)
     for b in range(8):  # drop fraction near the sample's level (1024 pixels each)
         assert abs(float(dropped[b].float().mean()) - float(params.level[b])) < 0.08
     assert bool((noisy.permute(1, 0, 2, 3)[:, dropped] == 0).all())
+    if backend != "reference":
+        ref, _ = PretextAugment(32, "denoising", noise="masking", fill=0.0,
+                                backend="reference").apply(x, params)
+        assert torch.equal(noisy != clean, ref != clean)
+
+
+# ---------------------------------------------------------------------------------------
+# pretext_noise (the denoising task's kernel)
+# ---------------------------------------------------------------------------------------
+
+NOISE_SHAPES = [(1, 1, 1, 1), (3, 3, 7, 5), (2, 3, 13, 13), (2, 2, 3, 3), (1, 3, 45, 47)]
+
+
+@pytest.mark.parametrize("backend", NOISE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("masking", [False, True])
+def test_pretext_noise_matches_reference(backend, dtype, masking):
+    """Bit for bit: the kernels do the reference's float32 operations in its order (the
+    interpreter runs the Triton kernel's; the C++ one is built with -ffp-contract=off)."""
+    for i, shape in enumerate(NOISE_SHAPES):
+        g = _gen(30 + i)
+        x = (torch.randn(shape, generator=g) * 3).to(dtype)
+        amount = torch.rand(shape[0], 1 if masking else shape[1], generator=g)
+        seed = 0xFEDCBA9876543210 + i
+        out = pretext_noise(x, amount, seed, masking, -0.75, backend=backend)
+        ref = pretext_noise(x, amount, seed, masking, -0.75, backend="reference")
+        assert out.dtype == dtype and out.shape == x.shape
+        assert torch.equal(out, ref), (shape, _max_diff(out, ref))
+
+
+def test_pretext_noise_is_gaussian():
+    """Reference statistics of z = noisy - clean at unit amount (2 x 3 x 181 x 181 = 196,566
+    values): moments, the tail bound, and a Kolmogorov-Smirnov distance below its 1% critical
+    value; and the same z for every channel amount, scaled."""
+    x = torch.zeros(2, 3, 181, 181)
+    z = pretext_noise(x, torch.ones(2, 3), 2024, backend="reference").double().flatten()
+    n = z.numel()
+    assert abs(float(z.mean())) < 4 / n ** 0.5 and abs(float(z.std()) - 1) < 0.01
+    assert abs(float((z ** 3).mean())) < 0.03 and abs(float((z ** 4).mean()) - 3) < 0.06
+    assert float(z.abs().max()) <= 5.77
+    zs = torch.sort(z).values
+    cdf = 0.5 * (1 + torch.erf(zs / 2 ** 0.5))
+    ks = float((cdf - torch.arange(1, n + 1, dtype=torch.float64) / n).abs().max())
+    assert ks < 1.63 / n ** 0.5
+    # Versus float64 Box-Muller on the same hashes: the polynomials are within ~1 ulp.
+    key = reference.mae_row_keys(torch.tensor([2024, 0]), 1).tolist()[0]
+    c = torch.arange(1000, dtype=torch.int64) * 2
+    h1, h2 = reference.noise_hash(key, c), reference.noise_hash(key, c + 1)
+    u1 = ((h1 >> 8) + 1).double() * 2.0 ** -24
+    psi = (((h2 >> 8) & 0x3FFFFF).double() + 0.5) * 2.0 ** -22 * torch.pi / 2
+    r = torch.sqrt(-2 * torch.log(u1))
+    z0, z1 = reference.box_muller_pairs(key, 1000)
+    sign0 = 1 - 2 * ((h2 >> 31) & 1).double()
+    sign1 = 1 - 2 * ((h2 >> 30) & 1).double()
+    assert float((z0.double() - sign0 * r * torch.cos(psi)).abs().max()) < 1e-6
+    assert float((z1.double() - sign1 * r * torch.sin(psi)).abs().max()) < 1e-6
+    amount = torch.tensor([[0.5, 2.0, 0.0]])
+    scaled = pretext_noise(torch.zeros(1, 3, 4, 4), amount, 7, backend="reference")
+    unit = pretext_noise(torch.zeros(1, 3, 4, 4), torch.ones(1, 3), 7, backend="reference")
+    assert torch.equal(scaled, unit * amount[0, :, None, None])
+
+
+@needs_cpp_noise
+@pytest.mark.parametrize("masking", [False, True])
+def test_pretext_noise_threads_and_seeds(masking):
+    x = torch.randn(5, 3, 33, 35)
+    amount = torch.rand(5, 1 if masking else 3)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(pretext_noise(x, amount, 99, masking, backend="cpp"))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    other = pretext_noise(x, amount, 100, masking, backend="cpp")
+    assert not torch.equal(outs[0], other)
+    # Samples draw independently: sample 1 of a batch is not sample 0 shifted.
+    assert not torch.equal(outs[0][0] - x[0], outs[0][1] - x[1])
+
+
+@pytest.mark.parametrize("backend", NOISE_BACKENDS)
+@pytest.mark.parametrize("masking", [False, True])
+def test_pretext_noise_opcheck(backend, masking):
+    x = torch.randn(2, 3, 5, 7)
+    amount = torch.rand(2, 1 if masking else 3)
+    torch.library.opcheck(torch.ops.fastssl.pretext_noise,
+                          (x, amount, torch.tensor([7, 9]), masking, 0.5))
+
+
+@needs_cpp_noise
+def test_pretext_noise_compile():
+    x, amount, seed = torch.randn(2, 3, 6, 5), torch.rand(2, 3), torch.tensor([3, 4])
+    fn = torch.compile(lambda a: torch.ops.fastssl.pretext_noise(a, amount, seed, False, 0.0),
+                       fullgraph=True)
+    assert torch.equal(fn(x), torch.ops.fastssl.pretext_noise(x, amount, seed, False, 0.0))
+
+
+def test_pretext_noise_bad_input():
+    x = torch.zeros(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="clean"):
+        pretext_noise(torch.zeros(3, 4, 4), torch.ones(2, 3), 1)
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        pretext_noise(x.to(torch.uint8), torch.ones(2, 3), 1)
+    with pytest.raises(ValueError, match=r"amount must be a \[2, 3\]"):
+        pretext_noise(x, torch.ones(2, 1), 1)
+    with pytest.raises(ValueError, match=r"amount must be a \[2, 1\]"):
+        pretext_noise(x, torch.ones(2, 3), 1, masking=True)
+    with pytest.raises(ValueError, match="finite"):
+        pretext_noise(x, torch.full((2, 3), float("nan")), 1)
+    with pytest.raises(ValueError, match=">= 0"):
+        pretext_noise(x, -torch.ones(2, 3), 1)
+    with pytest.raises(ValueError, match="seed"):
+        pretext_noise(x, torch.ones(2, 3), -1)
+    with pytest.raises(ValueError, match="seed"):
+        pretext_noise(x, torch.ones(2, 3), 2 ** 64)
+    with pytest.raises(ValueError, match="fill"):
+        pretext_noise(x, torch.ones(2, 1), 1, masking=True, fill=float("inf"))
 
 
 def test_determinism():
@@ -441,4 +568,4 @@ def test_bad_input():
 def test_public_api():
     assert fastssl.PretextAugment is PretextAugment and fastssl.mae_mask is mae_mask
     assert fastssl.MultiCropAugment is MultiCropAugment
-    assert reference.mae_mask is not None
+    assert reference.mae_mask is not None and reference.pretext_noise is not None

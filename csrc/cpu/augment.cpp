@@ -41,9 +41,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 #include <atomic>
 #include <type_traits>
 #include <vector>
@@ -557,15 +554,6 @@ void augment_sample(const Sample& s, int64_t out, int64_t k, float thr, const fl
 // measured here, ~40% of the kernel's CPU time for batch 64 (47 ms -> 30 ms per 64 views with
 // huge pages). Asking for transparent huge pages on the untouched range turns ~9,400 faults
 // into ~19. Advice only: no effect on results, ignored where THP is off or not Linux.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t end = begin + t.nbytes();
-  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = end & ~(kHuge - 1);
-  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-#endif
-}
 
 at::Tensor ssl_augment_cpu(at::TensorList images, const at::Tensor& crop,
                            const at::Tensor& flags, const at::Tensor& factors,

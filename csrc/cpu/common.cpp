@@ -5,6 +5,9 @@
 #include <torch/library.h>
 
 #include <atomic>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 // The Fortran BLAS symbol that torch's CPU library exports (MKL on x86-64 wheels, OpenBLAS
 // on others). Declared weak so that a torch without it still loads; gemm_rm then falls back
@@ -18,6 +21,16 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 extern "C" int MKL_Set_Num_Threads_Local(int nthreads) __attribute__((weak));
 
 namespace fastssl {
+
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + t.nbytes();
+  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = end & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#endif
+}
 
 void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
              const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,

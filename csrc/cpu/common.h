@@ -126,6 +126,10 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float 
 // "portable (not x86-64 / not GCC)". For `fastssl info`.
 const char* simd_clone_in_use();
 
+// madvise(MADV_HUGEPAGE) on the 2 MiB-aligned part of a fresh output: the page faults of a
+// large first-touched output otherwise cost as much as the kernel writing it (augment).
+void advise_huge_pages(const at::Tensor& t);
+
 // " + BLAS: <name>" for build_info().
 std::string blas_info();
 

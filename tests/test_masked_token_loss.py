@@ -13,7 +13,7 @@ import torch
 
 import fastssl
 from fastssl import _ext, reference
-from helpers import assert_close_to_truth, kernels
+from helpers import assert_close_to_truth, first_mismatches, kernels
 
 needs_cpp = pytest.mark.skipif(not _ext.available(), reason=f"no _C: {_ext.why_unavailable()}")
 BACKENDS = [pytest.param("cpp", marks=needs_cpp), "triton"]
@@ -190,6 +190,14 @@ def test_opcheck(backend):
         for b in (bias, None):
             torch.library.opcheck(torch.ops.fastssl.masked_token_loss_sum,
                                   (hidden, weight, b, labels, -100))
+    # The scaling ops of its backward (plain tensors: the forward's gradients have no history).
+    g, dh, dw = torch.tensor(1.5), torch.randn(6, 10), torch.randn(13, 10)
+    for db in (torch.randn(13), torch.zeros(0)):
+        torch.library.opcheck(torch.ops.fastssl.masked_token_loss_sum_bwd_, (g, dh, dw, db))
+    for dt in DTYPES:
+        h, w, b = (t.detach().to(dt) for t in (hidden, weight, bias))
+        torch.library.opcheck(torch.ops.fastssl.masked_token_loss_sum_bwd,
+                              (g, h, w, b, dh, dw, torch.randn(13)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -341,17 +349,29 @@ def test_scalar_loss_does_not_recompute_in_the_backward():
     xs = [t.float().requires_grad_() for t in (hidden, weight, b)]
     called = []
 
+    new_big = []  # backward ops that return a new tensor of hidden's or weight's size
+
     class Spy(torch.utils._python_dispatch.TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             called.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
+            out = func(*args, **(kwargs or {}))
+            ins = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves(
+                (args, kwargs)) if isinstance(a, torch.Tensor)}
+            for o in torch.utils._pytree.tree_leaves(out):
+                if (isinstance(o, torch.Tensor) and o.numel() >= xs[0].numel()
+                        and o.untyped_storage().data_ptr() not in ins):
+                    new_big.append(called[-1])
+            return out
 
     with Spy():
         loss = fastssl.masked_token_loss(xs[0], xs[1], labels, bias=xs[2], backend="cpp")
         n_forward = len(called)
+        new_big.clear()
         loss.backward()
     ours = [c for c in called if "masked_token" in c]
-    assert ours == ["fastssl.masked_token_loss_sum", "fastssl.masked_token_loss_sum_bwd"], ours
+    # fp32: the saved gradients are scaled in place and become the .grad tensors (no copy).
+    assert ours == ["fastssl.masked_token_loss_sum", "fastssl.masked_token_loss_sum_bwd_"], ours
+    assert not new_big, new_big
     # Nor zero-filled gradients for the op's gradient outputs (a [V, H] fp32 buffer each step).
     zeros = [c for c in called[n_forward:] if "zero" in c or "full" in c]
     assert not zeros, zeros
@@ -360,3 +380,112 @@ def test_scalar_loss_does_not_recompute_in_the_backward():
         with Spy():
             fastssl.masked_token_loss(xs[0], xs[1], labels, bias=xs[2], backend="cpp")
         assert [c for c in called if "masked_token" in c] == ["fastssl.masked_token_loss_fwd"]
+
+
+def _scalar_step(backend, dtype, reduction, *, prior=None, grad_only=False):
+    """(loss * 1.375).backward() through the public function: the gradients of hidden, weight
+    and bias (weight.grad starting at ``prior``). ``grad_only``: torch.autograd.grad with
+    create_graph=True instead, which takes the out-of-place scaling (the backward before the
+    in-place one), with ``prior`` added as AccumulateGrad would."""
+    hidden, weight, b, labels = _inputs(41, 70, 130, ignored=[0, 5])
+    xs = [t.to(dtype).requires_grad_() for t in (hidden, weight, b)]
+    if prior is not None and not grad_only:
+        xs[1].grad = prior.clone()
+    with kernels(backend):
+        loss = fastssl.masked_token_loss(xs[0], xs[1], labels, bias=xs[2], backend=backend,
+                                         reduction=reduction) * 1.375
+        if grad_only:
+            grads = [g.detach() for g in torch.autograd.grad(loss, xs, create_graph=True)]
+            if prior is not None:
+                grads[1] = prior + grads[1]
+            return grads
+        loss.backward()
+    return [x.grad for x in xs]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_in_place_backward_gives_the_out_of_place_bits(backend, dtype, reduction):
+    """fp32: the backward scales the forward's gradients in place; bf16 / fp16: a new tensor
+    in the dtype. Both give the bits of the out-of-place scaling (fp32 product, one rounding),
+    under an upstream gradient != 1 and with weight.grad accumulating onto an earlier one."""
+    prior = torch.randn(130, 70).to(dtype)
+    for p in (None, prior):
+        got = _scalar_step(backend, dtype, reduction, prior=p)
+        want = _scalar_step(backend, dtype, reduction, prior=p, grad_only=True)
+        for name, a, c in zip(("hidden", "weight", "bias"), got, want):
+            assert a.dtype == dtype
+            assert torch.equal(a, c), f"{name}: {first_mismatches(a, c, 0.0)}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_grads_are_the_saved_buffers(backend):
+    """The gradients formed in the forward become hidden.grad / weight.grad / bias.grad
+    themselves: AccumulateGrad takes the scaled buffers (no copy; BERT-base: 107 MB)."""
+    hidden, weight, b, labels = _inputs(9, 16, 40, ignored=[3])
+    xs = [t.float().requires_grad_() for t in (hidden, weight, b)]
+    with kernels(backend):
+        loss = fastssl.masked_token_loss(xs[0], xs[1], labels, bias=xs[2], backend=backend)
+        node = loss.grad_fn
+        while "masked_token_loss_sum" not in type(node).__name__:
+            node = node.next_functions[0][0]
+        saved = [t.data_ptr() for t in node.saved_tensors[3:]]
+        (loss * 0.75).backward()
+    assert [x.grad.data_ptr() for x in xs] == saved
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_second_backward_with_retain_graph(backend, dtype):
+    """fp32: the first backward consumed the saved gradients (scaled in place), so a second
+    backward through the same graph raises, naming the op and retain_graph, instead of scaling
+    them again; bf16 / fp16 scale into new tensors, so it runs and accumulates."""
+    hidden, weight, b, labels = _inputs(9, 16, 40, ignored=[3])
+    xs = [t.to(dtype).requires_grad_() for t in (hidden, weight, b)]
+    with kernels(backend):
+        loss = fastssl.masked_token_loss(xs[0], xs[1], labels, bias=xs[2], backend=backend)
+        (loss * 2).backward(retain_graph=True)
+        first = [x.grad.clone() for x in xs]
+        if dtype == torch.float32:
+            with pytest.raises(RuntimeError, match="masked_token_loss.*retain_graph=True"):
+                (loss * 2).backward()
+            assert all(torch.equal(x.grad, f) for x, f in zip(xs, first))
+        else:
+            (loss * 2).backward()
+            assert all(torch.equal(x.grad, 2 * f) for x, f in zip(xs, first))
+    rounded = [t.to(dtype).double() for t in (hidden, weight, b)]
+    want = _run_scalar(reference.masked_token_loss, *rounded, labels, torch.float64, "mean")
+    lowp = _run_scalar(reference.masked_token_loss, *rounded, labels, dtype, "mean")
+    for name, f, t, lp in zip(("dhidden", "dweight", "dbias"), first, want[1:], lowp[1:]):
+        assert_close_to_truth(f"masked_token_loss retain_graph {name}", f / 2, t / 1.375,
+                              lp / 1.375, dtype)
+
+
+def test_a_caller_holding_the_op_outputs_keeps_them():
+    """Called directly, the op returns its gradients to the caller: while the caller holds
+    them, the backward scales into new tensors and leaves them as they were."""
+    hidden, weight, b, labels = _inputs(9, 16, 40, ignored=[3])
+    xs = [t.float().requires_grad_() for t in (hidden, weight, b)]
+    kernel = "cpp" if _ext.available() else "triton"
+    with kernels(kernel):
+        loss, dh, dw, db = torch.ops.fastssl.masked_token_loss_sum(*xs, labels, IGNORE)
+        kept = [t.detach().clone() for t in (dh, dw, db)]
+        (loss * 3).backward()
+    assert all(torch.equal(t, k) for t, k in zip((dh, dw, db), kept))
+    for x, k in zip(xs, kept):
+        torch.testing.assert_close(x.grad, 3 * k)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_scaling_in_chunks_equals_one_rounding(dtype):
+    """bf16 / fp16 gradients are written a chunk at a time (no whole fp32 product): the same
+    bits as (d * g).to(dtype), across chunk boundaries (dweight of 1.5 chunks)."""
+    from fastssl.ops import masked_token_loss as mtl
+    v = mtl._CAST_CHUNK * 3 // 2 // 64 + 1
+    g = torch.tensor(0.3)
+    dh, dw, db = torch.randn(5, 64), torch.randn(v, 64), torch.randn(v)
+    h, w, b = torch.zeros(5, 64, dtype=dtype), torch.zeros(v, 64, dtype=dtype), None
+    got = torch.ops.fastssl.masked_token_loss_sum_bwd(g, h, w, b, dh, dw, db)
+    for a, d in zip(got, (dh, dw, db)):
+        assert a.dtype == dtype and torch.equal(a, (d * g).to(dtype))

@@ -17,13 +17,28 @@ Ops (CPU kernel ``csrc/cpu/masked_token_loss.cpp``, CUDA kernels below):
   losses and its gradients, formed in the forward (the public function uses it for the "sum"
   and "mean" reductions when a gradient is needed: the upstream gradient is then one scalar);
 * ``masked_token_loss_sum_bwd(grad [], hidden, weight, bias?, dhidden, dweight, dbias) ->
-  (dhidden, dweight, dbias)`` in the inputs' dtypes: the saved gradients times ``grad``.
+  (dhidden, dweight, dbias)`` in the inputs' dtypes: the saved gradients times ``grad``
+  (new tensors; bf16 / fp16 written 1 Mi elements at a time, so no whole fp32 product);
+* ``masked_token_loss_sum_bwd_(grad [], dhidden!, dweight!, dbias!) -> ()``: the same fp32
+  products written over the saved gradients (a Python kernel, CPU and CUDA).
 
 Saved-tensor contract (both devices): ``_fwd``: hidden, weight, bias, labels and ``lse`` (R
 floats): O(R + V H), never O(R V). ``_sum``: the three fp32 gradients (O(R H + V H), the
 inputs' size in fp32) and hidden / weight / bias (dtypes; no copy). The ``_bwd`` kernels
 recompute every logit tile once per kernel that needs it, with dlogits = g_i (softmax_i(v) -
 [v = y_i]) (the -1 folded in fp32 before any down-cast).
+
+Memory of ``_sum``'s backward: with fp32 inputs it runs ``_sum_bwd_`` and returns the scaled
+buffers themselves, which AccumulateGrad takes as ``.grad`` (no copy): nothing beyond the saved
+gradients (BERT-base, P = 4,096: 107 MB; backward-only extra peak 1 MB, was 102 MB with the
+out-of-place scaling), so the fused op's peak is its forward's (154 MB, eager 1.43 GB: 1/9.5).
+bf16 / fp16 (and fp32 under ``create_graph``, or when the caller of the op still holds its
+gradient outputs) run ``_sum_bwd``: the results in the inputs' dtype beside the saved fp32
+buffers, which autograd frees as soon as the node has run (bf16 backward-only extra peak 55 MB,
+was 141 MB with a whole fp32 product). Since the fp32 backward consumes what its forward saved,
+a second backward through the same graph (``retain_graph=True``) raises instead of scaling
+again. Under torch.compile the mutation is functionalized (inductor copies the saved gradients
+before scaling them, as much memory as the out-of-place op).
 
 Cost (GEMM-equivalents of 2 P V H FLOPs, P = non-ignored rows): ``_sum`` on the CPU 3 in all
 (logits, dH, dW: each row block's logits over the whole vocabulary stay in a bounded buffer
@@ -40,6 +55,8 @@ valid-first with a stable device sort and passes the valid count as a device ten
 past it return at once (the grid is sized for all rows; the count is never read on the host).
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 import triton
@@ -105,6 +122,10 @@ _library.define("masked_token_loss_sum",
 _library.define("masked_token_loss_sum_bwd",
                 "(Tensor grad, Tensor hidden, Tensor weight, Tensor? bias, Tensor dhidden, "
                 "Tensor dweight, Tensor dbias) -> (Tensor dhidden, Tensor dweight, Tensor dbias)")
+# fp32 inputs: the saved gradients are already in the output dtype, so the backward scales
+# them in place and returns them (no second [V, H] + [R, H] fp32 copy: 107 MB at BERT-base).
+_library.define("masked_token_loss_sum_bwd_",
+                "(Tensor grad, Tensor(a!) dhidden, Tensor(b!) dweight, Tensor(c!) dbias) -> ()")
 
 
 @torch.library.register_fake("fastssl::masked_token_loss_sum")
@@ -115,16 +136,43 @@ def _sum_fake(hidden, weight, bias, labels, ignore_index):
                                                                     **f32))
 
 
+# bf16 / fp16 gradients are written this many elements at a time (4 MB of fp32 products):
+# (dweight * g).to(dtype) in one piece would hold a whole fp32 product ([V, H]: 94 MB at
+# BERT-base) beside the saved gradients and the result; mul(out=) of another dtype does the same
+# on the CPU.
+_CAST_CHUNK = 1 << 20
+
+
+def _scaled(src, g, dtype):
+    """src * g (fp32 products, one rounding to ``dtype``) as a new tensor."""
+    if dtype == torch.float32:
+        return src * g
+    out = torch.empty(src.shape, dtype=dtype, device=src.device)
+    flat_src, flat_out = src.reshape(-1), out.view(-1)
+    for i in range(0, flat_src.numel(), _CAST_CHUNK):
+        flat_out[i:i + _CAST_CHUNK].copy_(flat_src[i:i + _CAST_CHUNK] * g)
+    return out
+
+
 def _scale_grads(grad, hidden, weight, bias, dhidden, dweight, dbias):
     g = grad.to(torch.float32)
     # fp32 products, one rounding to the inputs' dtype (the saved gradients are fp32).
     bias_dtype = bias.dtype if bias is not None else weight.dtype
-    return ((dhidden * g).to(hidden.dtype), (dweight * g).to(weight.dtype),
-            (dbias * g).to(bias_dtype))
+    return (_scaled(dhidden, g, hidden.dtype), _scaled(dweight, g, weight.dtype),
+            _scaled(dbias, g, bias_dtype))
+
+
+def _scale_grads_(grad, dhidden, dweight, dbias) -> None:
+    # The same fp32 products as _scale_grads, written over the saved gradients.
+    g = grad.to(torch.float32)
+    for t in (dhidden, dweight, dbias):
+        t.mul_(g)
 
 
 torch.library.register_kernel("fastssl::masked_token_loss_sum_bwd", ("cpu", "cuda"),
                               _scale_grads)
+torch.library.register_kernel("fastssl::masked_token_loss_sum_bwd_", ("cpu", "cuda"),
+                              _scale_grads_)
 
 
 @torch.library.register_fake("fastssl::masked_token_loss_sum_bwd")
@@ -133,10 +181,19 @@ def _sum_bwd_fake(grad, hidden, weight, bias, dhidden, dweight, dbias):
             dbias.new_empty(dbias.shape, dtype=bias.dtype if bias is not None else weight.dtype))
 
 
+@torch.library.register_fake("fastssl::masked_token_loss_sum_bwd_")
+def _sum_bwd_inplace_fake(grad, dhidden, dweight, dbias) -> None:
+    return None
+
+
 def _sum_setup_context(ctx, inputs, output):
     hidden, weight, bias, labels, ignore_index = inputs
     ctx.save_for_backward(hidden, weight, bias, *output[1:])
     ctx.has_bias = bias is not None
+    # Whether the caller still holds the gradient outputs (masked_token_sum drops them; a direct
+    # caller of the op, or opcheck, may not): the backward overwrites them only if not.
+    ctx.grad_outputs = [weakref.ref(t) for t in output[1:]]
+    ctx.scaled_in_place = False
     # The gradient outputs have no gradient of their own: without this, autograd would hand
     # the backward zero-filled [V, H] / [R, H] fp32 gradients for them (~100 MB at BERT-base).
     ctx.set_materialize_grads(False)
@@ -145,7 +202,31 @@ def _sum_setup_context(ctx, inputs, output):
 def _sum_backward(ctx, grad_loss, _gdh, _gdw, _gdb):
     if grad_loss is None:  # only the gradient outputs were used: they carry no gradient
         return None, None, None, None, None
-    dh, dw, db = torch.ops.fastssl.masked_token_loss_sum_bwd(grad_loss, *ctx.saved_tensors)
+    if ctx.scaled_in_place:
+        # (Unpacking would also fail, on the saved tensors' version counter, with a message
+        # that names neither the op nor the reason.)
+        raise RuntimeError(
+            "fastssl.masked_token_loss: backward through the same graph a second time "
+            "(retain_graph=True) is not supported for an fp32 'mean' / 'sum' loss: the first "
+            "backward scaled the gradients its forward saved in place (to keep no second copy "
+            "of them); recompute the loss for each backward, or use reduction='none' (whose "
+            "backward recomputes) or backend='reference'")
+    hidden, weight, bias, dh, dw, db = ctx.saved_tensors
+    unseen = all(ref() is None for ref in ctx.grad_outputs)
+    if hidden.dtype == torch.float32 and unseen and not torch.is_grad_enabled():
+        # In place, then returned: weight.grad (when unset) takes the buffer itself
+        # (AccumulateGrad steals a tensor nobody else references: no copy). detach(): the
+        # unpacked outputs carry this node as grad_fn; the alias shares their version counter,
+        # so a later unpack of the scaled tensors still fails rather than reading them.
+        dh, dw, db = dh.detach(), dw.detach(), db.detach()
+        torch.ops.fastssl.masked_token_loss_sum_bwd_(grad_loss, dh, dw, db)
+        ctx.scaled_in_place = True
+    else:
+        # bf16 / fp16: the cast makes new (half-size) tensors anyway; create_graph: the
+        # out-of-place op keeps the edges to no_double_backward's error and the saved
+        # gradients intact.
+        dh, dw, db = torch.ops.fastssl.masked_token_loss_sum_bwd(grad_loss, hidden, weight,
+                                                                 bias, dh, dw, db)
     need = ctx.needs_input_grad
     return (dh if need[0] else None, dw if need[1] else None,
             db if (ctx.has_bias and need[2]) else None, None, None)

@@ -59,6 +59,7 @@ import dataclasses
 import functools
 import math
 import numbers
+import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -95,8 +96,34 @@ def _all_permutations(n: int) -> torch.Tensor:
     return (n - 1) - perms  # the first row was n-1, ..., 0: now the identity
 
 
+# The default 3x3 set (100 permutations), shipped: a jigsaw head's labels mean these exact
+# permutations, so the set a trained model depends on is a file in the package, not only the
+# output of an algorithm (the test regenerates it and compares); it also skips the 1-3 s
+# selection over 9! candidates on first use.
+SHIPPED_PERMUTATIONS = (9, 100, "jigsaw_permutations_9x100.txt")
+
+
+def _load_shipped_permutations() -> torch.Tensor:
+    tiles, count, name = SHIPPED_PERMUTATIONS
+    path = os.path.join(os.path.dirname(__file__), "data", name)
+    with open(path) as f:
+        rows = [[int(v) for v in line.split()] for line in f
+                if line.strip() and not line.startswith("#")]
+    perms = torch.tensor(rows, dtype=torch.int64)
+    if perms.shape != (count, tiles):
+        raise RuntimeError(f"{path}: expected {count} rows of {tiles} cells, got "
+                           f"{tuple(perms.shape)} (a damaged install?)")
+    return perms
+
+
 @functools.lru_cache(maxsize=8)
 def _jigsaw_permutations(num_tiles: int, count: int) -> torch.Tensor:
+    if num_tiles == SHIPPED_PERMUTATIONS[0] and count <= SHIPPED_PERMUTATIONS[1]:
+        return _load_shipped_permutations()[:count].clone()  # the greedy set is prefix-stable
+    return _generate_permutations(num_tiles, count)
+
+
+def _generate_permutations(num_tiles: int, count: int) -> torch.Tensor:
     if num_tiles <= 9:
         cands = _all_permutations(num_tiles)
     else:
@@ -126,12 +153,14 @@ def _jigsaw_permutations(num_tiles: int, count: int) -> torch.Tensor:
 def jigsaw_permutations(num_tiles: int = 9, count: int = 100) -> torch.Tensor:
     """The fixed jigsaw permutation set: [count, num_tiles] int64, row p = label p.
 
-    Generated deterministically (not shipped as a file), by Noroozi & Favaro's greedy
+    The default set (9 tiles, up to 100 permutations) is shipped with the package
+    (``fastssl/data/jigsaw_permutations_9x100.txt``, read once); any other is generated on
+    first use (then cached per process). Both come from Noroozi & Favaro's greedy
     maximal-Hamming-distance selection: start from the identity, then repeatedly add the
     candidate whose minimum Hamming distance to the chosen set is largest (ties: the first in
     the order of ``_all_permutations``). Candidates: all ``num_tiles!`` permutations for up
-    to 9 tiles (3x3: 362,880; 1-3 s on first use on a loaded 2-core machine, then cached per
-    process); beyond that, the identity and 100,000 random permutations from a generator
+    to 9 tiles (3x3: 362,880; the selection takes 1-3 s on a loaded 2-core machine); beyond
+    that, the identity and 100,000 random permutations from a generator
     seeded with ``num_tiles``. The set is a pure function of (num_tiles, count): the same on
     every machine and torch version (integer ops only).
 

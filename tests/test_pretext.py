@@ -122,6 +122,17 @@ def test_permutation_set():
     assert len({tuple(r) for r in small.tolist()}) == 24  # all 4! of 2x2
 
 
+def test_shipped_permutation_set():
+    """The default set is read from the package's data file; the selection algorithm
+    regenerates it exactly (so neither can drift from the other), and sets the file does not
+    cover are generated."""
+    shipped = pretext._load_shipped_permutations()
+    assert torch.equal(pretext._generate_permutations(9, 100), shipped)
+    assert torch.equal(jigsaw_permutations(9, 100), shipped)
+    assert torch.equal(jigsaw_permutations(9, 7), shipped[:7])
+    assert torch.equal(jigsaw_permutations(9, 101)[:100], shipped)  # generated, same prefix
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_jigsaw_matches_reference(backend):
     x = _images(3, hw=(29, 33))

@@ -65,6 +65,26 @@ def test_rotation_matches_reference(backend, recipe):
     assert _max_diff(views, ref) <= TOL
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_rotation_plane_store(backend, out_dtype):
+    """rot 1 / 3 views without blur are stored plane by plane (C++: 16-row blocks, fp32 8 x 8
+    register transposes, scalar ragged edges): 37 = 2 x 16 + 5 rows, 4 x 8 + 5 columns; with
+    and without the contrast pass (jitter)."""
+    x = _images(8, hw=(45, 41))
+    jitter = augment.AugmentRecipe(crop_scale=(0.3, 1.0), jitter_p=1.0, gray_p=0.0, blur_p=0.0)
+    for recipe in (None, jitter):
+        aug = PretextAugment(37, "rotation", recipe, **UNIT, backend=backend,
+                             out_dtype=out_dtype, generator=_gen(40))
+        params = aug.sample(x)
+        params.label = torch.tensor([1, 3, 1, 3, 0, 2, 3, 1])
+        views, _ = aug.apply(x, params)
+        upright = augment.apply(x, params.aug, 37, **UNIT, out_dtype=out_dtype,
+                                backend=backend)
+        for b, k in enumerate(params.label.tolist()):
+            assert torch.equal(views[b], torch.rot90(upright[b], k, dims=(-2, -1))), (b, k)
+
+
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 def test_rotating_back_gives_the_view(backend):
     x = _images(8, hw=(31, 26))

@@ -37,6 +37,17 @@ static inline uint32_t fmix32(uint32_t h) {
   return h;
 }
 
+// target[i] = (fmix32(key + i * kStepMul) * (i + 1)) >> 32, the Fisher-Yates swap partner of
+// step i (in 0..i), for 1 <= i < L.
+FASTSSL_SIMD_CLONES
+void shuffle_targets(uint32_t key, int64_t L, int32_t* __restrict target) {
+  for (int64_t i = 1; i < L; ++i) {
+    const uint32_t u = fmix32(key + static_cast<uint32_t>(i) * kStepMul);
+    target[i] = static_cast<int32_t>((static_cast<uint64_t>(u) *
+                                      static_cast<uint64_t>(i + 1)) >> 32);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mae_mask_cpu(const at::Tensor& seed,
                                                             int64_t batch, int64_t num_patches,
                                                             int64_t num_keep) {
@@ -64,14 +75,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mae_mask_cpu(const at::Tensor& se
   // so the result does not depend on the split.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / num_patches);
   at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> perm(L);
+    std::vector<int32_t> perm(L), target(L);
     for (int64_t b = begin; b < end; ++b) {
       const uint32_t key = fmix32(static_cast<uint32_t>(b) * kRowMul + seed_hi) ^ seed_lo;
       for (int64_t i = 0; i < L; ++i) perm[i] = static_cast<int32_t>(i);
+      // The swap targets depend on the step only, not on the permutation: hashed in one
+      // vectorised pass, then the swaps (the serial part) are loads and stores in L1.
+      shuffle_targets(key, L, target.data());
       for (int64_t i = L - 1; i > 0; --i) {
-        const uint32_t u = fmix32(key + static_cast<uint32_t>(i) * kStepMul);
-        const int64_t j = static_cast<int64_t>((static_cast<uint64_t>(u) *
-                                                static_cast<uint64_t>(i + 1)) >> 32);
+        const int64_t j = target[i];
         const int32_t t = perm[i];
         perm[i] = perm[j];
         perm[j] = t;

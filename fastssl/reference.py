@@ -693,6 +693,13 @@ def fmix32(h):
     return h ^ (h >> 16)
 
 
+def counter_hash(key, counter):
+    """``fmix32((key + counter * 0x85EBCA6B) mod 2**32)``: value number ``counter`` (< 2**32)
+    of the sample with key ``key`` (ints or int64 tensors holding uint32 values). mae_mask's
+    shuffle steps and the denoising noise both draw from it."""
+    return fmix32((key + _mul32(counter, MAE_STEP_MUL)) & _U32)
+
+
 def mae_row_keys(seed: torch.Tensor, batch: int) -> torch.Tensor:
     """(B,) uint32 row keys: ``fmix32(b * 0x9E3779B9 + seed[1]) ^ seed[0]`` (mod 2**32)."""
     s = seed.to(torch.int64).cpu()
@@ -704,7 +711,7 @@ def mae_mask(seed: torch.Tensor, batch: int, num_patches: int, num_keep: int):
     """MAE's random masking, the spec of ``fastssl::mae_mask``.
 
     Row b's permutation ``ids_shuffle`` is Durstenfeld's Fisher-Yates shuffle of
-    ``0..L-1``: for i = L-1 down to 1, ``u = fmix32((key_b + i * 0x85EBCA6B) mod 2**32)``
+    ``0..L-1``: for i = L-1 down to 1, ``u = counter_hash(key_b, i)``
     (``key_b`` from :func:`mae_row_keys`), ``j = (u * (i + 1)) >> 32`` (in 0..i), swap
     positions i and j. Then, as MAE uses them: ``ids_keep = ids_shuffle[:, :num_keep]``,
     ``ids_restore = argsort(ids_shuffle)`` (the inverse permutation),
@@ -719,7 +726,7 @@ def mae_mask(seed: torch.Tensor, batch: int, num_patches: int, num_keep: int):
     rows = torch.arange(batch)
     perm = torch.arange(num_patches, dtype=torch.int64).repeat(batch, 1)
     for i in range(num_patches - 1, 0, -1):
-        u = fmix32((key + ((i * MAE_STEP_MUL) & _U32)) & _U32)
+        u = counter_hash(key, i)
         j = (u * (i + 1)) >> 32
         at_i = perm[:, i].clone()
         perm[:, i] = perm[rows, j]
@@ -734,13 +741,12 @@ def mae_mask(seed: torch.Tensor, batch: int, num_patches: int, num_keep: int):
 #
 # PretextAugment(task="denoising") draws its noise from the same counter-based hash as
 # mae_mask (no stateful RNG, no torch.randn of the batch): value (sample b, counter c) is
-# ``fmix32((key_b + c * 0x85EBCA6B) mod 2**32)`` with ``key_b`` from :func:`mae_row_keys`.
+# :func:`counter_hash` ``(key_b, c)`` with ``key_b`` from :func:`mae_row_keys`.
 # The Gaussian is Box-Muller with a logarithm and a sine / cosine written out as float32
 # polynomials below, so the C++ kernel (-ffp-contract=off), the Triton interpreter and this
 # reference perform the same IEEE operations in the same order and agree bit for bit (on a
 # GPU the compiler may fuse multiply-adds: a few ulps). Every constant is a float32 value.
 
-NOISE_STEP_MUL = 0x85EBCA6B
 _NOISE_SQRT2 = 1.4142135381698608  # float32(sqrt 2)
 _NOISE_LN2_HI = 0.693359375  # ln 2 = HI + LO; e * HI is exact for |e| < 2^15
 _NOISE_LN2_LO = -0.00021219444170128554
@@ -756,11 +762,6 @@ _NOISE_COS_C = (-0.5, 0.0416666679084301, -0.0013888889225199819, 2.480158764228
                 -2.755731998149713e-07, 2.0876755879584152e-09, -1.147074536050896e-11)
 
 
-def noise_hash(key: int, counters: torch.Tensor) -> torch.Tensor:
-    """uint32 values (int64 tensor) ``fmix32((key + c * 0x85EBCA6B) mod 2**32)``, c < 2**32."""
-    return fmix32((key + _mul32(counters, NOISE_STEP_MUL)) & _U32)
-
-
 def _horner(x: torch.Tensor, coeffs) -> torch.Tensor:
     """``((c[-1] x + c[-2]) x + ... + c[0]) x``: float32, one rounding per operation."""
     p = x * coeffs[-1] + coeffs[-2]
@@ -772,7 +773,7 @@ def _horner(x: torch.Tensor, coeffs) -> torch.Tensor:
 def box_muller_pairs(key: int, num_pairs: int):
     """Pair j of a sample: two standard normals ``(z0, z1)`` from counters 2j and 2j + 1.
 
-    ``h1, h2`` = :func:`noise_hash` of 2j, 2j + 1; ``u1 = ((h1 >> 8) + 1) 2^-24`` in (0, 1];
+    ``h1, h2`` = :func:`counter_hash` of 2j, 2j + 1; ``u1 = ((h1 >> 8) + 1) 2^-24`` in (0, 1];
     ``r = sqrt(-2 ln u1)`` (so |z| <= 5.77: the 24-bit uniform truncates the tails at
     P = 6e-8); ``psi = t pi/2``, t the 22 bits 8..29 of h2 plus a half (uniform in (0, 1));
     ``z0 = +-r cos psi``, ``z1 = +-r sin psi`` with the signs bits 31 and 30 of h2 (the two
@@ -780,7 +781,7 @@ def box_muller_pairs(key: int, num_pairs: int):
     polynomials above; sqrt and the one division are IEEE (correctly rounded)."""
     f32 = torch.float32
     c = torch.arange(num_pairs, dtype=torch.int64) * 2
-    h1, h2 = noise_hash(key, c), noise_hash(key, c + 1)
+    h1, h2 = counter_hash(key, c), counter_hash(key, c + 1)
     u1 = ((h1 >> 8) + 1).to(f32) * 2.0 ** -24
     bits = u1.view(torch.int32).to(torch.int64)
     e = ((bits >> 23) & 0xFF) - 127
@@ -817,7 +818,7 @@ def pretext_noise(clean: torch.Tensor, amount: torch.Tensor, seed: torch.Tensor,
       ``float32(clean) + amount[b, c] * z`` (product then sum, each rounded to float32), then
       cast to ``clean``'s dtype (round to nearest even).
     * masking (``masking=True``; ``amount`` [B, 1] float32, the drop probability): pixel p =
-      y W + x of sample b is dropped, in every channel, iff ``(noise_hash(key_b, p) >> 8)
+      y W + x of sample b is dropped, in every channel, iff ``(counter_hash(key_b, p) >> 8)
       2^-24 < amount[b, 0]``; dropped values become ``fill`` (rounded to float32, then to
       ``clean``'s dtype).
 
@@ -831,7 +832,7 @@ def pretext_noise(clean: torch.Tensor, amount: torch.Tensor, seed: torch.Tensor,
     n, plane = C * H * W, H * W
     for b in range(B):
         if masking:
-            u = (noise_hash(keys[b], torch.arange(plane, dtype=torch.int64)) >> 8).to(
+            u = (counter_hash(keys[b], torch.arange(plane, dtype=torch.int64)) >> 8).to(
                 torch.float32) * 2.0 ** -24
             drop = (u < amount[b, 0]).view(1, H, W)
             fill_v = torch.tensor(float(torch.tensor(fill, dtype=torch.float32)),

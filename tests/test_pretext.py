@@ -331,7 +331,7 @@ def test_pretext_noise_is_gaussian():
     # Versus float64 Box-Muller on the same hashes: the polynomials are within ~1 ulp.
     key = reference.mae_row_keys(torch.tensor([2024, 0]), 1).tolist()[0]
     c = torch.arange(1000, dtype=torch.int64) * 2
-    h1, h2 = reference.noise_hash(key, c), reference.noise_hash(key, c + 1)
+    h1, h2 = reference.counter_hash(key, c), reference.counter_hash(key, c + 1)
     u1 = ((h1 >> 8) + 1).double() * 2.0 ** -24
     psi = (((h2 >> 8) & 0x3FFFFF).double() + 0.5) * 2.0 ** -22 * torch.pi / 2
     r = torch.sqrt(-2 * torch.log(u1))

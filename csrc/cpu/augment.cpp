@@ -123,12 +123,6 @@ void row_saturation(float* __restrict r, float* __restrict g, float* __restrict 
 static inline float hue_max(float a, float b) { return a < b ? b : a; }  // == std::max
 static inline float hue_min(float a, float b) { return b < a ? b : a; }  // == std::min
 static inline float hue_clamp01(float v) { return hue_min(hue_max(v, 0.0f), 1.0f); }
-// c ? a : b as a bit mask: exact, and keeps GCC from sinking a or b into a branch.
-static inline float select(bool c, float a, float b) {
-  const uint32_t m = 0u - static_cast<uint32_t>(c);
-  return std::bit_cast<float>((std::bit_cast<uint32_t>(a) & m) |
-                              (std::bit_cast<uint32_t>(b) & ~m));
-}
 
 // torchvision v2 _rgb_to_hsv -> h = frac(h + shift) -> _hsv_to_rgb, operation for operation.
 FASTSSL_SIMD_CLONES
@@ -522,7 +516,6 @@ void augment_sample(const Sample& s, int64_t out, int64_t k, float thr, const fl
       if (need_mean) post[npost++] = op; else pre[npre++] = op;
     }
   }
-  const bool fuse_store = !need_mean && !s.blur;  // pass 1 is the only pass
   // rot 1 / 3 without blur: the finished rows stay in the sample's buffer and the whole plane
   // is stored rotated at the end, in blocks (store_plane_rotated).
   const bool plane_store = !s.blur && (s.rot == 1 || s.rot == 3);
@@ -605,12 +598,9 @@ void augment_sample(const Sample& s, int64_t out, int64_t k, float thr, const fl
       finish_row(y, row[0], row[1], row[2]);
     }
   }
-  if (fuse_store) {
-    if (plane_store) store_planes();
-    return;
-  }
 
-  // Pass 2: contrast and the ops after it (+ gray, blur-h or the store).
+  // Pass 2 (only with contrast): contrast and the ops after it (+ gray, blur-h or the store).
+  // Without contrast or blur, pass 1 was the only pass.
   if (need_mean) {
     const float mean_gray = static_cast<float>(gray_sum / static_cast<double>(plane));
     const float m1 = mean_gray * (1.0f - s.factors[kContrast]);
@@ -637,12 +627,6 @@ void augment_sample(const Sample& s, int64_t out, int64_t k, float thr, const fl
     }
   }
 }
-
-// The output (38 MiB for 64 views at 224^2) is fresh memory that glibc maps anew on every
-// call (it is above malloc's mmap threshold), so writing it page-faults once per 4 KiB page:
-// measured here, ~40% of the kernel's CPU time for batch 64 (47 ms -> 30 ms per 64 views with
-// huge pages). Asking for transparent huge pages on the untouched range turns ~9,400 faults
-// into ~19. Advice only: no effect on results, ignored where THP is off or not Linux.
 
 at::Tensor ssl_augment_cpu(at::TensorList images, const at::Tensor& crop,
                            const at::Tensor& flags, const at::Tensor& factors,

@@ -22,6 +22,11 @@ extern "C" int MKL_Set_Num_Threads_Local(int nthreads) __attribute__((weak));
 
 namespace fastssl {
 
+// A large output (38 MiB for 64 views at 224^2) is fresh memory that glibc maps anew on every
+// call (it is above malloc's mmap threshold), so writing it page-faults once per 4 KiB page:
+// measured for augment, ~40% of the kernel's CPU time for batch 64 (47 ms -> 30 ms per 64 views
+// with huge pages). Asking for transparent huge pages on the untouched range turns ~9,400
+// faults into ~19. Advice only: no effect on results, ignored where THP is off or not Linux.
 void advise_huge_pages(const at::Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t{2} << 20;

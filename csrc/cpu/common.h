@@ -76,6 +76,14 @@ static inline float exp_f32(float x) {
   return p * std::bit_cast<float>(static_cast<int32_t>((n + 127) << 23));
 }
 
+// c ? a : b as a bit mask: exact, and keeps GCC from sinking a or b into a branch (so a loop
+// that selects stays vectorisable; augment's hue, pretext_noise's logarithm).
+static inline float select(bool c, float a, float b) {
+  const uint32_t m = 0u - static_cast<uint32_t>(c);
+  return std::bit_cast<float>((std::bit_cast<uint32_t>(a) & m) |
+                              (std::bit_cast<uint32_t>(b) & ~m));
+}
+
 // -inf stands for "no column seen yet"; exp(x - (-inf)) would be NaN, so shift by 0 instead.
 static inline float finite_or_zero(float m) { return m == kNegInf ? 0.0f : m; }
 

@@ -5,8 +5,8 @@
 // key plus a counter): no stateful RNG, so every value is a pure function of (seed, sample,
 // counter): C++, Triton and the reference agree, whatever the thread count.
 //
-// mae_mask. Spec: fastssl/reference.py, "Pretext tasks: MAE / SimMIM masking". Row b's permutation is a
-// Fisher-Yates (Durstenfeld) shuffle driven by a counter-based hash of (seed, b, step): no
+// mae_mask. Spec: fastssl/reference.py, "Pretext tasks: MAE / SimMIM masking". Row b's
+// permutation is a Fisher-Yates (Durstenfeld) shuffle driven by a counter-based hash of (seed, b, step): no
 // stateful RNG, so the result is the reference's and the Triton kernel's bit for bit, and does
 // not depend on the thread count (rows are independent work units).
 //
@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "common.h"
 
@@ -37,12 +38,30 @@ static inline uint32_t fmix32(uint32_t h) {
   return h;
 }
 
-// target[i] = (fmix32(key + i * kStepMul) * (i + 1)) >> 32, the Fisher-Yates swap partner of
-// step i (in 0..i), for 1 <= i < L.
+// The two hashes both ops draw from (reference: mae_row_keys, counter_hash): sample b's key,
+// and value number c of a sample.
+static inline uint32_t sample_key(uint32_t b, uint32_t seed_lo, uint32_t seed_hi) {
+  return fmix32(b * kRowMul + seed_hi) ^ seed_lo;
+}
+static inline uint32_t counter_hash(uint32_t key, uint32_t c) {
+  return fmix32(key + c * kStepMul);
+}
+
+// The low 32 bits of the two int64 seed values (lo, hi).
+std::pair<uint32_t, uint32_t> read_seed(const at::Tensor& seed, const char* op) {
+  TORCH_CHECK(seed.device().is_cpu() && seed.dtype() == at::kLong && seed.numel() == 2, op,
+              ": seed must be an int64 CPU tensor of 2 values");
+  const at::Tensor seed_c = seed.contiguous();
+  return {static_cast<uint32_t>(seed_c.data_ptr<int64_t>()[0]),
+          static_cast<uint32_t>(seed_c.data_ptr<int64_t>()[1])};
+}
+
+// target[i] = (counter_hash(key, i) * (i + 1)) >> 32, the Fisher-Yates swap partner of step
+// i (in 0..i), for 1 <= i < L.
 FASTSSL_SIMD_CLONES
 void shuffle_targets(uint32_t key, int64_t L, int32_t* __restrict target) {
   for (int64_t i = 1; i < L; ++i) {
-    const uint32_t u = fmix32(key + static_cast<uint32_t>(i) * kStepMul);
+    const uint32_t u = counter_hash(key, static_cast<uint32_t>(i));
     target[i] = static_cast<int32_t>((static_cast<uint64_t>(u) *
                                       static_cast<uint64_t>(i + 1)) >> 32);
   }
@@ -51,16 +70,12 @@ void shuffle_targets(uint32_t key, int64_t L, int32_t* __restrict target) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mae_mask_cpu(const at::Tensor& seed,
                                                             int64_t batch, int64_t num_patches,
                                                             int64_t num_keep) {
-  TORCH_CHECK(seed.device().is_cpu() && seed.dtype() == at::kLong && seed.numel() == 2,
-              "mae_mask: seed must be an int64 CPU tensor of 2 values");
+  const auto [seed_lo, seed_hi] = read_seed(seed, "mae_mask");
   TORCH_CHECK(batch >= 1, "mae_mask: batch must be >= 1, got ", batch);
   TORCH_CHECK(num_patches >= 1 && num_patches < (int64_t{1} << 31),
               "mae_mask: num_patches must be in [1, 2^31), got ", num_patches);
   TORCH_CHECK(num_keep >= 0 && num_keep <= num_patches, "mae_mask: num_keep must be in [0, ",
               num_patches, "], got ", num_keep);
-  const at::Tensor seed_c = seed.contiguous();
-  const uint32_t seed_lo = static_cast<uint32_t>(seed_c.data_ptr<int64_t>()[0]);
-  const uint32_t seed_hi = static_cast<uint32_t>(seed_c.data_ptr<int64_t>()[1]);
   const auto i64 = at::TensorOptions().dtype(at::kLong);
   at::Tensor mask = at::empty({batch, num_patches}, at::TensorOptions().dtype(at::kBool));
   at::Tensor ids_keep = at::empty({batch, num_keep}, i64);
@@ -77,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mae_mask_cpu(const at::Tensor& se
   at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> perm(L), target(L);
     for (int64_t b = begin; b < end; ++b) {
-      const uint32_t key = fmix32(static_cast<uint32_t>(b) * kRowMul + seed_hi) ^ seed_lo;
+      const uint32_t key = sample_key(static_cast<uint32_t>(b), seed_lo, seed_hi);
       for (int64_t i = 0; i < L; ++i) perm[i] = static_cast<int32_t>(i);
       // The swap targets depend on the step only, not on the permutation: hashed in one
       // vectorised pass, then the swaps (the serial part) are loads and stores in L1.
@@ -100,7 +115,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mae_mask_cpu(const at::Tensor& se
   });
   return {mask, ids_keep, ids_restore};
 }
-
 
 // ---- denoising noise -------------------------------------------------------------------------
 //
@@ -132,21 +146,9 @@ constexpr float kCosC2 = -0.5f, kCosC4 = 0.0416666679084301f,
                 kCosC6 = -0.0013888889225199819f, kCosC8 = 2.4801587642286904e-05f,
                 kCosC10 = -2.755731998149713e-07f, kCosC12 = 2.0876755879584152e-09f,
                 kCosC14 = -1.147074536050896e-11f;
-constexpr uint32_t kNoiseStepMul = kStepMul;  // reference.NOISE_STEP_MUL
-
-static inline uint32_t sample_key(uint32_t b, uint32_t seed_lo, uint32_t seed_hi) {
-  return fmix32(b * kRowMul + seed_hi) ^ seed_lo;
-}
-
 // 24-bit integer (< 2^24 + 1) -> float: exact; through int32 so that it vectorises.
 static inline float u24_to_f32(uint32_t v) {
   return static_cast<float>(static_cast<int32_t>(v));
-}
-
-static inline float sel(bool c, float a, float b) {  // c ? a : b, without a branch
-  const uint32_t m = 0u - static_cast<uint32_t>(c);
-  return std::bit_cast<float>((std::bit_cast<uint32_t>(a) & m) |
-                              (std::bit_cast<uint32_t>(b) & ~m));
 }
 
 // z0[i], z1[i] = the Box-Muller pair j0 + i of the sample with key `key`.
@@ -155,15 +157,15 @@ void box_muller_block(uint32_t key, uint32_t j0, int64_t count, float* __restric
                       float* __restrict z1) {
   for (int64_t i = 0; i < count; ++i) {
     const uint32_t c = 2u * (j0 + static_cast<uint32_t>(i));
-    const uint32_t h1 = fmix32(key + c * kNoiseStepMul);
-    const uint32_t h2 = fmix32(key + (c + 1u) * kNoiseStepMul);
+    const uint32_t h1 = counter_hash(key, c);
+    const uint32_t h2 = counter_hash(key, c + 1u);
     // ln u1, u1 = ((h1 >> 8) + 1) 2^-24 in (0, 1]: u1 = m 2^e with m in [sqrt(2)/2, sqrt(2)).
     const float u1 = u24_to_f32((h1 >> 8) + 1u) * 0x1p-24f;
     const uint32_t bits = std::bit_cast<uint32_t>(u1);
     const int32_t e0 = static_cast<int32_t>((bits >> 23) & 0xFFu) - 127;
     const float m0 = std::bit_cast<float>((bits & 0x7FFFFFu) | 0x3F800000u);
     const bool big = m0 > kSqrt2;
-    const float m = sel(big, m0 * 0.5f, m0);
+    const float m = select(big, m0 * 0.5f, m0);
     const float e = static_cast<float>(e0 + static_cast<int32_t>(big));
     const float s = (m - 1.0f) / (m + 1.0f);
     const float s2 = s * s;
@@ -241,7 +243,7 @@ FASTSSL_SIMD_CLONES
 void drop_block(uint32_t key, uint32_t p0, int64_t count, float level,
                 uint8_t* __restrict drop) {
   for (int64_t i = 0; i < count; ++i) {
-    const uint32_t h = fmix32(key + (p0 + static_cast<uint32_t>(i)) * kNoiseStepMul);
+    const uint32_t h = counter_hash(key, p0 + static_cast<uint32_t>(i));
     drop[i] = static_cast<uint8_t>(u24_to_f32(h >> 8) * 0x1p-24f < level);
   }
 }
@@ -294,13 +296,9 @@ at::Tensor pretext_noise_cpu(const at::Tensor& clean, const at::Tensor& amount,
                   amount.size(1) == (masking ? 1 : C),
               "pretext_noise: amount must be float32 [B, ", masking ? "1" : "C", "], got ",
               amount.scalar_type(), " ", amount.sizes());
-  TORCH_CHECK(seed.device().is_cpu() && seed.dtype() == at::kLong && seed.numel() == 2,
-              "pretext_noise: seed must be an int64 CPU tensor of 2 values");
+  const auto [seed_lo, seed_hi] = read_seed(seed, "pretext_noise");
   const at::Tensor x = clean.contiguous();
   const at::Tensor amt = amount.contiguous();
-  const at::Tensor seed_c = seed.contiguous();
-  const uint32_t seed_lo = static_cast<uint32_t>(seed_c.data_ptr<int64_t>()[0]);
-  const uint32_t seed_hi = static_cast<uint32_t>(seed_c.data_ptr<int64_t>()[1]);
   at::Tensor out = at::empty_like(x);
   if (x.numel() == 0) return out;
   advise_huge_pages(out);

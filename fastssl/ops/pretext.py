@@ -56,18 +56,29 @@ def _fmix32(h):
 
 
 @triton.jit
+def _sample_key(seed_ptr, b):
+    # fastssl.reference.mae_row_keys: fmix32(b * 0x9E3779B9 + seed[1]) ^ seed[0] (mod 2^32).
+    seed_lo = tl.load(seed_ptr) & 0xFFFFFFFF
+    seed_hi = tl.load(seed_ptr + 1) & 0xFFFFFFFF
+    return _fmix32((_mul32(b, 0x9E3779B9) + seed_hi) & 0xFFFFFFFF) ^ seed_lo
+
+
+@triton.jit
+def _counter_hash(key, counter):
+    # fastssl.reference.counter_hash: fmix32((key + counter * 0x85EBCA6B) mod 2^32).
+    return _fmix32((key + _mul32(counter, 0x85EBCA6B)) & 0xFFFFFFFF)
+
+
+@triton.jit
 def mae_mask_kernel(seed_ptr, mask_ptr, keep_ptr, restore_ptr, num_patches, num_keep,
                     BLOCK_L: tl.constexpr):
     b = tl.program_id(0)
     idx = tl.arange(0, BLOCK_L).to(tl.int64)
-    seed_lo = tl.load(seed_ptr) & 0xFFFFFFFF
-    seed_hi = tl.load(seed_ptr + 1) & 0xFFFFFFFF
-    bb = b.to(tl.int64) + tl.zeros([BLOCK_L], dtype=tl.int64)
-    key = _fmix32((_mul32(bb, 0x9E3779B9) + seed_hi) & 0xFFFFFFFF) ^ seed_lo
+    key = _sample_key(seed_ptr, b.to(tl.int64) + tl.zeros([BLOCK_L], dtype=tl.int64))
     perm = idx
     for t in range(0, num_patches - 1):
         i = num_patches - 1 - t
-        u = _fmix32((key + ((i.to(tl.int64) * 0x85EBCA6B) & 0xFFFFFFFF)) & 0xFFFFFFFF)
+        u = _counter_hash(key, i.to(tl.int64))
         j = (u * (i + 1)) >> 32  # the same value in every lane
         at_i = tl.sum(tl.where(idx == i, perm, 0), axis=0)
         at_j = tl.sum(tl.where(idx == j, perm, 0), axis=0)
@@ -120,19 +131,6 @@ NOISE_BLOCK = 1024  # pairs (Gaussian) or pixels (masking) per program
 
 
 @triton.jit
-def _noise_u32(key, counter):
-    # fastssl.reference.noise_hash: fmix32((key + counter * 0x85EBCA6B) mod 2^32).
-    return _fmix32((key + _mul32(counter, 0x85EBCA6B)) & 0xFFFFFFFF)
-
-
-@triton.jit
-def _sample_key(seed_ptr, b):
-    seed_lo = tl.load(seed_ptr) & 0xFFFFFFFF
-    seed_hi = tl.load(seed_ptr + 1) & 0xFFFFFFFF
-    return _fmix32((_mul32(b, 0x9E3779B9) + seed_hi) & 0xFFFFFFFF) ^ seed_lo
-
-
-@triton.jit
 def pretext_gauss_kernel(x_ptr, amount_ptr, seed_ptr, out_ptr, n, half, plane, C,
                          OUT: tl.constexpr, BLOCK: tl.constexpr):
     """Program (b, blk): Box-Muller pairs j in [blk BLOCK, (blk + 1) BLOCK) of sample b; z0 to
@@ -140,8 +138,8 @@ def pretext_gauss_kernel(x_ptr, amount_ptr, seed_ptr, out_ptr, n, half, plane, C
     b = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     key = _sample_key(seed_ptr, b + tl.zeros([BLOCK], dtype=tl.int64))
-    h1 = _noise_u32(key, 2 * j)
-    h2 = _noise_u32(key, 2 * j + 1)
+    h1 = _counter_hash(key, 2 * j)
+    h2 = _counter_hash(key, 2 * j + 1)
     u1 = ((h1 >> 8) + 1).to(tl.int32).to(tl.float32) * 5.9604644775390625e-08  # 2^-24
     bits = u1.to(tl.int32, bitcast=True)
     e0 = ((bits >> 23) & 0xFF) - 127
@@ -202,7 +200,7 @@ def pretext_drop_kernel(x_ptr, amount_ptr, seed_ptr, out_ptr, fill, plane, C,
     pix = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     ok = pix < plane
     key = _sample_key(seed_ptr, b + tl.zeros([BLOCK], dtype=tl.int64))
-    h = _noise_u32(key, pix)
+    h = _counter_hash(key, pix)
     u = (h >> 8).to(tl.int32).to(tl.float32) * 5.9604644775390625e-08
     drop = u < tl.load(amount_ptr + b)
     fill_v = round_cast(fill + tl.zeros([BLOCK], dtype=tl.float32), OUT)
@@ -242,7 +240,7 @@ def pretext_noise_triton(clean, amount, seed, masking: bool, fill: float):
 
 
 # For `fastssl gpu-report`: MAE's ViT-B/16 at 224^2 has 196 patches -> BLOCK_L = 256; the
-# noise kernels are elementwise (one configuration per output dtype).
+# noise kernels are elementwise (one configuration per dtype a view can have).
 AOT_KERNELS = [
     {"name": "mae_mask_kernel[L<=256]", "fn": mae_mask_kernel,
      "signature": {"seed_ptr": "*i64", "mask_ptr": "*i8", "keep_ptr": "*i64",
@@ -255,12 +253,13 @@ AOT_KERNELS = [
                    pointers={"x_ptr": dt, "amount_ptr": torch.float32, "seed_ptr": torch.int64,
                              "out_ptr": dt},
                    constexprs={"OUT": TL_DTYPE[dt], "BLOCK": NOISE_BLOCK}, tensor_cores=False)
-    for dt in (torch.float32, torch.bfloat16)
+    for dt in (torch.float32, torch.bfloat16, torch.float16)
 ] + [
-    _aot.aot_entry(pretext_drop_kernel, op="pretext_noise", dtype=torch.float32, D=None,
-                   name="pretext_noise:drop[fp32]",
-                   pointers={"x_ptr": torch.float32, "amount_ptr": torch.float32,
-                             "seed_ptr": torch.int64, "out_ptr": torch.float32},
-                   floats=("fill",), constexprs={"OUT": tl.float32, "BLOCK": NOISE_BLOCK},
+    _aot.aot_entry(pretext_drop_kernel, op="pretext_noise", dtype=dt, D=None,
+                   name=f"pretext_noise:drop[{_aot.sig_type(dt)}]",
+                   pointers={"x_ptr": dt, "amount_ptr": torch.float32, "seed_ptr": torch.int64,
+                             "out_ptr": dt},
+                   floats=("fill",), constexprs={"OUT": TL_DTYPE[dt], "BLOCK": NOISE_BLOCK},
                    tensor_cores=False)
+    for dt in (torch.float32, torch.bfloat16, torch.float16)
 ]
